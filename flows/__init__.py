@@ -1,0 +1,1 @@
+"""Flows of swagger2mcp-ops: one module per runbook procedure."""

@@ -1,0 +1,33 @@
+"""Test setup shared by every tier.
+
+Environment first (before Prefect is imported anywhere): a private PREFECT_HOME, no API URL from the
+developer's shell, no caching of ops tasks, and no OPS_* settings leaking in from outside.
+Fixture modules under tests/fixtures/ (one per real service) are loaded as plugins.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_TEST_HOME = Path(tempfile.mkdtemp(prefix="swagger2mcp-ops-prefect-"))
+for _name in list(os.environ):
+    if _name.startswith("OPS_") or _name in {"PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE"}:
+        del os.environ[_name]
+os.environ.update(
+    {
+        "PREFECT_HOME": str(_TEST_HOME),
+        "PREFECT_TASKS_DEFAULT_NO_CACHE": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_UI_ENABLED": "false",
+    }
+)
+
+pytest_plugins = sorted(
+    f"tests.fixtures.{path.stem}"
+    for path in (Path(__file__).parent / "fixtures").glob("*.py")
+    if path.stem != "__init__"
+)
