@@ -1,0 +1,47 @@
+"""prefect.yaml is the one declaration of deployments: every entrypoint imports, every entry becomes a
+served deployment, the catalog of DESIGN is complete, and flows do not import heavy clients they
+do not use."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect import Flow
+
+from deployments.serve import PREFECT_YAML, load_flow, read_specs, to_runner_deployment
+
+ROOT = Path(__file__).resolve().parents[2]
+SPECS = read_specs(PREFECT_YAML)
+
+
+def test_prefect_yaml_declares_deployments() -> None:
+    assert SPECS
+    names = [(spec.flow_function, spec.name) for spec in SPECS]
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.entrypoint}/{s.name}")
+def test_entrypoint_imports_and_serves(spec) -> None:  # type: ignore[no-untyped-def]
+    flow = load_flow(spec)
+    assert isinstance(flow, Flow)
+    assert flow.__doc__, f"{spec.entrypoint} has no docstring"
+    deployment = to_runner_deployment(spec)
+    assert deployment.name == spec.name
+    # Every declared parameter is one the flow accepts (Prefect would ignore a typo silently).
+    assert set(spec.parameters) <= set(flow.parameters.properties)
+    for key, value in spec.parameters.items():
+        if key in {"dry_run"}:
+            assert value is True, f"{spec.name}: destructive work must be dry-run by default"
+
+
+def test_flow_health_imports_no_heavy_clients() -> None:
+    code = (
+        "import sys, flows.health;"
+        "heavy = [m for m in ('kubernetes', 'boto3', 'botocore', 'docker') if m in sys.modules];"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
