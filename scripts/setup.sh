@@ -22,11 +22,17 @@ fi
 if [ ! -x .venv/bin/python ]; then
   uv venv --quiet --python "$(command -v python3)" .venv
 fi
-stamp=.venv/.synced-$(sha256sum "$lock" | cut -c1-16)
+# The dev lock is a superset of the runtime lock: syncing it makes the venv exactly the dev set; the
+# runtime lock is only installed on top (never removing the test tools of a dev venv).
+stamp=.venv/.installed-$(sha256sum "$lock" | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   echo "setup: installing $lock into .venv"
-  uv pip sync --quiet --python .venv/bin/python "$lock"
-  rm -f .venv/.synced-*
+  if [ "$lock" = requirements-dev.lock ]; then
+    uv pip sync --quiet --python .venv/bin/python "$lock"
+    rm -f .venv/.installed-*
+  else
+    uv pip install --quiet --python .venv/bin/python --require-hashes -r "$lock"
+  fi
   touch "$stamp"
 fi
 
