@@ -43,6 +43,8 @@ if [ "$want_system" = 1 ]; then
   command -v pebble >/dev/null 2>&1 || missing+=(pebble)
   command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  command -v git >/dev/null 2>&1 || missing+=(git)
+  command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
   if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
       echo "setup: need root to install ${missing[*]} (apt-get); install them and run again" >&2

@@ -6,7 +6,10 @@ at the bottom of the module.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -14,6 +17,7 @@ import psycopg
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.errors import LockBusy
 from tasks.secrets import mask_text
 from tasks.settings import PostgresSettings
 
@@ -102,6 +106,89 @@ def probe_postgres(settings: PostgresSettings) -> PostgresProbe:
         connections=int(row[1]),
         max_connections=int(row[2]),
     )
+
+
+def advisory_lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory lock key for a name such as ``database:swagger2mcp``."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """The session holding an advisory lock someone else waits for."""
+
+    pid: int
+    application_name: str
+    client_addr: str | None
+    backend_start: str
+    state: str | None
+    query: str
+
+    def describe(self) -> str:
+        return (
+            f"pid {self.pid} ({self.application_name or 'no application_name'}"
+            f" from {self.client_addr or 'local socket'}, connected since {self.backend_start},"
+            f" state {self.state or 'unknown'})"
+        )
+
+
+def advisory_lock_holders(conn: psycopg.Connection, key: int) -> list[LockHolder]:
+    """Sessions holding the session-level advisory lock ``key`` in the connection's database."""
+    classid, objid = (key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF
+    rows = conn.execute(
+        "SELECT a.pid, coalesce(a.application_name, ''), a.client_addr::text, a.backend_start::text,"
+        " a.state, left(coalesce(a.query, ''), 200)"
+        " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+        " WHERE l.locktype = 'advisory' AND l.granted AND l.database = ("
+        "   SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND l.classid::bigint = %s AND l.objid::bigint = %s AND l.objsubid = 1",
+        (classid, objid),
+    ).fetchall()
+    return [LockHolder(int(r[0]), str(r[1]), r[2], str(r[3]), r[4], str(r[5])) for r in rows]
+
+
+@contextlib.contextmanager
+def advisory_lock(conn: psycopg.Connection, key: int | str, timeout: float) -> Iterator[int]:
+    """Hold a session-level advisory lock on ``conn`` for the block; one mutating run per target.
+
+    A lock left by a run whose session is gone is released by PostgreSQL itself; a lock whose holder
+    still runs (a hung run) is reported with the holder's pid, application and start time, never
+    ignored or broken.
+
+    Args:
+        conn: an autocommit connection; the lock lives in its database, so every run that guards the
+            same target must lock on the same database (work that renames or drops a database locks on
+            the maintenance database, ``postgres``).
+        key: a bigint key, or a name turned into one with :func:`advisory_lock_key`.
+        timeout: seconds to wait for the lock.
+
+    Yields:
+        The numeric key.
+
+    Raises:
+        LockBusy: another session held the lock for the whole ``timeout``.
+    """
+    number = key if isinstance(key, int) else advisory_lock_key(key)
+    deadline = time.monotonic() + max(0.0, timeout)
+    while True:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (number,)).fetchone()
+        if row is not None and row[0]:
+            break
+        if time.monotonic() >= deadline:
+            holders = advisory_lock_holders(conn, number)
+            who = "; ".join(h.describe() for h in holders) or "a session that just released it"
+            label = key if isinstance(key, str) else f"key {number}"
+            raise LockBusy(
+                f"lock {label!s} is held by {who}; another run is working on the same target. Wait for"
+                f" it to finish, or if that run is dead but its session lingers, end it with"
+                f" pg_terminate_backend(pid) after checking what it does"
+            )
+        time.sleep(0.2)
+    try:
+        yield number
+    finally:
+        with contextlib.suppress(psycopg.Error):
+            conn.execute("SELECT pg_advisory_unlock(%s)", (number,))
 
 
 probe_postgres_task = task(probe_postgres, name="probe-postgres", cache_policy=NO_CACHE)

@@ -20,6 +20,18 @@ class RuntimeUnavailable(OpsError):
     """The configured runtime cannot do this (no runtime configured, or the API is unreachable)."""
 
 
+class RuntimeOperationFailed(OpsError):
+    """A runtime operation was refused or failed (unknown service, image that cannot be pulled...)."""
+
+
+class ServicesNotReady(OpsError):
+    """Services did not become ready within the timeout; ``statuses`` holds what was seen last."""
+
+    def __init__(self, message: str, statuses: Sequence[ServiceStatus] = ()) -> None:
+        super().__init__(message)
+        self.statuses = list(statuses)
+
+
 @dataclass(frozen=True)
 class ServiceStatus:
     """One service (Compose service or Kubernetes Deployment) as the runtime sees it."""
@@ -61,6 +73,34 @@ class ChangeRecord:
     commands: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Revision:
+    """One entry of a service's rollout history (a ReplicaSet revision, or a recorded release)."""
+
+    service: str
+    revision: str
+    images: dict[str, str]
+    created_at: datetime | None = None
+    current: bool = False
+    note: str | None = None
+
+
+def image_with_tag(image: str, tag: str) -> str:
+    """``image`` (``registry:5000/app:v1``, ``app@sha256:...``) with its tag or digest replaced by ``tag``."""
+    if not tag or any(c in tag for c in "/:@ "):
+        raise ValueError(f"{tag!r} is not an image tag (letters, digits, '.', '-', '_')")
+    repository = image.split("@", 1)[0]
+    last = repository.rsplit("/", 1)[-1]
+    if ":" in last:
+        repository = repository[: len(repository) - len(last)] + last.split(":", 1)[0]
+    return f"{repository}:{tag}"
+
+
+def not_ready_summary(statuses: Sequence[ServiceStatus]) -> str:
+    """``backend 0/1 (exited), worker 1/1`` for error messages and reports."""
+    return ", ".join(f"{s.name} {s.ready}/{s.desired} ({s.state})" for s in statuses) or "no services"
+
+
 @runtime_checkable
 class Runtime(Protocol):
     """Operations every runtime provides (Compose and Kubernetes implement it; ``NoRuntime`` refuses)."""
@@ -80,6 +120,10 @@ class Runtime(Protocol):
     def set_images(self, images: dict[str, str]) -> list[ChangeRecord]: ...
 
     def wait_ready(self, services: Sequence[str], timeout: float) -> list[ServiceStatus]: ...
+
+    def history(self, service: str) -> list[Revision]: ...
+
+    def rollback(self, service: str, revision: str | None = None) -> ChangeRecord: ...
 
 
 class NoRuntime:
@@ -113,11 +157,26 @@ class NoRuntime:
     def wait_ready(self, services: Sequence[str], timeout: float) -> list[ServiceStatus]:
         raise self._refuse("wait for services")
 
+    def history(self, service: str) -> list[Revision]:
+        return []
+
+    def rollback(self, service: str, revision: str | None = None) -> ChangeRecord:
+        raise self._refuse(f"roll back {service}")
+
 
 def get_runtime(settings: OpsSettings) -> Runtime:
-    """The runtime the settings name. Heavy clients (docker, kubernetes) are imported only here."""
-    if settings.runtime.kind == "none":
-        return NoRuntime()
-    raise RuntimeUnavailable(
-        f"runtime kind {settings.runtime.kind!r} is not available in this build; use 'none'"
-    )
+    """The runtime the settings name. Heavy clients (docker, kubernetes) are imported only here.
+
+    Raises:
+        RuntimeUnavailable: the runtime's API cannot be reached or configured.
+    """
+    kind = settings.runtime.kind
+    if kind == "compose":
+        from tasks.compose import ComposeRuntime
+
+        return ComposeRuntime(settings)
+    if kind == "kubernetes":
+        from tasks.kubernetes import KubernetesRuntime
+
+        return KubernetesRuntime(settings)
+    return NoRuntime()

@@ -13,7 +13,11 @@ from pathlib import Path
 
 _TEST_HOME = Path(tempfile.mkdtemp(prefix="swagger2mcp-ops-prefect-"))
 for _name in list(os.environ):
-    if _name.startswith("OPS_") or _name in {"PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILE"}:
+    if (_name.startswith("OPS_") and not _name.startswith("OPS_TEST_")) or _name in {
+        "PREFECT_API_URL",
+        "PREFECT_API_KEY",
+        "PREFECT_PROFILE",
+    }:
         del os.environ[_name]
 os.environ.update(
     {
