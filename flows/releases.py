@@ -1,0 +1,542 @@
+"""Runbook: "Rollback if recent deployment" (Total Service Outage) and the CI staging deploy
+("Deploy to staging first, then production"), on whichever runtime the settings name.
+
+``deploy_release`` is what CI runs: it records the release running now, sets the new images, waits
+until ready, checks health and smoke URLs, and on any failure rolls back to the recorded release,
+checks health again and ends Failed saying why. ``rollback_release`` is the operator's rollback: plan
+(from -> to per service), approval, apply, verify; it refuses to cross a database migration unless
+forced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+
+from flows.services import change_lines, health_lines, list_services, status_table, verify_health, wait_ready
+from tasks import releases, reports
+from tasks.errors import ApprovalRejected, CheckFailed, OpsError, ParameterError
+from tasks.health import HealthReport
+from tasks.releases import (
+    MigrationRevision,
+    ReleaseNotFound,
+    ReleaseRecord,
+    ReleaseStore,
+    RollbackStep,
+    read_migration_revision,
+)
+from tasks.runlog import run_logger
+from tasks.runtime import ChangeRecord, Runtime, ServicesNotReady, ServiceStatus, get_runtime, image_with_tag
+from tasks.settings import OpsSettings, load_settings
+
+
+class DeployFailed(OpsError):
+    """The deploy failed and was rolled back (or the rollback failed too: the message says which)."""
+
+
+class RollbackApproval(RunInput):
+    """The approval form of a rollback."""
+
+    approve: bool = False
+    reason: str = ""
+
+
+def _flow_run_id() -> str | None:
+    context = FlowRunContext.get()
+    return str(context.flow_run.id) if context and context.flow_run else None
+
+
+@task(name="read-migration-revision", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def migration_revision(settings: OpsSettings) -> MigrationRevision:
+    """The database's applied migration revision now (None when there is none or it is unreachable)."""
+    return read_migration_revision(settings.postgres, settings.runtime.migration_query)
+
+
+@task(name="set-images", cache_policy=NO_CACHE)
+def set_images(runtime: Runtime, images: dict[str, str]) -> list[ChangeRecord]:
+    """Set each service's image (unchanged services are left alone)."""
+    return runtime.set_images(images)
+
+
+@task(name="service-history", cache_policy=NO_CACHE)
+def histories(runtime: Runtime, services: list[str]) -> dict[str, list[Any]]:
+    """Each service's rollout history (ReplicaSet revisions, or recorded releases on Compose)."""
+    return {service: runtime.history(service) for service in services}
+
+
+@task(name="apply-rollback", cache_policy=NO_CACHE)
+def apply_rollback(runtime: Runtime, steps: list[RollbackStep]) -> list[ChangeRecord]:
+    """Apply a rollback plan: undo to the kept revision where there is one, else set the image."""
+    records = []
+    for step in steps:
+        if step.method == "revision":
+            records.append(runtime.rollback(step.service, step.revision))
+        elif step.method == "image":
+            records.extend(runtime.set_images({step.service: step.to_image}))
+    return records
+
+
+def _rollback_to(
+    runtime: Runtime,
+    settings: OpsSettings,
+    target_images: dict[str, str],
+    timeout: float,
+    scope: releases.VerificationScope,
+    smoke_urls: list[str],
+) -> tuple[list[RollbackStep], list[ChangeRecord], list[ServiceStatus], HealthReport | None, list[str]]:
+    """Plan, apply, wait and verify a return to ``target_images``; failures are returned, not raised."""
+    services = list(target_images)
+    steps = releases.plan_rollback(list_services(runtime), target_images, histories(runtime, services))
+    records = apply_rollback(runtime, steps) if any(s.changes for s in steps) else []
+    try:
+        statuses = wait_ready(runtime, services, timeout)
+    except ServicesNotReady as exc:
+        return steps, records, exc.statuses, None, [str(exc)]
+    report = verify_health(settings, scope, smoke_urls)
+    return steps, records, statuses, report, releases.verification_failures(report)
+
+
+def _run_migration(approve: bool) -> str:
+    """The migrations flow as a subflow when this installation has it; a report line either way."""
+    try:
+        module = importlib.import_module("flows.migrate")
+    except ImportError:
+        return "Migration: skipped (flows.migrate is not installed here)."
+    migrate = module.migrate_database
+    accepted = inspect.signature(migrate.fn).parameters
+    kwargs = {k: v for k, v in {"dry_run": False, "approve": approve}.items() if k in accepted}
+    result = migrate(**kwargs)
+    return f"Migration: done ({result if isinstance(result, str) else 'see the migrate-database run'})."
+
+
+def _target_images(
+    current: dict[str, str | None],
+    services: Sequence[str],
+    image_tag: str | None,
+    images: dict[str, str] | None,
+) -> dict[str, str]:
+    """service -> image of the new release; bad input raises ParameterError before any change."""
+    if not image_tag and not images:
+        raise ParameterError("give image_tag (one tag for every service) or images (service -> image)")
+    images = dict(images or {})
+    unknown = [s for s in images if s not in services]
+    if unknown:
+        raise ParameterError(
+            f"images names unknown service(s) {', '.join(unknown)}; the services are {', '.join(services)}"
+        )
+    target = {}
+    for service in services:
+        if service in images:
+            target[service] = images[service]
+            continue
+        if not image_tag:
+            continue
+        now = current.get(service)
+        if not now:
+            raise ParameterError(
+                f"service {service} runs no image now, so image_tag cannot be applied to it; pass images"
+            )
+        try:
+            target[service] = image_with_tag(now, image_tag)
+        except ValueError as exc:
+            raise ParameterError(str(exc)) from None
+    return target
+
+
+def _release_table(records: Sequence[ReleaseRecord]) -> str:
+    rows = [
+        [
+            r.id,
+            r.kind,
+            r.status,
+            r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            ", ".join(f"{s}={i}" for s, i in r.images.items()),
+            r.migration_revision,
+        ]
+        for r in records
+    ]
+    return reports.markdown_table(["release", "kind", "status", "created (UTC)", "images", "migration"], rows)
+
+
+@flow(name="deploy-release", log_prints=True)
+def deploy_release(
+    environment: str = "staging",
+    image_tag: str | None = None,
+    images: dict[str, str] | None = None,
+    migrate: bool = False,
+    timeout_seconds: float = 300,
+    smoke_urls: list[str] | None = None,
+    health_scope: Literal["full", "services"] = "full",
+    approve_migration: bool = False,
+) -> dict[str, Any]:
+    """CI staging deploy (runbook "Deploy to staging first, then production"), with auto-rollback.
+
+    1. Preflight: the environment is the one these settings point at; the new images are computed
+       (``image_tag`` applied to every service's current image, ``images`` per service).
+    2. Record the release running now (the rollback target) with the database migration revision.
+    3. Optional migration through the migrate-database flow (``migrate``).
+    4. Set the images, wait until ready, run the health check and the smoke URLs.
+    5. Any failure: roll back to the recorded release (undo to the kept revision, or set the old
+       images), wait, check health again, and end Failed with the reason and the rollback's outcome.
+
+    CI: ``prefect deployment run 'deploy-release/staging' -p image_tag=1.4.2 --watch`` exits 0 only
+    when this run completed.
+
+    Args:
+        environment: must equal ``runtime.environment`` of the settings (a guard against deploying to
+            the wrong stack); also names the release store.
+        image_tag: one tag for every service (``backend:1.4.1`` -> ``backend:1.4.2``).
+        images: service -> full image reference; wins over ``image_tag`` for those services.
+        migrate: run the database migration (migrate-database flow) before switching images.
+        timeout_seconds: readiness timeout, for the deploy and again for a rollback.
+        smoke_urls: URLs that must answer 2xx (added to ``runtime.smoke_urls``).
+        health_scope: ``full`` health check, or ``services`` (the app's endpoints only).
+        approve_migration: pre-approve the migration (CI, staging); otherwise it waits in the UI.
+
+    Returns:
+        The release record (id, images, migration revision, status) and the health report.
+
+    Raises:
+        ParameterError: bad input; nothing was changed.
+        DeployFailed: the deploy failed; the message says why and whether the rollback restored health.
+    """
+    settings = load_settings()
+    logger = run_logger(__name__)
+    if environment != settings.runtime.environment:
+        raise ParameterError(
+            f"environment {environment!r} does not match these settings (runtime.environment ="
+            f" {settings.runtime.environment!r}); run the deployment configured for {environment}."
+            " Nothing was changed."
+        )
+    if timeout_seconds <= 0:
+        raise ParameterError(f"timeout_seconds must be positive, not {timeout_seconds}")
+    services = list(settings.runtime.services)
+    urls = list(smoke_urls or []) + list(settings.runtime.smoke_urls)
+    runtime = get_runtime(settings)
+    store = ReleaseStore.from_settings(settings, environment)
+    lines: list[str] = []
+    outcome = "failed"
+    release: ReleaseRecord | None = None
+    baseline: ReleaseRecord | None = None
+    before: list[ServiceStatus] = []
+    after: list[ServiceStatus] = []
+    report: HealthReport | None = None
+    records: list[ChangeRecord] = []
+    lock = contextlib.ExitStack()
+    try:
+        lock.enter_context(store.exclusive(f"deploy-release run {_flow_run_id()}"))
+        before = [s for s in list_services(runtime) if s.name in services]
+        current = {s.name: s.image for s in before}
+        target = _target_images(current, services, image_tag, images)
+        # The release running now is the rollback target: record it unless it is the last one recorded.
+        revision = migration_revision(settings)
+        latest = store.latest_good()
+        running = {s: i for s, i in current.items() if i and s in target}
+        if latest is None or any(latest.images.get(s) != i for s, i in running.items()):
+            baseline = store.record(
+                kind="baseline",
+                status="recorded",
+                images=running,
+                migration_revision=revision.revision,
+                migration_note=revision.source,
+                runtime=runtime.kind,
+                flow_run_id=_flow_run_id(),
+                note="what ran before this deploy",
+            )
+        else:
+            baseline = latest
+        release = store.record(
+            kind="deploy",
+            status="deploying",
+            images=target,
+            migration_revision=revision.revision,
+            migration_note=revision.source,
+            runtime=runtime.kind,
+            flow_run_id=_flow_run_id(),
+            previous_id=baseline.id,
+        )
+        lines.append(f"Recorded the running release {baseline.label} as the rollback target.")
+        try:
+            if migrate:
+                lines.append(_run_migration(approve_migration))
+                revision = migration_revision(settings)
+            records = set_images(runtime, target)
+            try:
+                after = wait_ready(runtime, list(target), timeout_seconds)
+            except ServicesNotReady as exc:
+                after = exc.statuses
+                raise
+            report = verify_health(settings, health_scope, urls)
+            failures = releases.verification_failures(report)
+            if failures:
+                raise CheckFailed(f"health check after the deploy failed: {'; '.join(failures)}")
+        except Exception as exc:
+            reason = str(exc)
+            release = store.update(release, status="failed", note=reason[:2000])
+            lines += ["", f"**Deploy failed:** {reason}", "", f"Rolling back to {baseline.label}."]
+            if migrate and revision.revision != baseline.migration_revision:
+                lines.append(
+                    f"The database stays at migration {revision.revision!r} (the release ran at"
+                    f" {baseline.migration_revision!r}): images are rolled back, the schema is not."
+                )
+            logger.error("deploy of %s failed: %s; rolling back to %s", release.id, reason, baseline.id)
+            try:
+                steps, undo, after, report, failures = _rollback_to(
+                    runtime, settings, baseline.images, timeout_seconds, health_scope, urls
+                )
+            except Exception as rollback_error:
+                steps, undo, failures = [], [], [f"the rollback itself failed: {rollback_error}"]
+            records += undo
+            lines += ["", "## Rollback plan", "", *[f"- {s.describe()}" for s in steps]]
+            if failures:
+                release = store.update(
+                    release, note=f"{reason[:1500]} | rollback unhealthy: {'; '.join(failures)}"
+                )
+                outcome = "failed, rollback unhealthy"
+                raise DeployFailed(
+                    f"deploy of {release.id} failed ({reason}); the rollback to {baseline.id} did not restore"
+                    f" health either: {'; '.join(failures)}. Run the diagnose flow now."
+                ) from exc
+            release = store.update(release, status="rolled-back")
+            outcome = "failed, rolled back"
+            raise DeployFailed(
+                f"deploy of {release.id} failed and was rolled back to {baseline.id} (health is back):"
+                f" {reason}"
+            ) from exc
+        release = store.update(release, status="succeeded", migration_revision=revision.revision)
+        outcome = "succeeded"
+        logger.info("release %s is live: %s", release.id, release.images)
+        return {
+            "release": release.model_dump(mode="json"),
+            "previous_release": baseline.id,
+            "health": report.as_runbook() if report else None,
+        }
+    finally:
+        lock.close()
+        title = f"# Deploy to {environment} on {runtime.kind}: **{outcome}**"
+        body = [
+            title,
+            "",
+            f"Release: {release.label if release else 'not recorded'}",
+            "",
+            *lines,
+            "",
+            "## Before",
+            "",
+            status_table(before),
+            "",
+            "## Changes",
+            "",
+            *(change_lines(records) or ["No service was changed."]),
+            "",
+            "## After",
+            "",
+            status_table(after),
+            "",
+            *health_lines(report),
+            "",
+            "## Recent releases",
+            "",
+            _release_table(store.all()[-10:]),
+        ]
+        reports.publish_markdown(
+            f"deploy-release-{environment}", "\n".join(body), f"Deploy to {environment}: {outcome}"
+        )
+
+
+def _choose_target(
+    store: ReleaseStore,
+    runtime: Runtime,
+    current: dict[str, str | None],
+    services: list[str],
+    release_id: str | None,
+) -> tuple[dict[str, str], ReleaseRecord | None, str]:
+    """The images to return to, the release record behind them (None for runtime revisions), a label."""
+    if release_id:
+        record = store.get(release_id)
+        return dict(record.images), record, record.label
+    running = {s: i for s, i in current.items() if i}
+    record = store.previous_good(running)
+    if record is not None:
+        return dict(record.images), record, record.label
+    # No recorded release to return to: the runtime's own history (Kubernetes ReplicaSets).
+    target = {}
+    for service in services:
+        earlier = [r for r in runtime.history(service) if not r.current and r.images]
+        if earlier:
+            image = next(iter(earlier[-1].images.values()))
+            if image != current.get(service):
+                target[service] = image
+    if not target:
+        raise ReleaseNotFound(
+            f"no earlier release is recorded for {store.environment} and the runtime keeps no earlier"
+            " revision: there is nothing to roll back to. Deploy a known-good tag with deploy-release."
+        )
+    return target, None, "the previous runtime revision of each service"
+
+
+@flow(name="rollback-release", log_prints=True)
+def rollback_release(
+    environment: str = "staging",
+    release_id: str | None = None,
+    approved: bool = False,
+    force: bool = False,
+    timeout_seconds: float = 300,
+    health_scope: Literal["full", "services"] = "full",
+    approval_timeout_seconds: int = 3600,
+) -> dict[str, Any]:
+    """Runbook "Total Service Outage" step 3, "Rollback if recent deployment".
+
+    1. Target: ``release_id``, or the newest recorded release that ran healthy and differs from what
+       runs now (on Kubernetes with no recorded release: each Deployment's previous revision).
+    2. Guard: refuse (unless ``force``) when a database migration was applied since the target
+       release ran, naming it: the old code may not work with the new schema.
+    3. Plan: from -> to for each service (rollout undo to a kept revision, or set image), published.
+    4. Approval in the UI unless ``approved``.
+    5. Apply, wait until ready, verify health; record the rollback as a release.
+
+    Args:
+        environment: must equal ``runtime.environment``; names the release store.
+        release_id: the release to return to (see the deploy reports or the plan's release table).
+        approved: pre-approve (CI, staging); otherwise a human approves the plan in the UI.
+        force: roll back across a database migration anyway (it must be backwards compatible).
+        timeout_seconds: readiness timeout after the rollback.
+        health_scope: ``full`` health check, or ``services`` (the app's endpoints only).
+        approval_timeout_seconds: how long the approval form waits.
+
+    Returns:
+        The plan, the changes, and the health report.
+
+    Raises:
+        ParameterError / ReleaseNotFound: bad input, or nothing to roll back to; nothing changed.
+        MigrationGuard: a migration was applied since the target release; nothing changed.
+        ApprovalRejected: the approval was refused or timed out; nothing changed.
+        CheckFailed: the services are not ready or not healthy after the rollback.
+    """
+    settings = load_settings()
+    logger = run_logger(__name__)
+    if environment != settings.runtime.environment:
+        raise ParameterError(
+            f"environment {environment!r} does not match these settings (runtime.environment ="
+            f" {settings.runtime.environment!r}). Nothing was changed."
+        )
+    if timeout_seconds <= 0:
+        raise ParameterError(f"timeout_seconds must be positive, not {timeout_seconds}")
+    services = list(settings.runtime.services)
+    runtime = get_runtime(settings)
+    store = ReleaseStore.from_settings(settings, environment)
+    outcome = "failed"
+    problem = ""
+    steps: list[RollbackStep] = []
+    records: list[ChangeRecord] = []
+    after: list[ServiceStatus] = []
+    report: HealthReport | None = None
+    label = "?"
+    crossed: list[str] = []
+    lock = contextlib.ExitStack()
+    try:
+        lock.enter_context(store.exclusive(f"rollback-release run {_flow_run_id()}"))
+        before = [s for s in list_services(runtime) if s.name in services]
+        current = {s.name: s.image for s in before}
+        target_images, target, label = _choose_target(store, runtime, current, services, release_id)
+        revision = migration_revision(settings)
+        if target is not None:
+            crossed = releases.guard_migrations(store.all(), target, revision, force=force)
+        steps = releases.plan_rollback(before, target_images, histories(runtime, list(target_images)))
+        reports.publish_markdown(
+            f"rollback-release-{environment}-plan",
+            "\n".join(
+                [f"# Rollback plan for {environment}: to {label}", "", *[f"- {s.describe()}" for s in steps]]
+            ),
+            f"Rollback plan to {label}",
+        )
+        if not any(s.changes for s in steps):
+            outcome = "nothing to do"
+            return {"target": label, "plan": [s.describe() for s in steps], "changes": [], "health": None}
+        if not approved:
+            answer = pause_flow_run(
+                wait_for_input=RollbackApproval.with_initial_data(
+                    description="Roll back?\n\n"
+                    + "\n".join(f"- {s.describe()}" for s in steps)
+                    + (f"\n\n**Crosses database migrations {crossed} (forced).**" if crossed else ""),
+                    approve=False,
+                ),
+                timeout=approval_timeout_seconds,
+            )
+            if not answer.approve:
+                raise ApprovalRejected(
+                    f"rollback to {label} was not approved ({answer.reason or 'no reason given'});"
+                    " nothing changed"
+                )
+        records = apply_rollback(runtime, steps)
+        try:
+            after = wait_ready(runtime, list(target_images), timeout_seconds)
+        except ServicesNotReady as exc:
+            after = exc.statuses
+            raise CheckFailed(f"rolled back to {label}, but the services are not ready: {exc}") from exc
+        report = verify_health(settings, health_scope, list(settings.runtime.smoke_urls))
+        failures = releases.verification_failures(report)
+        status = "failed" if failures else "succeeded"
+        store.record(
+            kind="rollback",
+            status=status,
+            images={s.name: s.image for s in after if s.image},
+            migration_revision=revision.revision,
+            migration_note=revision.source,
+            runtime=runtime.kind,
+            flow_run_id=_flow_run_id(),
+            previous_id=target.id if target else None,
+            note=f"rollback to {label}" + (f"; forced across migrations {crossed}" if crossed else ""),
+        )
+        if failures:
+            raise CheckFailed(
+                f"rolled back to {label}, but health is not back: {'; '.join(failures)}. Run diagnose."
+            )
+        outcome = "succeeded"
+        logger.info("rolled back %s to %s", environment, label)
+        return {
+            "target": label,
+            "plan": [s.describe() for s in steps],
+            "changes": [r.__dict__ | {"commands": list(r.commands)} for r in records],
+            "forced_across_migrations": crossed,
+            "health": report.as_runbook(),
+        }
+    except Exception as exc:
+        problem = str(exc)
+        raise
+    finally:
+        lock.close()
+        body = [
+            f"# Rollback of {environment} on {runtime.kind} to {label}: **{outcome}**",
+            "",
+            *([f"**Why:** {problem}", ""] if problem else []),
+            "## Plan",
+            "",
+            *([f"- {s.describe()}" for s in steps] or ["No plan was made."]),
+            "",
+            "## Changes",
+            "",
+            *(change_lines(records) or ["No service was changed."]),
+            "",
+            "## After",
+            "",
+            status_table(after),
+            "",
+            *health_lines(report),
+            "",
+            "## Recent releases",
+            "",
+            _release_table(store.all()[-10:]),
+        ]
+        reports.publish_markdown(
+            f"rollback-release-{environment}", "\n".join(body), f"Rollback of {environment}: {outcome}"
+        )

@@ -1,0 +1,148 @@
+"""deploy-release and rollback-release under the Prefect harness, on Compose (real Docker Engine) and
+Kubernetes (emulator): bad tags roll back to v1, a rollback returns to the first release, and a
+rollback across a recorded database migration is refused unless forced."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import time
+
+import httpx
+import psycopg
+import pytest
+
+from flows.releases import deploy_release, rollback_release
+from tasks.releases import ReleaseStore
+from tasks.settings import load_settings
+
+pytestmark = [pytest.mark.flow, pytest.mark.integration]
+
+
+@pytest.fixture
+def release_env(prefect_harness, ops_env, runtime_target, monkeypatch):
+    """PostgreSQL/Redis of this test (ops_env) plus the runtime target's OPS_* (which win)."""
+    for key, value in runtime_target.env.items():
+        monkeypatch.setenv(key, value)
+    return runtime_target
+
+
+def _version(url: str) -> str:
+    response = httpx.get(url, timeout=5)
+    return f"{response.status_code} {response.json().get('version')}"
+
+
+def _store() -> ReleaseStore:
+    return ReleaseStore.from_settings(load_settings())
+
+
+def test_deploy_then_rollback_returns_to_the_first_release(release_env):
+    result = deploy_release(image_tag="v3", timeout_seconds=30)
+    assert result["release"]["status"] == "succeeded"
+    assert result["release"]["images"] == {
+        "backend": release_env.images["v3"],
+        "worker": release_env.images["v3"],
+    }
+    assert _version(release_env.health_url) == "200 v3"
+
+    rolled = rollback_release(approved=True, timeout_seconds=30)
+    assert rolled["health"]["status"] == "healthy"
+    assert _version(release_env.health_url) == "200 v1"
+    runtime = release_env.runtime()
+    assert {s.name: s.image for s in runtime.list_services()} == {
+        "backend": release_env.images["v1"],
+        "worker": release_env.images["v1"],
+    }
+    kinds = [(r.kind, r.status) for r in _store().all()]
+    assert kinds == [("baseline", "recorded"), ("deploy", "succeeded"), ("rollback", "succeeded")]
+
+
+@pytest.mark.parametrize("bad", ["unhealthy", "missing"])
+def test_bad_tag_rolls_back_to_v1(release_env, bad):
+    images = {"backend": release_env.images["v2"] if bad == "unhealthy" else release_env.missing_image}
+    state = deploy_release(images=images, timeout_seconds=15, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="rolled back"):
+        state.result()
+    assert _version(release_env.health_url) == "200 v1"
+    records = _store().all()
+    assert records[-1].kind == "deploy"
+    assert records[-1].status == "rolled-back"
+    assert records[-1].note
+    # The recorded good release is still v1: a later rollback target is not the failed one.
+    assert _store().latest_good().images["backend"] == release_env.images["v1"]
+
+
+def test_rollback_across_a_migration_is_refused_unless_forced(release_env, ops_env):
+    with psycopg.connect(ops_env["dsn"], autocommit=True) as conn:
+        conn.execute("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)")
+        conn.execute("INSERT INTO alembic_version VALUES ('a1b2c3')")
+    deploy_release(image_tag="v3", timeout_seconds=30)
+    with psycopg.connect(ops_env["dsn"], autocommit=True) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = 'd4e5f6'")
+
+    state = rollback_release(approved=True, timeout_seconds=30, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="d4e5f6"):
+        state.result()
+    assert _version(release_env.health_url) == "200 v3"  # nothing changed
+
+    forced = rollback_release(approved=True, force=True, timeout_seconds=30)
+    assert forced["forced_across_migrations"] == ["d4e5f6"]
+    assert _version(release_env.health_url) == "200 v1"
+    assert _store().all()[0].migration_revision == "a1b2c3"
+
+
+def test_deploy_refuses_another_environment_before_any_change(release_env):
+    state = deploy_release(environment="production", image_tag="v3", return_state=True)
+    assert state.is_failed()
+    assert _version(release_env.health_url) == "200 v1"
+    assert _store().all() == []
+
+
+def _paused_flow_run_id(timeout: float = 120) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+                )
+            )
+            if runs:
+                return str(runs[0].id)
+            time.sleep(0.5)
+    raise AssertionError("the rollback never paused for approval")
+
+
+@pytest.mark.parametrize("runtime_target", ["kubernetes"], indirect=True)
+def test_rollback_waits_for_approval_and_a_refusal_changes_nothing(release_env):
+    from prefect.flow_runs import resume_flow_run
+
+    deploy_release(image_tag="v3", timeout_seconds=30)
+    outcome = {}
+
+    def run() -> None:
+        outcome["state"] = rollback_release(
+            timeout_seconds=30, approval_timeout_seconds=180, return_state=True
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        run_id = _paused_flow_run_id()
+        resumed = resume_flow_run(run_id, run_input={"approve": False, "reason": "not during the demo"})
+        if inspect.isawaitable(resumed):
+            asyncio.run(resumed)
+    finally:
+        thread.join(180)
+    assert outcome["state"].is_failed()
+    with pytest.raises(Exception, match="not during the demo"):
+        outcome["state"].result()
+    assert _version(release_env.health_url) == "200 v3"
+    assert [r.kind for r in _store().all()] == ["baseline", "deploy"]
