@@ -1,0 +1,430 @@
+"""Runbook: "Backup database first" and "Restore from backup" (BACKUP_RECOVERY_TEMPLATE.md).
+
+- ``backup-database``: dump (streamed, compressed, checksummed, same-snapshot row counts), verify,
+  prune; nightly with a restore drill.
+- ``restore-database``: preflight, approval, checksum, restore into a scratch database, verify against
+  the manifest, atomic swap; dry-run by default.
+- ``verify-backup``: verify one backup (checksum / catalog / restore drill) and list every backup with
+  its verification state.
+- ``prune-backups``: the retention plan (keep-last, daily, weekly, monthly; the newest verified backup
+  is never pruned); dry-run by default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from prefect import flow, pause_flow_run
+from prefect.exceptions import FlowPauseTimeout
+from prefect.input import RunInput
+
+from tasks import backups, reports
+from tasks.backups import (
+    BackupCorrupt,
+    BackupManifest,
+    PruneResult,
+    RestorePreflight,
+    RestoreResult,
+    Verification,
+)
+from tasks.errors import ApprovalRejected, ParameterError
+from tasks.runlog import run_logger
+from tasks.settings import OpsSettings, load_settings
+
+
+class RestoreApproval(RunInput):
+    """The approval form shown in the UI before a restore replaces a database."""
+
+    approve: bool = False
+    reason: str = ""
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{n} B"
+
+
+def render_manifest(manifest: BackupManifest) -> str:
+    """A backup as markdown: what, where, how big, verified how."""
+    lines = [
+        f"- **id**: `{manifest.id}`",
+        f"- **database**: {manifest.database} on {manifest.source}",
+        f"- **taken**: {manifest.started_at:%Y-%m-%d %H:%M:%S} - {manifest.finished_at:%H:%M:%S} UTC"
+        f" ({(manifest.finished_at - manifest.started_at).total_seconds():.1f} s)",
+        f"- **size**: {_size(manifest.size_bytes)} stored ({manifest.compression}),"
+        f" {_size(manifest.raw_size_bytes)} dump",
+        f"- **sha256**: `{manifest.sha256}`",
+        f"- **tables**: {len(manifest.tables)}, {manifest.total_rows} rows"
+        + (", content hashes recorded" if manifest.content_hash_algorithm else ""),
+        f"- **tools**: {manifest.pg_dump_version}; server {manifest.server_version}",
+    ]
+    if manifest.verifications:
+        lines += ["", "### Verifications", ""]
+        lines.append(
+            reports.markdown_table(
+                ["level", "result", "at", "detail"],
+                [
+                    [v.level, "ok" if v.ok else "FAILED", f"{v.at:%Y-%m-%d %H:%M:%S}", v.detail]
+                    for v in manifest.verifications
+                ],
+            )
+        )
+    return "\n".join(lines)
+
+
+def table_rows(manifest: BackupManifest) -> list[dict[str, Any]]:
+    """One row per table of the manifest."""
+    return [
+        {"table": name, "rows": stats.rows, "content_hash": stats.content_hash}
+        for name, stats in sorted(manifest.tables.items())
+    ]
+
+
+def render_prune(result: PruneResult) -> str:
+    """The retention plan and what was (or would be) deleted."""
+    verb = "would delete" if result.dry_run else "deleted"
+    rows = [
+        [
+            d.backup_id,
+            d.database,
+            f"{d.finished_at:%Y-%m-%d %H:%M}",
+            "keep" if d.keep else verb,
+            ", ".join(d.reasons),
+        ]
+        for d in result.plan.decisions
+    ]
+    lines = [
+        f"Retention: keep {len(result.plan.to_keep)}, {verb} {len(result.plan.to_delete)}"
+        + (" (dry run: pass confirm=true to delete)" if result.dry_run else ""),
+        "",
+        reports.markdown_table(["backup", "database", "finished", "decision", "kept by"], rows),
+    ]
+    unfinished = [u.key for u in result.plan.unfinished] + result.plan.orphans
+    if unfinished:
+        lines += ["", f"Unfinished or orphaned objects ({verb}):", *[f"- `{k}`" for k in unfinished]]
+    return "\n".join(lines)
+
+
+def render_preflight(plan: RestorePreflight) -> str:
+    """What a restore will do, for the approval form and the dry-run report."""
+    lines = [
+        f"Restore backup `{plan.backup_id}` (taken {plan.backup_finished_at:%Y-%m-%d %H:%M} UTC,"
+        f" {_size(plan.backup_size_bytes)}, {plan.backup_rows} rows, verified:"
+        f" {plan.backup_verified or 'never'}) into **{plan.target_database}**.",
+        "",
+        f"- target exists: {plan.target_exists}, size {_size(plan.target_size_bytes)}",
+        f"- sessions that will be cut: {len(plan.connections)}",
+        "",
+        "Steps:",
+        *[f"{i}. {step}" for i, step in enumerate(plan.steps(), 1)],
+    ]
+    if plan.connections:
+        lines += [
+            "",
+            reports.markdown_table(
+                ["pid", "user", "application", "client", "state"],
+                [[c.pid, c.user, c.application, c.client, c.state] for c in plan.connections],
+            ),
+        ]
+    return "\n".join(lines)
+
+
+def _publish_failure(key: str, title: str, exc: BaseException) -> None:
+    reports.publish_markdown(key, f"# {title}: **failed**\n\n{type(exc).__name__}: {exc}", f"{title}: failed")
+
+
+@flow(name="backup-database", log_prints=True)
+def backup_database(
+    database: str | None = None,
+    verify: Literal["none", "checksum", "catalog", "restore"] = "restore",
+    content_hashes: bool | None = None,
+    prune: bool = True,
+    confirm_prune: bool = False,
+) -> dict[str, Any]:
+    """Runbook "Backup database first": dump, checksum, store, verify, prune.
+
+    Args:
+        database: database to back up; defaults to the one in ``OPS_POSTGRES__DSN``.
+        verify: verification right after the dump; ``restore`` (the nightly drill) restores it into a
+            scratch database and compares every table with the manifest.
+        content_hashes: record per-table content hashes; defaults to ``backup.content_hashes``.
+        prune: apply the retention plan afterwards.
+        confirm_prune: actually delete what the plan selects (otherwise it is only listed).
+
+    Returns:
+        The manifest (JSON) with the verification recorded.
+
+    Raises:
+        BackupCorrupt: the new backup failed its verification (recorded in its manifest).
+    """
+    settings = load_settings()
+    logger = run_logger(__name__)
+    key = f"backup-{settings.stack}"
+    try:
+        manifest = backups.create_backup_task(
+            settings,
+            database=database,
+            verify="none",
+            content_hashes=settings.backup.content_hashes if content_hashes is None else content_hashes,
+        )
+        verification: Verification | None = None
+        if verify != "none":
+            verification = backups.verify_backup_task(settings, manifest.id, verify)
+            manifest = backups.resolve_backup_task(settings, manifest.id)
+        pruned = (
+            backups.delete_backups_task(
+                settings, backups.retention_plan_task(settings, manifest.database), confirm=confirm_prune
+            )
+            # A backup that failed its verification must not push a good one out of keep-last.
+            if prune and (verification is None or verification.ok)
+            else None
+        )
+        status = "ok" if verification is None or verification.ok else "FAILED verification"
+        markdown = f"# Backup of {manifest.database}: **{status}**\n\n{render_manifest(manifest)}"
+        if pruned is not None:
+            markdown += "\n\n## Retention\n\n" + render_prune(pruned)
+        reports.publish_markdown(key, markdown, f"Backup {manifest.id}: {status}")
+        reports.publish_table(f"{key}-tables", table_rows(manifest), f"Tables in backup {manifest.id}")
+        if verification is not None and not verification.ok:
+            raise BackupCorrupt(
+                f"backup {manifest.id} failed its {verify} verification: {verification.detail}."
+                " Do not rely on it; look at the dump log and run backup-database again"
+            )
+        logger.info("backup %s done (%s)", manifest.id, status)
+        return manifest.model_dump(mode="json")
+    except BaseException as exc:
+        if not isinstance(exc, BackupCorrupt):
+            _publish_failure(key, "Backup", exc)
+        raise
+
+
+@flow(name="verify-backup", log_prints=True)
+def verify_backup(
+    backup_id: str = "latest",
+    level: Literal["checksum", "catalog", "restore"] = "restore",
+    database: str | None = None,
+) -> dict[str, Any]:
+    """Runbook "Backup verification": verify one backup and list all backups with their state.
+
+    Args:
+        backup_id: an id, ``latest`` or ``latest-verified``.
+        level: ``checksum`` (re-read, sha256), ``catalog`` (``pg_restore --list``) or ``restore``
+            (restore drill into a scratch database compared with the manifest).
+        database: limit ``latest`` and the listing to one database.
+
+    Returns:
+        The recorded verification.
+
+    Raises:
+        BackupCorrupt: the backup failed the verification (the failure is recorded in its manifest).
+    """
+    settings = load_settings()
+    key = f"verify-backup-{settings.stack}"
+    try:
+        manifest = backups.resolve_backup_task(settings, backup_id, database=database)
+        result = backups.verify_backup_task(settings, manifest.id, level)
+        listing = backups.list_backups_task(settings, database)
+        _publish_listing(settings, listing)
+        status = "ok" if result.ok else "FAILED"
+        reports.publish_markdown(
+            key,
+            f"# Verification of {manifest.id} ({level}): **{status}**\n\n{result.detail}",
+            f"{level} verification of {manifest.id}: {status}",
+        )
+        if not result.ok:
+            raise BackupCorrupt(f"backup {manifest.id} failed its {level} verification: {result.detail}")
+        return result.model_dump(mode="json")
+    except BaseException as exc:
+        if not isinstance(exc, BackupCorrupt):
+            _publish_failure(key, "Backup verification", exc)
+        raise
+
+
+def _publish_listing(settings: OpsSettings, listing: list[BackupManifest]) -> None:
+    reports.publish_table(
+        f"backups-{settings.stack}",
+        [
+            {
+                "id": m.id,
+                "database": m.database,
+                "finished_at": m.finished_at.isoformat(),
+                "size_bytes": m.size_bytes,
+                "rows": m.total_rows,
+                "verified": m.strongest_verified or "never",
+            }
+            for m in listing
+        ],
+        "Finished backups, newest first",
+    )
+
+
+@flow(name="prune-backups", log_prints=True)
+def prune_backups(database: str | None = None, confirm: bool = False) -> dict[str, Any]:
+    """Runbook "Backup retention": keep-last plus daily/weekly/monthly tiers; dry-run unless confirmed.
+
+    The newest verified backup of each database is never pruned. Unfinished objects (interrupted
+    dumps, incomplete multipart uploads) older than ``backup.orphan_grace_hours`` are removed too.
+
+    Args:
+        database: limit pruning to one database's backups.
+        confirm: delete what the plan selects; without it the plan is only reported.
+
+    Returns:
+        What was (or would be) deleted.
+    """
+    settings = load_settings()
+    key = f"prune-backups-{settings.stack}"
+    try:
+        plan = backups.retention_plan_task(settings, database)
+        result = backups.delete_backups_task(settings, plan, confirm=confirm)
+        reports.publish_markdown(
+            key,
+            "# Backup retention" + (" (dry run)" if result.dry_run else "") + "\n\n" + render_prune(result),
+            "Backup retention" + (" dry run" if result.dry_run else ""),
+        )
+        return {
+            "dry_run": result.dry_run,
+            "keep": [d.backup_id for d in plan.to_keep],
+            "delete": [d.backup_id for d in plan.to_delete],
+            "deleted": result.deleted_backups,
+            "unfinished": [u.key for u in plan.unfinished] + plan.orphans,
+        }
+    except BaseException as exc:
+        _publish_failure(key, "Backup retention", exc)
+        raise
+
+
+@flow(name="restore-database", log_prints=True)
+def restore_database(
+    backup_id: str = "latest-verified",
+    target_database: str | None = None,
+    dry_run: bool = True,
+    approved: bool = False,
+    keep_old: bool = True,
+    create_missing: bool = False,
+    approval_timeout_seconds: int | None = None,
+) -> dict[str, Any]:
+    """Runbook "Restore from backup": preflight, approval, checksum, restore, verify, swap.
+
+    The backup is restored into a new database and compared with its manifest; only then are the
+    target's sessions ended and the two databases swapped by rename in one transaction. A failure at any
+    step leaves the target as it was.
+
+    Args:
+        backup_id: an id, ``latest`` or ``latest-verified`` (the newest backup that passed a restore drill).
+        target_database: database to replace; defaults to the backup's database.
+        dry_run: only show the preflight (what would happen); nothing is touched.
+        approved: skip the approval form (CI, staging, incident automation).
+        keep_old: keep the replaced database as ``<target>__old_<time>`` (connections blocked) instead
+            of dropping it.
+        create_missing: allow restoring a database that no longer exists.
+        approval_timeout_seconds: how long the approval form waits; defaults to
+            ``backup.approval_timeout_seconds``.
+
+    Returns:
+        The preflight (dry run) or the restore's change record with the comparison.
+
+    Raises:
+        ApprovalRejected: the approval was declined or timed out; nothing was touched.
+        BackupCorrupt: the backup failed its checksum; nothing was touched.
+        RestoreFailed: the restore or its verification failed; the target is unchanged.
+    """
+    settings = load_settings()
+    logger = run_logger(__name__)
+    key = f"restore-{settings.stack}"
+    if approval_timeout_seconds is not None and approval_timeout_seconds <= 0:
+        raise ParameterError("approval_timeout_seconds must be positive")
+    try:
+        manifest = backups.resolve_backup_task(settings, backup_id)
+        plan = backups.restore_preflight_task(
+            settings, manifest, target_database=target_database, keep_old=keep_old
+        )
+        if not plan.target_exists and not create_missing:
+            raise backups.DatabaseNotFound(
+                f"target database {plan.target_database!r} does not exist; nothing was done. Pass"
+                " create_missing=true to restore it as a new database"
+            )
+        preflight_md = render_preflight(plan)
+        if dry_run:
+            reports.publish_markdown(
+                key,
+                f"# Restore plan (dry run)\n\n{preflight_md}\n\nRun with dry_run=false to restore.",
+                "Restore plan",
+            )
+            return {
+                "dry_run": True,
+                "backup_id": manifest.id,
+                "target_database": plan.target_database,
+                "steps": plan.steps(),
+                "connections": len(plan.connections),
+            }
+        reports.publish_markdown(key, f"# Restore: waiting for approval\n\n{preflight_md}", "Restore plan")
+        if not approved:
+            timeout = approval_timeout_seconds or int(settings.backup.approval_timeout_seconds)
+            try:
+                answer = pause_flow_run(
+                    wait_for_input=RestoreApproval.with_initial_data(description=preflight_md, approve=False),
+                    timeout=timeout,
+                )
+            except FlowPauseTimeout:
+                raise ApprovalRejected(f"no approval within {timeout}s; nothing was restored") from None
+            if not answer.approve:
+                raise ApprovalRejected(
+                    f"restore declined ({answer.reason or 'no reason given'}); nothing was restored"
+                )
+            logger.info("restore approved: %s", answer.reason or "no reason given")
+        backups.checksum_backup_task(settings, manifest)
+        result: RestoreResult = backups.restore_backup_task(
+            settings,
+            manifest.id,
+            target_database=plan.target_database,
+            keep_old=keep_old,
+            create_missing=create_missing,
+            checksum_first=False,
+        )
+        comparison = result.comparison
+        reports.publish_markdown(
+            key,
+            "\n".join(
+                [
+                    f"# Restore of {result.target_database}: **done**",
+                    "",
+                    f"- backup: `{result.backup_id}`",
+                    f"- evidence: {comparison.summary()}",
+                    f"- old database: {result.old_database or '-'}"
+                    f" ({'kept' if result.old_kept else 'dropped'})",
+                    f"- sessions ended: {result.terminated_connections}",
+                    f"- took {result.duration_seconds:.1f} s",
+                    "",
+                    "Commands:",
+                    *[f"- `{c}`" for c in result.commands],
+                ]
+            ),
+            f"Restore of {result.target_database}: done",
+        )
+        return {
+            "dry_run": False,
+            "backup_id": result.backup_id,
+            "target_database": result.target_database,
+            "old_database": result.old_database,
+            "old_kept": result.old_kept,
+            "matches": comparison.matches,
+            "tables": comparison.tables_compared,
+            "rows": comparison.rows_compared,
+            "terminated_connections": result.terminated_connections,
+        }
+    except BaseException as exc:
+        _publish_failure(key, "Restore", exc)
+        raise
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(backup_database(verify="catalog", prune=False), indent=2))

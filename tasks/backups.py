@@ -1,0 +1,1522 @@
+"""PostgreSQL backups: streamed, checksummed dumps with a data-level manifest, verification, restore and
+retention.
+
+A backup is ``pg_dump -Fc -Z0`` streamed through in-process zstd and sha256 straight into the storage
+backend (no full-size temporary file). The per-table row counts and content hashes are computed in the
+same snapshot the dump reads (``pg_export_snapshot()`` in a REPEATABLE READ transaction that stays open
+while ``pg_dump --snapshot`` runs), so a restored copy can be compared with the manifest row for row.
+The manifest is written last: a backup without one is unfinished and never listed.
+
+Storage layout under the storage URL::
+
+    manifests/<id>.json      the manifest (written last, re-written when a verification is recorded)
+    data/<id>.dump.zst       the zstd-compressed custom-format dump
+
+Plain functions first; Prefect task wrappers at the bottom.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
+from zoneinfo import ZoneInfo
+
+import psycopg
+import zstandard
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import State
+from psycopg import sql
+from pydantic import BaseModel, Field
+
+from tasks import postgres
+from tasks.commands import run_command, stream_command
+from tasks.errors import CheckFailed, CommandError, OpsError, ParameterError
+from tasks.reports import Progress
+from tasks.runlog import run_logger
+from tasks.secrets import mask_text, mask_url
+from tasks.settings import OpsSettings
+from tasks.storage import ObjectNotFound, Storage, UnfinishedObject, open_storage
+
+VerifyLevel = Literal["checksum", "catalog", "restore"]
+VERIFY_RANK: dict[str, int] = {"checksum": 1, "catalog": 2, "restore": 3}
+COMPRESSION = "zstd"
+FORMAT = "pg_dump-custom"
+CONTENT_HASH_ALGORITHM = "sum(hashtextextended(row::text, 0)) over rows, UTC/ISO session"
+MANIFEST_DIR = "manifests"
+DATA_DIR = "data"
+_PIPE_CHUNK = 1 << 20
+# How much of the start of an archive is kept for a parallel post-data restore (the catalog sits there).
+_CATALOG_LIMIT = 64 * 1024 * 1024
+_IDENT_SAFE = re.compile(r"[^a-zA-Z0-9_]+")
+# Session settings that make row text (and so the content hash) independent of the client's locale.
+_STATS_SESSION = (
+    "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres';"
+    " SET extra_float_digits = 3; SET bytea_output = 'hex'"
+)
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+class BackupError(OpsError):
+    """A backup, verification, restore or prune could not be done."""
+
+
+class BackupNotFound(BackupError):
+    """No backup matches the id (or no backup exists yet)."""
+
+
+class BackupNotVerified(BackupError):
+    """No backup has passed the verification level asked for."""
+
+
+class BackupCorrupt(CheckFailed):
+    """The stored object does not match its manifest (size or sha256), or does not restore."""
+
+
+class DatabaseNotFound(BackupError):
+    """The database to back up or restore into does not exist."""
+
+
+class RestoreFailed(BackupError):
+    """The restore did not complete; the target database was left as it was."""
+
+
+# --- the manifest ---------------------------------------------------------------------------------
+
+
+class TableStats(BaseModel):
+    """Rows of one table (and its content hash when recorded) in the dump's snapshot."""
+
+    rows: int
+    content_hash: str | None = None
+
+
+class Verification(BaseModel):
+    """One verification of a backup: level, result, time and what was found."""
+
+    level: VerifyLevel
+    ok: bool
+    at: datetime
+    detail: str
+    duration_seconds: float | None = None
+
+
+class BackupManifest(BaseModel):
+    """Everything known about one backup; stored as JSON beside the dump and written last."""
+
+    id: str
+    database: str
+    stack: str = ""
+    source: str = Field(default="", description="the server the dump came from, password masked")
+    started_at: datetime
+    finished_at: datetime
+    size_bytes: int = Field(description="size of the stored (compressed) object")
+    raw_size_bytes: int = Field(default=0, description="size of the dump before compression")
+    sha256: str = Field(description="sha256 of the stored object")
+    compression: str = COMPRESSION
+    format: str = FORMAT
+    data_key: str = ""
+    pg_dump_version: str
+    server_version: str
+    snapshot: str = ""
+    content_hash_algorithm: str | None = None
+    tables: dict[str, TableStats] = Field(default_factory=dict)
+    verifications: list[Verification] = Field(default_factory=list)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(t.rows for t in self.tables.values())
+
+    def verified(self, level: VerifyLevel = "restore") -> bool:
+        """Whether the newest verification at ``level`` or stronger passed."""
+        wanted = VERIFY_RANK[level]
+        relevant = [v for v in self.verifications if VERIFY_RANK[v.level] >= wanted]
+        return bool(relevant) and max(relevant, key=lambda v: v.at).ok
+
+    @property
+    def strongest_verified(self) -> str | None:
+        for level in ("restore", "catalog", "checksum"):
+            if self.verified(level):  # type: ignore[arg-type]
+                return level
+        return None
+
+
+@dataclass(frozen=True)
+class TableDifference:
+    """One table whose rows or content differ between a database and a manifest."""
+
+    table: str
+    expected_rows: int | None
+    actual_rows: int | None
+    expected_hash: str | None = None
+    actual_hash: str | None = None
+
+    @property
+    def reason(self) -> str:
+        if self.expected_rows is None:
+            return "not in the backup"
+        if self.actual_rows is None:
+            return "missing from the database"
+        if self.expected_rows != self.actual_rows:
+            return f"{self.actual_rows} rows, backup has {self.expected_rows}"
+        return "content hash differs"
+
+
+@dataclass(frozen=True)
+class TableComparison:
+    """A database compared with a manifest, table by table."""
+
+    database: str
+    backup_id: str
+    tables_compared: int
+    rows_compared: int
+    hashes_compared: int
+    differences: list[TableDifference] = field(default_factory=list)
+
+    @property
+    def matches(self) -> bool:
+        return not self.differences
+
+    def summary(self) -> str:
+        if self.matches:
+            return (
+                f"{self.database} matches backup {self.backup_id}: {self.tables_compared} tables,"
+                f" {self.rows_compared} rows, {self.hashes_compared} content hashes equal"
+            )
+        shown = "; ".join(f"{d.table}: {d.reason}" for d in self.differences[:10])
+        more = f" (+{len(self.differences) - 10} more)" if len(self.differences) > 10 else ""
+        return f"{self.database} differs from backup {self.backup_id}: {shown}{more}"
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """A session connected to a database a restore would replace."""
+
+    pid: int
+    user: str
+    application: str
+    client: str
+    state: str
+
+
+@dataclass(frozen=True)
+class RestorePreflight:
+    """What a restore would do, computed without touching anything."""
+
+    backup_id: str
+    backup_finished_at: datetime
+    backup_size_bytes: int
+    backup_rows: int
+    backup_verified: str | None
+    target_database: str
+    target_exists: bool
+    target_size_bytes: int | None
+    connections: list[ConnectionInfo]
+    scratch_database: str
+    old_database: str | None
+    keep_old: bool
+
+    def steps(self) -> list[str]:
+        steps = [
+            f"re-read backup {self.backup_id} and check its sha256 ({self.backup_size_bytes} bytes)",
+            f"restore it into a new database {self.scratch_database}",
+            f"compare {self.scratch_database} with the manifest ({self.backup_rows} rows)",
+        ]
+        if self.target_exists:
+            steps.append(
+                f"block new connections to {self.target_database} and end its {len(self.connections)}"
+                " sessions"
+            )
+            steps.append(
+                f"rename {self.target_database} -> {self.old_database} and {self.scratch_database} ->"
+                f" {self.target_database} in one transaction"
+            )
+            steps.append(
+                f"keep {self.old_database}"
+                if self.keep_old
+                else f"drop {self.old_database} (the old database)"
+            )
+        else:
+            steps.append(f"rename {self.scratch_database} -> {self.target_database}")
+        return steps
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What a restore did; ``comparison`` is the evidence that the data equals the manifest."""
+
+    backup_id: str
+    target_database: str
+    scratch_database: str
+    old_database: str | None
+    old_kept: bool
+    terminated_connections: int
+    comparison: TableComparison
+    commands: list[str]
+    duration_seconds: float
+
+
+@dataclass(frozen=True)
+class RetentionDecision:
+    """Keep or delete one backup, and why."""
+
+    backup_id: str
+    database: str
+    finished_at: datetime
+    keep: bool
+    reasons: list[str]
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    """What a prune would delete: backups outside every tier, and unfinished objects past the grace."""
+
+    decisions: list[RetentionDecision]
+    unfinished: list[UnfinishedObject] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+
+    @property
+    def to_delete(self) -> list[RetentionDecision]:
+        return [d for d in self.decisions if not d.keep]
+
+    @property
+    def to_keep(self) -> list[RetentionDecision]:
+        return [d for d in self.decisions if d.keep]
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """The change record of a prune: what was (or, on a dry run, would be) deleted."""
+
+    dry_run: bool
+    plan: RetentionPlan
+    deleted_backups: list[str]
+    deleted_objects: list[str]
+    discarded_unfinished: list[str]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.deleted_backups or self.deleted_objects or self.discarded_unfinished)
+
+
+# --- naming and storage keys ----------------------------------------------------------------------
+
+
+def manifest_key(backup_id: str) -> str:
+    return f"{MANIFEST_DIR}/{backup_id}.json"
+
+
+def data_key(backup_id: str) -> str:
+    return f"{DATA_DIR}/{backup_id}.dump.zst"
+
+
+def new_backup_id(database: str, at: datetime) -> str:
+    """``<UTC timestamp>-<database>-<random>``: sorts by time, names the database, never collides."""
+    safe = _IDENT_SAFE.sub("-", database).strip("-")[:40] or "db"
+    return f"{at.astimezone(UTC):%Y%m%dT%H%M%SZ}-{safe}-{secrets.token_hex(3)}"
+
+
+def _valid_backup_id(backup_id: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}", backup_id))
+
+
+def scratch_name(base: str, purpose: str) -> str:
+    """A new database name ``<base>__<purpose>_<random>`` within PostgreSQL's 63-byte limit."""
+    suffix = f"__{purpose}_{secrets.token_hex(4)}"
+    return base[: 63 - len(suffix)] + suffix
+
+
+def _settings_database(settings: OpsSettings) -> str:
+    return postgres.database_name(settings.postgres.dsn.get_secret_value())
+
+
+def _storage(settings: OpsSettings) -> Storage:
+    return open_storage(settings.storage, attempts=settings.backup.upload_attempts)
+
+
+# --- libpq for the command-line tools -------------------------------------------------------------
+
+
+def _tool_connection(settings: OpsSettings, database: str) -> tuple[str, dict[str, str], list[str]]:
+    """The ``--dbname`` URL without the password, the environment carrying it, and the secrets to mask."""
+    raw = postgres.libpq_dsn(settings.postgres.dsn.get_secret_value(), database=database)
+    parts = urlsplit(raw)
+    env = {"PGCONNECT_TIMEOUT": str(max(1, round(settings.postgres.connect_timeout_seconds)))}
+    secret_values: list[str] = []
+    netloc = parts.netloc
+    if parts.password is not None:
+        env["PGPASSWORD"] = unquote(parts.password)
+        secret_values += [parts.password, env["PGPASSWORD"]]
+        netloc = netloc.replace(f":{parts.password}@", "@", 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), env, secret_values
+
+
+def _pg_error(exc: BaseException, settings: OpsSettings) -> str:
+    return postgres.safe_error(exc, settings.postgres)
+
+
+def _connect(settings: OpsSettings, database: str, *, purpose: str) -> psycopg.Connection:
+    try:
+        return postgres.connect(
+            settings.postgres, database=database, application_name=f"swagger2mcp-ops-{purpose}"
+        )
+    except psycopg.Error as exc:
+        raise BackupError(
+            f"cannot connect to database {database!r} on {_server(settings)}: {_pg_error(exc, settings)};"
+            " check OPS_POSTGRES__DSN (user, password, host) and that the server runs"
+        ) from None
+
+
+def _server(settings: OpsSettings) -> str:
+    parts = urlsplit(mask_url(settings.postgres.dsn.get_secret_value()))
+    return parts.netloc
+
+
+def _maintenance(settings: OpsSettings) -> psycopg.Connection:
+    return _connect(settings, settings.backup.maintenance_database, purpose="backup-admin")
+
+
+def database_exists(settings: OpsSettings, database: str) -> bool:
+    """Whether ``database`` exists on the server (asked through the maintenance database)."""
+    with _maintenance(settings) as conn:
+        return (
+            conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone() is not None
+        )
+
+
+def _require_database(settings: OpsSettings, database: str) -> None:
+    if not database_exists(settings, database):
+        raise DatabaseNotFound(
+            f"database {database!r} does not exist on {_server(settings)}; nothing was done. Check the name"
+            " (parameter or OPS_POSTGRES__DSN)"
+        )
+
+
+def _tool_version(settings: OpsSettings, tool: str) -> str:
+    result = run_command([tool, "--version"], timeout=30)
+    return result.stdout.strip()
+
+
+# --- table statistics (counts and content hashes) -------------------------------------------------
+
+
+def _user_tables(conn: psycopg.Connection) -> list[tuple[str, str]]:
+    """Ordinary tables pg_dump dumps data for: no system schemas, temp tables or extension members."""
+    rows = conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relkind = 'r' AND c.relpersistence <> 't'"
+        " AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'"
+        " AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass"
+        "   AND d.objid = c.oid AND d.deptype = 'e')"
+        " ORDER BY 1, 2"
+    ).fetchall()
+    return [(str(r[0]), str(r[1])) for r in rows]
+
+
+def table_stats(conn: psycopg.Connection, *, content_hashes: bool) -> dict[str, TableStats]:
+    """Per-table row counts (and content hashes) as the connection's current snapshot sees them.
+
+    The content hash is the sum of a 64-bit hash of each row's text: independent of row order (no sort
+    of large tables), equal for equal multisets of rows, computed with fixed session settings so time
+    zone or date style do not change it.
+    """
+    conn.execute(_STATS_SESSION)
+    return {
+        f"{schema}.{table}": _one_table_stats(conn, schema, table, content_hashes=content_hashes)
+        for schema, table in _user_tables(conn)
+    }
+
+
+def _one_table_stats(
+    conn: psycopg.Connection, schema: str, table: str, *, content_hashes: bool
+) -> TableStats:
+    """One table's row count (and content hash) in one scan; the session must have ``_STATS_SESSION``."""
+    ident = sql.Identifier(schema, table)
+    if content_hashes:
+        query = sql.SQL("SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0) FROM ONLY {} AS t")
+        row = conn.execute(query.format(ident)).fetchone()
+        assert row is not None
+        return TableStats(rows=int(row[0]), content_hash=str(row[1]))
+    row = conn.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(ident)).fetchone()
+    assert row is not None
+    return TableStats(rows=int(row[0]))
+
+
+def _expected_rows(expected: dict[str, TableStats], name: str) -> int:
+    found = expected.get(name)
+    return found.rows if found is not None else 0
+
+
+def _parallel_table_stats(
+    settings: OpsSettings, database: str, expected: dict[str, TableStats], *, content_hashes: bool
+) -> dict[str, TableStats]:
+    """Every table's stats over ``backup.restore_jobs`` connections, the largest tables first.
+
+    For a database nothing else writes to (a freshly restored copy) one statement per table sees exactly
+    what one snapshot over all tables would; each table is locked only while it is read, so index and
+    constraint builds on the other tables go on at the same time.
+    """
+    timeout_ms = int(settings.backup.restore_timeout_seconds * 1000)
+    with _connect(settings, database, purpose="backup-compare") as conn:
+        tables = _user_tables(conn)
+    # Largest first (by the manifest's rows) so the long scans start at once and the small ones fill in.
+    pending = sorted(tables, key=lambda t: -_expected_rows(expected, f"{t[0]}.{t[1]}"))
+    lock = threading.Lock()
+    results: dict[str, TableStats] = {}
+    errors: list[BaseException] = []
+
+    def _worker() -> None:
+        try:
+            with _connect(settings, database, purpose="backup-compare") as conn:
+                conn.autocommit = True
+                conn.execute(f"SET statement_timeout = {timeout_ms}")
+                conn.execute(_STATS_SESSION)
+                while True:
+                    with lock:
+                        if not pending or errors:
+                            return
+                        schema, table = pending.pop(0)
+                    stats = _one_table_stats(conn, schema, table, content_hashes=content_hashes)
+                    with lock:
+                        results[f"{schema}.{table}"] = stats
+        except BaseException as exc:  # re-raised on the calling thread
+            with lock:
+                errors.append(exc)
+
+    workers = [
+        threading.Thread(target=_worker, name=f"compare-{database}-{n}", daemon=True)
+        for n in range(max(1, min(settings.backup.restore_jobs, len(pending))))
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    if errors:
+        exc = errors[0]
+        if isinstance(exc, BackupError):
+            raise exc
+        raise BackupError(f"counting rows in {database!r} failed: {_pg_error(exc, settings)}") from None
+    return {name: results[name] for name in sorted(results)}
+
+
+def compare_stats(
+    expected: dict[str, TableStats], actual: dict[str, TableStats], *, database: str, backup_id: str
+) -> TableComparison:
+    """Compare per-table counts and (where both have one) content hashes."""
+    differences = []
+    hashes = 0
+    for name in sorted(set(expected) | set(actual)):
+        want, got = expected.get(name), actual.get(name)
+        if want is None or got is None:
+            differences.append(TableDifference(name, want.rows if want else None, got.rows if got else None))
+            continue
+        if want.content_hash is not None and got.content_hash is not None:
+            hashes += 1
+        if want.rows != got.rows or (
+            want.content_hash is not None
+            and got.content_hash is not None
+            and want.content_hash != got.content_hash
+        ):
+            differences.append(
+                TableDifference(name, want.rows, got.rows, want.content_hash, got.content_hash)
+            )
+    return TableComparison(
+        database=database,
+        backup_id=backup_id,
+        tables_compared=len(set(expected) & set(actual)),
+        rows_compared=sum(s.rows for n, s in actual.items() if n in expected),
+        hashes_compared=hashes,
+        differences=differences,
+    )
+
+
+def compare_database_to_manifest(
+    settings: OpsSettings, manifest: BackupManifest, database: str, *, restored_copy: bool = False
+) -> TableComparison:
+    """Count (and hash, when the manifest has hashes) every table of ``database`` and compare.
+
+    ``restored_copy``: ``database`` is a scratch copy only the restore writes to, and its data section
+    is complete; tables are then read in parallel, one statement each, not in one snapshot.
+
+    Raises:
+        BackupError: the database cannot be reached.
+    """
+    hashed = any(t.content_hash is not None for t in manifest.tables.values())
+    timeout_ms = int(settings.backup.restore_timeout_seconds * 1000)
+    if restored_copy:
+        actual = _parallel_table_stats(settings, database, manifest.tables, content_hashes=hashed)
+        return compare_stats(manifest.tables, actual, database=database, backup_id=manifest.id)
+    with _connect(settings, database, purpose="backup-compare") as conn:
+        conn.execute(f"SET statement_timeout = {timeout_ms}")
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            actual = table_stats(conn, content_hashes=hashed)
+    return compare_stats(manifest.tables, actual, database=database, backup_id=manifest.id)
+
+
+# --- streaming ------------------------------------------------------------------------------------
+
+
+class _HashingWriter:
+    """Counts and hashes what passes to the storage writer."""
+
+    def __init__(self, target: IO[bytes] | object) -> None:
+        self._target = target
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        self._target.write(data)  # type: ignore[attr-defined]
+        return len(data)
+
+    def flush(self) -> None:
+        return None
+
+
+def _verified_chunks(
+    storage: Storage, manifest: BackupManifest, *, final_check: bool = True
+) -> Iterator[bytes]:
+    """The stored object's bytes; after the last chunk its size and sha256 are checked."""
+    sha = hashlib.sha256()
+    size = 0
+    try:
+        for chunk in storage.iter_chunks(manifest.data_key or data_key(manifest.id)):
+            sha.update(chunk)
+            size += len(chunk)
+            yield chunk
+    except ObjectNotFound:
+        raise BackupCorrupt(
+            f"backup {manifest.id}: its data object is missing from the storage; it cannot be restored."
+            " Use another backup"
+        ) from None
+    if final_check:
+        _check_digest(manifest, size, sha.hexdigest())
+
+
+def _check_digest(manifest: BackupManifest, size: int, digest: str) -> None:
+    if size != manifest.size_bytes:
+        raise BackupCorrupt(
+            f"backup {manifest.id} is truncated or altered: {size} bytes stored, the manifest says"
+            f" {manifest.size_bytes}. Nothing was restored; use another backup"
+        )
+    if digest != manifest.sha256:
+        raise BackupCorrupt(
+            f"backup {manifest.id} is corrupted: sha256 {digest[:16]}... does not match the manifest's"
+            f" {manifest.sha256[:16]}.... Nothing was restored; use another backup"
+        )
+
+
+def _decompressed(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """zstd-decompress a stream of chunks without holding it whole."""
+    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    for chunk in chunks:
+        out = decompressor.decompress(chunk)
+        if out:
+            yield out
+    if not decompressor.eof:
+        raise BackupCorrupt("the backup's zstd stream ends early (truncated object)")
+
+
+# --- create ---------------------------------------------------------------------------------------
+
+
+def create_backup(
+    settings: OpsSettings,
+    *,
+    database: str | None = None,
+    verify: Literal["none", "checksum", "catalog", "restore"] = "catalog",
+    content_hashes: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> BackupManifest:
+    """Dump ``database`` into the storage and write its manifest; then verify it at ``verify``.
+
+    pg_dump's custom format (uncompressed) is piped through in-process zstd and sha256 into the storage
+    writer; the row counts and content hashes come from the snapshot pg_dump reads. The manifest is
+    written only after the data object is complete, so an interrupted backup is never listed.
+
+    Args:
+        settings: the loaded settings.
+        database: the database to dump; defaults to the one in ``postgres.dsn``.
+        verify: verification to run and record right after the backup (``none`` skips it).
+        content_hashes: also hash each table's rows (one more scan per table, in the same snapshot).
+        on_progress: called with (bytes dumped so far, estimated total) as the dump runs.
+
+    Returns:
+        The manifest, with the verification recorded.
+
+    Raises:
+        DatabaseNotFound: the database does not exist (nothing is written).
+        CommandError: pg_dump failed (the unfinished object is removed).
+        StorageError: the storage refused the upload (a multipart upload is aborted).
+        BackupCorrupt: the verification asked for failed (recorded in the manifest).
+    """
+    database = database or _settings_database(settings)
+    _require_database(settings, database)
+    storage = _storage(settings)
+    logger = run_logger(__name__)
+    cfg = settings.backup
+    started = datetime.now(UTC)
+    backup_id = new_backup_id(database, started)
+    key = data_key(backup_id)
+    pg_dump_version = _tool_version(settings, cfg.pg_dump)
+    dbname, env, secret_values = _tool_connection(settings, database)
+    env["PGAPPNAME"] = "swagger2mcp-ops-pg_dump"
+    compressor = zstandard.ZstdCompressor(level=cfg.zstd_level, threads=cfg.zstd_threads)
+    progress = Progress(f"backup-{settings.stack}-progress", f"Dump of {database}")
+
+    with _connect(settings, database, purpose="backup-snapshot") as snap:
+        snap.execute(f"SET statement_timeout = {int(cfg.dump_timeout_seconds * 1000)}")
+        snap.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        row = snap.execute(
+            "SELECT pg_export_snapshot(), current_setting('server_version'),"
+            " pg_database_size(current_database())"
+        ).fetchone()
+        assert row is not None
+        snapshot, server_version, db_size = str(row[0]), str(row[1]), int(row[2])
+        logger.info(
+            "backup %s of %s: snapshot %s, database size %s bytes", backup_id, database, snapshot, db_size
+        )
+        argv = [
+            cfg.pg_dump,
+            "--format=custom",
+            "--compress=0",
+            f"--snapshot={snapshot}",
+            "--no-password",
+            f"--dbname={dbname}",
+        ]
+        stats_box: dict[str, object] = {}
+
+        def _collect_stats() -> None:
+            # Same connection, same transaction: the exported snapshot's view of every table.
+            try:
+                stats_box["tables"] = table_stats(snap, content_hashes=content_hashes)
+            except BaseException as exc:  # re-raised on the calling thread
+                stats_box["error"] = exc
+
+        stats_thread = threading.Thread(target=_collect_stats, name=f"stats-{backup_id}", daemon=True)
+        raw_size = 0
+        try:
+            with storage.open_write(key) as writer:
+                sink = _HashingWriter(writer)
+                with stream_command(
+                    argv, timeout=cfg.dump_timeout_seconds, env=env, secrets=secret_values
+                ) as cmd:
+                    stats_thread.start()
+                    with compressor.stream_writer(sink, closefd=False) as zwriter:  # type: ignore[arg-type]
+                        while chunk := cmd.pipe.read(_PIPE_CHUNK):
+                            zwriter.write(chunk)
+                            raw_size += len(chunk)
+                            # The database size (indexes included) over-estimates the dump: a rough bar.
+                            progress.update(min(99.0, raw_size * 100 / max(db_size, 1)))
+                            if on_progress is not None:
+                                on_progress(raw_size, db_size)
+                stats_thread.join()
+                if "error" in stats_box:
+                    # Raised inside the write: the unfinished object is removed, no manifest is written.
+                    raise BackupError(
+                        "counting rows in the dump's snapshot failed:"
+                        f" {_pg_error(stats_box['error'], settings)}"  # type: ignore[arg-type]
+                    )
+        except BaseException:
+            # Stop the counting query before the connection closes under it.
+            if stats_thread.is_alive():
+                with contextlib.suppress(psycopg.Error):
+                    snap.cancel_safe(timeout=5)
+                stats_thread.join(timeout=10)
+            raise
+        with contextlib.suppress(psycopg.Error):
+            snap.execute("COMMIT")
+    finished = datetime.now(UTC)
+    tables: dict[str, TableStats] = stats_box["tables"]  # type: ignore[assignment]
+    manifest = BackupManifest(
+        id=backup_id,
+        database=database,
+        stack=settings.stack,
+        source=_server(settings),
+        started_at=started,
+        finished_at=finished,
+        size_bytes=sink.size,
+        raw_size_bytes=raw_size,
+        sha256=sink.sha.hexdigest(),
+        data_key=key,
+        pg_dump_version=pg_dump_version,
+        server_version=server_version,
+        snapshot=snapshot,
+        content_hash_algorithm=CONTENT_HASH_ALGORITHM if content_hashes else None,
+        tables=tables,
+    )
+    write_manifest(storage, manifest)
+    progress.update(100.0)
+    logger.info(
+        "backup %s written: %s bytes (raw %s), %s tables, %s rows, %.1fs",
+        backup_id,
+        manifest.size_bytes,
+        raw_size,
+        len(tables),
+        manifest.total_rows,
+        (finished - started).total_seconds(),
+    )
+    if verify != "none":
+        result = verify_backup(settings, backup_id, verify)
+        if not result.ok:
+            raise BackupCorrupt(
+                f"backup {backup_id} was written but failed its {verify} verification: {result.detail}"
+            )
+        manifest = read_manifest(storage, backup_id)
+    return manifest
+
+
+def write_manifest(storage: Storage, manifest: BackupManifest) -> None:
+    storage.put_bytes(manifest_key(manifest.id), manifest.model_dump_json(indent=2).encode())
+
+
+def read_manifest(storage: Storage, backup_id: str) -> BackupManifest:
+    """The manifest of ``backup_id``.
+
+    Raises:
+        BackupNotFound: no such (finished) backup.
+    """
+    if not _valid_backup_id(backup_id):
+        raise BackupNotFound(f"{backup_id!r} is not a backup id; list backups with the verify-backup flow")
+    try:
+        return BackupManifest.model_validate_json(storage.get_bytes(manifest_key(backup_id)))
+    except ObjectNotFound:
+        raise BackupNotFound(
+            f"no backup {backup_id!r} in {storage.location}; nothing was done. Pass an existing id,"
+            " 'latest' or 'latest-verified'"
+        ) from None
+
+
+# --- listing and resolving ------------------------------------------------------------------------
+
+
+def list_backups(settings: OpsSettings, database: str | None = None) -> list[BackupManifest]:
+    """Finished backups (those with a manifest), newest first; all databases when ``database`` is None."""
+    storage = _storage(settings)
+    manifests = []
+    for item in storage.list(MANIFEST_DIR):
+        if not item.key.endswith(".json"):
+            continue
+        try:
+            manifest = BackupManifest.model_validate_json(storage.get_bytes(item.key))
+        except (ObjectNotFound, ValueError):
+            run_logger(__name__).warning("skipping unreadable manifest %s", item.key)
+            continue
+        if database is None or manifest.database == database:
+            manifests.append(manifest)
+    return sorted(manifests, key=lambda m: (m.finished_at, m.id), reverse=True)
+
+
+def latest_verified(
+    settings: OpsSettings, database: str | None = None, level: VerifyLevel = "restore"
+) -> BackupManifest | None:
+    """The newest backup whose newest verification at ``level`` (or stronger) passed."""
+    for manifest in list_backups(settings, database):
+        if manifest.verified(level):
+            return manifest
+    return None
+
+
+def resolve_backup_id(
+    settings: OpsSettings, ref: str, *, database: str | None = None, level: VerifyLevel = "restore"
+) -> BackupManifest:
+    """Turn ``latest``, ``latest-verified`` or an id into a manifest.
+
+    Raises:
+        BackupNotFound: unknown id, or no backup at all.
+        BackupNotVerified: ``latest-verified`` and no backup passed ``level``.
+    """
+    ref = ref.strip()
+    if ref == "latest":
+        found = list_backups(settings, database)
+        if not found:
+            raise BackupNotFound(f"no finished backup{_of(database)} exists yet; run backup-database first")
+        return found[0]
+    if ref == "latest-verified":
+        manifest = latest_verified(settings, database, level)
+        if manifest is None:
+            raise BackupNotVerified(
+                f"no backup{_of(database)} has passed a {level} verification; run verify-backup on one or"
+                " pass backup_id"
+            )
+        return manifest
+    manifest = read_manifest(_storage(settings), ref)
+    if database is not None and manifest.database != database:
+        raise BackupNotFound(f"backup {ref} is of database {manifest.database!r}, not {database!r}")
+    return manifest
+
+
+def _of(database: str | None) -> str:
+    return f" of {database!r}" if database else ""
+
+
+# --- verification ---------------------------------------------------------------------------------
+
+
+def _record(storage: Storage, backup_id: str, verification: Verification) -> None:
+    # Re-read right before writing, so a concurrent verification's entry is not lost.
+    manifest = read_manifest(storage, backup_id)
+    manifest.verifications.append(verification)
+    write_manifest(storage, manifest)
+
+
+def checksum_backup(storage: Storage, manifest: BackupManifest) -> str:
+    """Re-read the stored object and check its size and sha256 against the manifest.
+
+    Raises:
+        BackupCorrupt: size or digest differ, or the object is missing.
+    """
+    for _ in _verified_chunks(storage, manifest):
+        pass
+    return f"sha256 and size ({manifest.size_bytes} bytes) match the manifest"
+
+
+def catalog_backup(settings: OpsSettings, storage: Storage, manifest: BackupManifest) -> str:
+    """Checksum the object, then list its catalog with ``pg_restore --list``.
+
+    Raises:
+        BackupCorrupt: checksum failed, the archive is unreadable, or a manifest table has no data entry.
+    """
+    checksum_backup(storage, manifest)
+    listing = _catalog_listing(settings, storage, manifest)
+    # pg_restore --list prints names unquoted: "<id>; <oid> <oid> TABLE DATA <schema> <table> <owner>".
+    missing = [t for t in manifest.tables if " TABLE DATA {} {} ".format(*t.split(".", 1)) not in listing]
+    if missing:
+        raise BackupCorrupt(f"backup {manifest.id}: the catalog has no data for {', '.join(missing[:10])}")
+    entries = sum(1 for line in listing.splitlines() if line and not line.startswith(";"))
+    return f"checksum ok; catalog lists {entries} entries, data for all {len(manifest.tables)} tables"
+
+
+def _catalog_listing(settings: OpsSettings, storage: Storage, manifest: BackupManifest) -> str:
+    """``pg_restore --list`` output of the archive (reads only the header and catalog)."""
+    head = bytearray()
+    decompressor = zstandard.ZstdDecompressor().decompressobj()
+    # The catalog sits at the start of a custom-format archive; a few MB hold it for any real schema.
+    for chunk in storage.iter_chunks(manifest.data_key or data_key(manifest.id)):
+        head += decompressor.decompress(chunk)
+        if len(head) >= 64 * 1024 * 1024:
+            break
+    result = run_command(
+        [settings.backup.pg_restore, "--list"],
+        timeout=600,
+        input=bytes(head),
+        check=False,
+        log_output=False,
+    )
+    if not result.stdout.strip():
+        raise BackupCorrupt(
+            f"backup {manifest.id}: pg_restore --list read no catalog: {result.stderr[-500:]}"
+        )
+    return result.stdout
+
+
+@contextlib.contextmanager
+def _scratch_database(settings: OpsSettings, name: str, *, owner: str | None) -> Iterator[str]:
+    """Create an empty database for a restore; drop it afterwards (a no-op once it was renamed away)."""
+    with _maintenance(settings) as conn:
+        owner_sql = sql.SQL(" OWNER {}").format(sql.Identifier(owner)) if owner else sql.SQL("")
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE template0{}").format(sql.Identifier(name), owner_sql)
+        )
+    try:
+        yield name
+    finally:
+        drop_database(settings, name)
+
+
+def drop_database(settings: OpsSettings, name: str) -> None:
+    """End the sessions on ``name`` and drop it (idempotent)."""
+    with _maintenance(settings) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def restore_into(
+    settings: OpsSettings,
+    storage: Storage,
+    manifest: BackupManifest,
+    database: str,
+    *,
+    alongside_post_data: Callable[[], None] | None = None,
+) -> list[str]:
+    """Restore the backup into the existing empty ``database``; the object's checksum is checked too.
+
+    The dump is streamed into pg_restore's stdin. With ``backup.restore_jobs`` above 1 only schema and
+    data are streamed; indexes and constraints are then built with ``pg_restore --jobs`` from a small
+    copy of the archive's catalog (kept in ``backup.spool_dir``, removed afterwards).
+
+    ``alongside_post_data`` runs once all rows are loaded (and checksummed), on a thread at the same
+    time as the post-data section (after the whole restore with ``restore_jobs`` 1); its exception, if
+    any, is raised after pg_restore finished.
+
+    Returns:
+        The masked command lines that ran.
+
+    Raises:
+        BackupCorrupt: the object does not match its manifest.
+        CommandError: pg_restore failed.
+    """
+    cfg = settings.backup
+    dbname, env, secret_values = _tool_connection(settings, database)
+    env["PGAPPNAME"] = "swagger2mcp-ops-pg_restore"
+    base = [cfg.pg_restore, "--exit-on-error", "--no-password", f"--dbname={dbname}"]
+    sha = hashlib.sha256()
+    size = 0
+
+    def _counted(chunks: Iterable[bytes]) -> Iterator[bytes]:
+        nonlocal size
+        for chunk in chunks:
+            sha.update(chunk)
+            size += len(chunk)
+            yield chunk
+
+    chunks = _counted(_verified_chunks(storage, manifest, final_check=False))
+    timeout = cfg.restore_timeout_seconds
+    if cfg.restore_jobs <= 1:
+        with stream_command(base, timeout=timeout, mode="write", env=env, secrets=secret_values) as cmd:
+            for piece in _decompressed(chunks):
+                cmd.pipe.write(piece)
+            _check_digest(manifest, size, sha.hexdigest())
+        assert cmd.result is not None
+        if alongside_post_data is not None:
+            alongside_post_data()
+        return [cmd.result.command_line]
+    # Schema and data arrive as one stream (no full-size spool file). Indexes, constraints and
+    # triggers, the part pg_restore parallelises well, then run with --jobs from a copy of the
+    # archive's header and catalog: post-data entries carry no data, so the catalog is all they need.
+    spool_root = cfg.spool_dir or Path(tempfile.gettempdir())
+    spool_root.mkdir(parents=True, exist_ok=True)
+    commands = []
+    with tempfile.NamedTemporaryFile(dir=spool_root, prefix=f"{manifest.id}-", suffix=".catalog") as head:
+        kept = 0
+        with stream_command(
+            [*base, "--section=pre-data", "--section=data"],
+            timeout=timeout,
+            mode="write",
+            env=env,
+            secrets=secret_values,
+        ) as cmd:
+            for piece in _decompressed(chunks):
+                if kept < _CATALOG_LIMIT:
+                    head.write(piece[: _CATALOG_LIMIT - kept])
+                    kept += min(len(piece), _CATALOG_LIMIT - kept)
+                cmd.pipe.write(piece)
+            _check_digest(manifest, size, sha.hexdigest())
+        assert cmd.result is not None
+        commands.append(cmd.result.command_line)
+        head.flush()
+        # Every row is in and checksummed: work that reads only the data (the drill's counts and
+        # hashes) overlaps the index builds instead of following them.
+        alongside = _Alongside(alongside_post_data)
+        try:
+            post = [*base, "--section=post-data", f"--jobs={cfg.restore_jobs}", head.name]
+            result = run_command(post, timeout=timeout, env=env, secrets=secret_values, check=False)
+            commands.append(result.command_line)
+            if not result.ok and kept < _CATALOG_LIMIT:
+                raise CommandError(
+                    f"pg_restore exited {result.returncode}: {result.command_line}\n{result.stderr[-4000:]}"
+                )
+        finally:
+            alongside.join(raise_error=False)
+    if result.ok:
+        alongside.join()
+        return commands
+    # A catalog larger than the copy kept: read the archive again for the post-data section.
+    with stream_command(
+        [*base, "--section=post-data"], timeout=timeout, mode="write", env=env, secrets=secret_values
+    ) as cmd:
+        for piece in _decompressed(_verified_chunks(storage, manifest, final_check=False)):
+            try:
+                cmd.pipe.write(piece)
+            except BrokenPipeError:
+                break  # pg_restore read the catalog it needs and finished
+    assert cmd.result is not None
+    alongside.join()
+    return [*commands, cmd.result.command_line]
+
+
+class _Alongside:
+    """Runs a callable on a thread; ``join`` waits for it and re-raises its exception."""
+
+    def __init__(self, fn: Callable[[], None] | None) -> None:
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if fn is not None:
+
+            def _run() -> None:
+                try:
+                    fn()
+                except BaseException as exc:  # re-raised on the calling thread
+                    self._error = exc
+
+            self._thread = threading.Thread(target=_run, name="restore-alongside", daemon=True)
+            self._thread.start()
+
+    def join(self, *, raise_error: bool = True) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if raise_error and self._error is not None:
+            raise self._error
+
+
+def restore_drill(settings: OpsSettings, storage: Storage, manifest: BackupManifest) -> TableComparison:
+    """Restore into a scratch database, compare it with the manifest, drop it.
+
+    Raises:
+        BackupCorrupt: the object fails its checksum or pg_restore fails.
+    """
+    name = scratch_name(manifest.database, "drill")
+    box: dict[str, TableComparison] = {}
+
+    def _compare() -> None:
+        box["comparison"] = compare_database_to_manifest(settings, manifest, name, restored_copy=True)
+
+    with _scratch_database(settings, name, owner=None):
+        try:
+            restore_into(settings, storage, manifest, name, alongside_post_data=_compare)
+        except CommandError as exc:
+            raise BackupCorrupt(f"backup {manifest.id} does not restore: {exc}") from None
+        return box["comparison"]
+
+
+def verify_backup(settings: OpsSettings, backup_id: str, level: VerifyLevel) -> Verification:
+    """Verify a backup at ``level`` and record the result in its manifest.
+
+    ``checksum`` re-reads the object and checks size and sha256; ``catalog`` also lists the archive
+    with ``pg_restore --list`` and checks every table has data; ``restore`` restores it into a scratch
+    database and compares every table's rows (and content hash) with the manifest.
+
+    Returns:
+        The recorded verification (``ok`` False when the backup failed it).
+
+    Raises:
+        BackupNotFound: unknown id (nothing is recorded).
+        ParameterError: unknown level.
+    """
+    if level not in VERIFY_RANK:
+        raise ParameterError(f"verification level must be one of {', '.join(VERIFY_RANK)}, not {level!r}")
+    storage = _storage(settings)
+    manifest = resolve_backup_id(settings, backup_id)
+    logger = run_logger(__name__)
+    started = time.monotonic()
+    try:
+        if level == "checksum":
+            detail, ok = checksum_backup(storage, manifest), True
+        elif level == "catalog":
+            detail, ok = catalog_backup(settings, storage, manifest), True
+        else:
+            comparison = restore_drill(settings, storage, manifest)
+            detail, ok = comparison.summary(), comparison.matches
+    except BackupCorrupt as exc:
+        detail, ok = str(exc), False
+    verification = Verification(
+        level=level,
+        ok=ok,
+        at=datetime.now(UTC),
+        detail=mask_text(detail),
+        duration_seconds=round(time.monotonic() - started, 3),
+    )
+    _record(storage, manifest.id, verification)
+    (logger.info if ok else logger.error)("backup %s %s verification: %s", manifest.id, level, detail)
+    return verification
+
+
+# --- restore --------------------------------------------------------------------------------------
+
+
+def _connections(conn: psycopg.Connection, database: str) -> list[ConnectionInfo]:
+    rows = conn.execute(
+        "SELECT pid, coalesce(usename, ''), coalesce(application_name, ''),"
+        " coalesce(client_addr::text, 'local'), coalesce(state, '') FROM pg_stat_activity"
+        " WHERE datname = %s AND pid <> pg_backend_pid()",
+        (database,),
+    ).fetchall()
+    return [ConnectionInfo(int(r[0]), str(r[1]), str(r[2]), str(r[3]), str(r[4])) for r in rows]
+
+
+def restore_preflight(
+    settings: OpsSettings,
+    manifest: BackupManifest,
+    *,
+    target_database: str | None = None,
+    keep_old: bool = False,
+) -> RestorePreflight:
+    """What restoring ``manifest`` into ``target_database`` would do; reads only."""
+    target = target_database or manifest.database
+    with _maintenance(settings) as conn:
+        row = conn.execute(
+            "SELECT pg_database_size(datname) FROM pg_database WHERE datname = %s", (target,)
+        ).fetchone()
+        exists = row is not None
+        connections = _connections(conn, target) if exists else []
+    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    return RestorePreflight(
+        backup_id=manifest.id,
+        backup_finished_at=manifest.finished_at,
+        backup_size_bytes=manifest.size_bytes,
+        backup_rows=manifest.total_rows,
+        backup_verified=manifest.strongest_verified,
+        target_database=target,
+        target_exists=exists,
+        target_size_bytes=int(row[0]) if row is not None else None,
+        connections=connections,
+        scratch_database=scratch_name(target, "restore"),
+        old_database=(target[: 63 - len(stamp) - 6] + f"__old_{stamp}") if exists else None,
+        keep_old=keep_old,
+    )
+
+
+def _database_owner(conn: psycopg.Connection, database: str) -> str | None:
+    row = conn.execute(
+        "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s", (database,)
+    ).fetchone()
+    return str(row[0]) if row else None
+
+
+def _swap(settings: OpsSettings, target: str, scratch: str, old: str | None) -> int:
+    """Replace ``target`` by ``scratch`` in one transaction; returns how many sessions were ended."""
+    with _maintenance(settings) as conn:
+        if old is None:
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                    sql.Identifier(scratch), sql.Identifier(target)
+                )
+            )
+            return 0
+        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(target)))
+        terminated = 0
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                rows = conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (target,),
+                ).fetchall()
+                terminated += sum(1 for r in rows if r[0])
+                try:
+                    # Both renames or neither: a failure here leaves the old database in place.
+                    with conn.transaction():
+                        conn.execute(
+                            sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                                sql.Identifier(target), sql.Identifier(old)
+                            )
+                        )
+                        conn.execute(
+                            sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                                sql.Identifier(scratch), sql.Identifier(target)
+                            )
+                        )
+                    break
+                except psycopg.errors.ObjectInUse:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+        except BaseException:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(target))
+                )
+            raise
+        # The old database keeps connections blocked until someone looks at it on purpose.
+        return terminated
+
+
+def restore_backup(
+    settings: OpsSettings,
+    backup_id: str,
+    *,
+    target_database: str | None = None,
+    keep_old: bool = False,
+    create_missing: bool = False,
+    checksum_first: bool = True,
+) -> RestoreResult:
+    """Restore a backup so that the target is either untouched or fully restored, never half.
+
+    Steps: resolve the backup; check the target exists (unless ``create_missing``); re-read the object
+    and check its sha256 before anything is touched; restore into a new scratch database; compare it with
+    the manifest; then, under an advisory lock, block and end the target's sessions and swap the two
+    databases with ``ALTER DATABASE ... RENAME`` in one transaction. The old database is kept renamed
+    (``<target>__old_<time>``, connections blocked) when ``keep_old``, else dropped.
+
+    Args:
+        settings: the loaded settings.
+        backup_id: an id, ``latest`` or ``latest-verified``.
+        target_database: the database to replace; defaults to the backup's database.
+        keep_old: keep the replaced database under its new name instead of dropping it.
+        create_missing: allow restoring into a database that does not exist (recreate it).
+        checksum_first: re-read the whole object and check it before anything else (a caller that
+            just did so may skip it; the restore still checks the digest before the swap).
+
+    Returns:
+        The restore's change record, with the comparison proving the data equals the manifest.
+
+    Raises:
+        BackupNotFound / BackupNotVerified: the id does not resolve (nothing touched).
+        DatabaseNotFound: the target does not exist and ``create_missing`` is False (nothing touched).
+        BackupCorrupt: the object fails its checksum (nothing touched) or does not restore.
+        RestoreFailed: the restored copy differs from the manifest (the target is untouched).
+        LockBusy: another run works on the same database.
+    """
+    started = time.monotonic()
+    logger = run_logger(__name__)
+    manifest = resolve_backup_id(settings, backup_id)
+    target = target_database or manifest.database
+    if not create_missing:
+        _require_database(settings, target)
+    storage = _storage(settings)
+    if checksum_first:
+        checksum_backup(storage, manifest)
+    logger.info("backup %s checksum ok; restoring into a scratch database for %s", manifest.id, target)
+    plan = restore_preflight(settings, manifest, target_database=target, keep_old=keep_old)
+    commands: list[str] = []
+    with (
+        _maintenance(settings) as lock_conn,
+        postgres.advisory_lock(
+            lock_conn, f"swagger2mcp-ops:database:{target}", settings.backup.lock_timeout_seconds
+        ),
+    ):
+        owner = _database_owner(lock_conn, target)
+        with _scratch_database(settings, plan.scratch_database, owner=owner) as scratch:
+            try:
+                commands += restore_into(settings, storage, manifest, scratch)
+            except CommandError as exc:
+                raise RestoreFailed(
+                    f"pg_restore of backup {manifest.id} failed; {target} was not touched and the scratch"
+                    f" database was dropped: {exc}"
+                ) from None
+            comparison = compare_database_to_manifest(settings, manifest, scratch)
+            if not comparison.matches:
+                raise RestoreFailed(
+                    f"the restored copy does not match backup {manifest.id}; {target} was not touched:"
+                    f" {comparison.summary()}"
+                )
+            old = plan.old_database if database_exists(settings, target) else None
+            terminated = _swap(settings, target, scratch, old)
+            commands.append(
+                f"ALTER DATABASE {target} RENAME TO {old}; ALTER DATABASE {scratch} RENAME TO {target}"
+                if old
+                else f"ALTER DATABASE {scratch} RENAME TO {target}"
+            )
+            # The scratch name no longer exists; nothing to drop.
+        if old is not None and not keep_old:
+            drop_database(settings, old)
+            commands.append(f"DROP DATABASE {old}")
+    logger.info("restored backup %s into %s (%s sessions ended)", manifest.id, target, terminated)
+    return RestoreResult(
+        backup_id=manifest.id,
+        target_database=target,
+        scratch_database=plan.scratch_database,
+        old_database=old,
+        old_kept=old is not None and keep_old,
+        terminated_connections=terminated,
+        comparison=comparison,
+        commands=commands,
+        duration_seconds=round(time.monotonic() - started, 3),
+    )
+
+
+# --- retention ------------------------------------------------------------------------------------
+
+
+def plan_retention(
+    manifests: list[BackupManifest],
+    *,
+    keep_last: int,
+    keep_daily: int,
+    keep_weekly: int,
+    keep_monthly: int,
+    timezone: str = "UTC",
+    protected: Iterable[str] = (),
+) -> list[RetentionDecision]:
+    """Decide which backups to keep: the newest ``keep_last``, the newest of each of the last
+    ``keep_daily`` days / ``keep_weekly`` ISO weeks / ``keep_monthly`` months (that have backups), and
+    every ``protected`` id (the newest verified backups). Pure: the same input gives the same plan."""
+    zone = ZoneInfo(timezone)
+    ordered = sorted(manifests, key=lambda m: (m.finished_at, m.id), reverse=True)
+    reasons: dict[str, list[str]] = {m.id: [] for m in ordered}
+    for m in ordered[:keep_last]:
+        reasons[m.id].append("keep-last")
+    tiers: list[tuple[str, int, Callable[[datetime], object]]] = [
+        ("daily", keep_daily, lambda t: t.date()),
+        ("weekly", keep_weekly, lambda t: t.isocalendar()[:2]),
+        ("monthly", keep_monthly, lambda t: (t.year, t.month)),
+    ]
+    for label, count, bucket_of in tiers:
+        seen: list[object] = []
+        for m in ordered:
+            bucket = bucket_of(m.finished_at.astimezone(zone))
+            if bucket in seen:
+                continue
+            if len(seen) >= count:
+                break
+            seen.append(bucket)
+            reasons[m.id].append(label)
+    for backup_id in protected:
+        if backup_id in reasons:
+            reasons[backup_id].append("newest verified")
+    return [
+        RetentionDecision(m.id, m.database, m.finished_at, bool(reasons[m.id]), reasons[m.id])
+        for m in ordered
+    ]
+
+
+def retention_plan(
+    settings: OpsSettings, database: str | None = None, *, now: datetime | None = None
+) -> RetentionPlan:
+    """The retention plan for every database's backups (or one's), plus stale unfinished objects."""
+    cfg = settings.backup
+    storage = _storage(settings)
+    manifests = list_backups(settings, database)
+    decisions: list[RetentionDecision] = []
+    for db in sorted({m.database for m in manifests}):
+        mine = [m for m in manifests if m.database == db]
+        protected = {
+            m.id
+            for level in ("restore", "catalog", "checksum")
+            if (m := next((x for x in mine if x.verified(level)), None)) is not None  # type: ignore[arg-type]
+        }
+        decisions += plan_retention(
+            mine,
+            keep_last=cfg.keep_last,
+            keep_daily=cfg.keep_daily,
+            keep_weekly=cfg.keep_weekly,
+            keep_monthly=cfg.keep_monthly,
+            timezone=cfg.timezone,
+            protected=protected,
+        )
+    cutoff = (now or datetime.now(UTC)) - timedelta(hours=cfg.orphan_grace_hours)
+    unfinished = [u for u in storage.list_unfinished(DATA_DIR) if u.started < cutoff]
+    orphans: list[str] = []
+    if database is None:
+        known = {m.id for m in manifests}
+        for item in storage.list(DATA_DIR):
+            backup_id = item.key.removeprefix(f"{DATA_DIR}/").removesuffix(".dump.zst")
+            if backup_id not in known and item.modified < cutoff:
+                orphans.append(item.key)
+    return RetentionPlan(decisions=decisions, unfinished=unfinished, orphans=orphans)
+
+
+def delete_backups(settings: OpsSettings, plan: RetentionPlan, *, confirm: bool = False) -> PruneResult:
+    """The one function that deletes backups: without ``confirm`` it only reports what it would delete.
+
+    The manifest goes first (the backup leaves every listing at once), then the data object. A backup
+    the plan keeps is never touched, whatever else is passed.
+    """
+    logger = run_logger(__name__)
+    doomed = [d for d in plan.to_delete if "newest verified" not in d.reasons]
+    if not confirm:
+        for d in doomed:
+            logger.info("would delete backup %s (%s, %s)", d.backup_id, d.database, d.finished_at.isoformat())
+        return PruneResult(True, plan, [], [], [])
+    storage = _storage(settings)
+    deleted, objects, discarded = [], [], []
+    for d in doomed:
+        storage.delete(manifest_key(d.backup_id))
+        storage.delete(data_key(d.backup_id))
+        deleted.append(d.backup_id)
+        logger.info("deleted backup %s (%s)", d.backup_id, d.database)
+    for key in plan.orphans:
+        if storage.delete(key):
+            objects.append(key)
+    for item in plan.unfinished:
+        storage.discard_unfinished(item)
+        discarded.append(item.key)
+    return PruneResult(False, plan, deleted, objects, discarded)
+
+
+def prune_backups(
+    settings: OpsSettings, database: str | None = None, *, confirm: bool = False
+) -> PruneResult:
+    """Plan retention and delete what it selects (only with ``confirm``)."""
+    return delete_backups(settings, retention_plan(settings, database), confirm=confirm)
+
+
+# --- Prefect task wrappers ------------------------------------------------------------------------
+
+
+def _transient(task: object, task_run: object, state: State) -> bool:
+    """Retry only what another attempt can fix: not a bad id, a missing database or a corrupt backup."""
+    try:
+        state.result()
+    except (
+        BackupNotFound,
+        BackupNotVerified,
+        DatabaseNotFound,
+        BackupCorrupt,
+        RestoreFailed,
+        ParameterError,
+    ):
+        return False
+    except Exception:  # network, storage or a killed command: another attempt may pass
+        return True
+    return True
+
+
+def _wrap(fn: Callable[..., object], name: str, retries: int = 0, delay: float = 0) -> Any:
+    return task(
+        fn,
+        name=name,
+        cache_policy=NO_CACHE,
+        retries=retries,
+        retry_delay_seconds=delay,
+        retry_condition_fn=_transient if retries else None,
+    )
+
+
+def _checksum(settings: OpsSettings, manifest: BackupManifest) -> str:
+    """Re-read the stored object of ``manifest`` and check its size and sha256."""
+    return checksum_backup(_storage(settings), manifest)
+
+
+# A failed dump leaves no manifest (and its object is aborted), so running it again is safe.
+create_backup_task = _wrap(create_backup, "create-backup", retries=2, delay=30)
+verify_backup_task = _wrap(verify_backup, "verify-backup", retries=1, delay=10)
+# The swap is atomic and the scratch database is dropped on failure: a retry starts clean.
+restore_backup_task = _wrap(restore_backup, "restore-backup", retries=1, delay=30)
+resolve_backup_task = _wrap(resolve_backup_id, "resolve-backup")
+list_backups_task = _wrap(list_backups, "list-backups")
+restore_preflight_task = _wrap(restore_preflight, "restore-preflight")
+checksum_backup_task = _wrap(_checksum, "checksum-backup", retries=1, delay=10)
+retention_plan_task = _wrap(retention_plan, "plan-retention")
+delete_backups_task = _wrap(delete_backups, "delete-backups")
+compare_database_task = _wrap(compare_database_to_manifest, "compare-database-to-manifest")
+
+__all__ = [
+    "BackupCorrupt",
+    "BackupError",
+    "BackupManifest",
+    "BackupNotFound",
+    "BackupNotVerified",
+    "DatabaseNotFound",
+    "PruneResult",
+    "RestoreFailed",
+    "RestorePreflight",
+    "RestoreResult",
+    "RetentionPlan",
+    "TableComparison",
+    "TableStats",
+    "Verification",
+    "compare_database_to_manifest",
+    "create_backup",
+    "latest_verified",
+    "list_backups",
+    "prune_backups",
+    "resolve_backup_id",
+    "restore_backup",
+    "verify_backup",
+]

@@ -1,0 +1,166 @@
+"""The backup, verify, prune and restore flows under the Prefect test harness, against the real PostgreSQL
+and a local storage directory."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterName
+from prefect.flow_runs import resume_flow_run
+
+from flows.backup import backup_database, prune_backups, restore_database, verify_backup
+from tasks import backups
+from tasks.settings import load_settings
+from tests.fixtures.s3 import populate_backup_source, scratch_databases
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+async def _artifact(key: str) -> Any:
+    async with get_client() as client:
+        found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert found, f"no artifact {key}"
+    return max(found, key=lambda a: a.created)
+
+
+def _count(dsn: str, query: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(query).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.fixture
+def backup_env(ops_env: dict[str, Any]) -> dict[str, Any]:
+    populate_backup_source(ops_env["dsn"], rows=200)
+    return ops_env
+
+
+def test_backup_flow_dumps_drills_and_reports(backup_env: dict[str, Any]) -> None:
+    state = backup_database(verify="restore", return_state=True)
+    assert state.is_completed(), state.message
+    manifest = state.result()
+    assert manifest["database"] == backup_env["database"]
+    assert manifest["tables"]["public.items"]["rows"] == 200
+    assert manifest["verifications"][-1]["level"] == "restore"
+    assert manifest["verifications"][-1]["ok"] is True
+
+    markdown = asyncio.run(_artifact("backup-teststack"))
+    assert "**ok**" in markdown.data
+    assert manifest["id"] in markdown.data
+    assert "would delete 0" in markdown.data  # retention listed, dry run
+    table = asyncio.run(_artifact("backup-teststack-tables"))
+    assert table.type == "table"
+
+    verified = verify_backup(backup_id="latest-verified", level="checksum", return_state=True)
+    assert verified.is_completed(), verified.message
+    assert verified.result()["ok"] is True
+    listing = asyncio.run(_artifact("backups-teststack"))
+    assert manifest["id"] in listing.data
+
+    pruned = prune_backups(return_state=True)
+    assert pruned.is_completed()
+    assert pruned.result()["dry_run"] is True
+    assert pruned.result()["keep"] == [manifest["id"]]
+
+
+def test_backup_flow_fails_clearly_for_an_unknown_database(backup_env: dict[str, Any]) -> None:
+    state = backup_database(database="ops_bk_not_there", return_state=True)
+    assert state.is_failed()
+    assert "ops_bk_not_there" in (state.message or "")
+    markdown = asyncio.run(_artifact("backup-teststack"))
+    assert "**failed**" in markdown.data
+    assert not (backup_env["tmp"] / "backups" / "manifests").exists()
+
+
+def test_restore_flow_dry_run_then_pre_approved_restore(backup_env: dict[str, Any]) -> None:
+    dsn, name = backup_env["dsn"], backup_env["database"]
+    backup = backup_database(verify="restore", prune=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM items WHERE id > 50")
+
+    plan = restore_database(return_state=True)
+    assert plan.is_completed(), plan.message
+    assert plan.result()["dry_run"] is True
+    assert plan.result()["backup_id"] == backup["id"]
+    assert _count(dsn, "SELECT count(*) FROM items") == 50  # nothing touched
+    markdown = asyncio.run(_artifact("restore-teststack"))
+    assert "Restore plan (dry run)" in markdown.data
+
+    state = restore_database(dry_run=False, approved=True, keep_old=False, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["matches"] is True
+    assert result["old_kept"] is False
+    assert _count(dsn, "SELECT count(*) FROM items") == 200
+    assert scratch_databases(f"{name}__") == []
+    report = asyncio.run(_artifact("restore-teststack")).data
+    assert "**done**" in report
+    assert f"matches backup {backup['id']}" in report
+
+
+def test_restore_flow_refuses_unknown_backup_id(backup_env: dict[str, Any]) -> None:
+    state = restore_database(
+        backup_id="20200101T000000Z-nope-abcdef", dry_run=False, approved=True, return_state=True
+    )
+    assert state.is_failed()
+    assert "no backup '20200101T000000Z-nope-abcdef'" in (state.message or "")
+    assert scratch_databases(f"{backup_env['database']}__") == []
+
+
+async def _wait_paused(flow_run_name: str, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    async with get_client() as client:
+        while time.monotonic() < deadline:
+            runs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name]))
+            )
+            if runs and runs[0].state is not None and runs[0].state.is_paused():
+                return runs[0]
+            await asyncio.sleep(0.3)
+    raise AssertionError(f"flow run {flow_run_name} did not pause within {timeout}s")
+
+
+@pytest.mark.usefixtures("restore_leftovers")
+def test_restore_flow_waits_for_approval_and_resumes(backup_env: dict[str, Any]) -> None:
+    dsn, name = backup_env["dsn"], backup_env["database"]
+    backup_database(verify="restore", prune=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM items")
+    run_name = f"restore-approval-{name}"
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        outcome["state"] = restore_database.with_options(flow_run_name=run_name)(
+            dry_run=False, keep_old=True, approval_timeout_seconds=120, return_state=True
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        paused = asyncio.run(_wait_paused(run_name))
+        assert _count(dsn, "SELECT count(*) FROM items") == 0  # nothing before approval
+        resume_flow_run(paused.id, run_input={"approve": True, "reason": "test"})
+    finally:
+        thread.join(timeout=120)
+    state = outcome["state"]
+    assert state.is_completed(), state.message
+    assert state.result()["old_kept"] is True
+    assert _count(dsn, "SELECT count(*) FROM items") == 200
+    leftovers = scratch_databases(f"{name}__")
+    assert len(leftovers) == 1
+    assert "__old_" in leftovers[0]
+
+
+def test_latest_verified_skips_a_newer_unverified_backup(backup_env: dict[str, Any]) -> None:
+    first = backup_database(verify="restore", prune=False)
+    second = backup_database(verify="none", prune=False)
+    settings = load_settings()
+    assert backups.resolve_backup_id(settings, "latest").id == second["id"]
+    assert backups.resolve_backup_id(settings, "latest-verified").id == first["id"]
