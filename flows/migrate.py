@@ -1,0 +1,528 @@
+"""Runbook: "Maintenance Procedures" / "Database Migrations".
+
+Backup first, plan, approval, apply, verify; if anything fails after applying started, restore the
+backup, prove the data equals it, and end Failed. The restore is an explicit task in this flow body
+(with retries and its own log), not a transaction rollback hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.runtime import flow_run
+from pydantic import Field
+
+from tasks import backups, health, migrations, postgres, reports
+from tasks.backups import BackupManifest, RestoreResult, TableComparison
+from tasks.errors import ApprovalRejected, OpsError, ParameterError
+from tasks.health import HealthReport, Status
+from tasks.migrations import (
+    ApplyRecord,
+    InterruptedMigration,
+    MigrationPlan,
+    MigrationRun,
+    MigrationVerifyFailed,
+    Verification,
+)
+from tasks.runlog import run_logger
+from tasks.settings import OpsSettings, load_settings
+
+EVENT_PREFIX = "swagger2mcp-ops.migration"
+SQL_SHOWN_PER_REVISION = 6000
+
+
+class MigrationFailed(OpsError):
+    """Applying or verifying failed; the message says whether the backup was restored and proven.
+
+    ``summary`` is the run's summary (outcome ``failed-restored`` when the data was proven equal to
+    the backup), for a calling flow that decides what to do next.
+    """
+
+    def __init__(self, message: str, summary: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary or {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Failed states carry the exception; it must survive pickling with its summary.
+        return (type(self), (self.args[0], self.summary))
+
+
+class MigrationApproval(RunInput):
+    """The approval form: the plan and the backup id are in its description."""
+
+    approve: bool = Field(default=False, description="apply the plan shown above")
+    note: str = Field(default="", description="why (kept in the run's log)")
+
+
+@dataclass
+class MigrationReport:
+    """Everything the run found and did, rendered into the report artifact (also on failure)."""
+
+    stack: str
+    database: str
+    tool: str
+    dry_run: bool
+    outcome: str = "started"
+    lock: str = ""
+    plan: MigrationPlan | None = None
+    backup: BackupManifest | None = None
+    approval: str = ""
+    applied: ApplyRecord | None = None
+    verification: Verification | None = None
+    health: HealthReport | None = None
+    failure: str | None = None
+    restore: RestoreResult | None = None
+    comparison: TableComparison | None = None
+    interrupted: list[MigrationRun] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """The result the flow returns (and CI reads)."""
+        return {
+            "outcome": self.outcome,
+            "database": self.database,
+            "tool": self.tool,
+            "dry_run": self.dry_run,
+            "pending": [s.revision for s in self.plan.steps] if self.plan else [],
+            "backup_id": self.backup.id if self.backup else None,
+            "applied": [s.revision for s in self.applied.steps] if self.applied else [],
+            "restored": self.restore is not None,
+            "data_matches_backup": self.comparison.matches if self.comparison else None,
+            "failure": self.failure,
+            "timings": dict(self.timings),
+        }
+
+
+@contextlib.contextmanager
+def timed(report: MigrationReport, step: str) -> Iterator[None]:
+    """Record how long a step of the flow took (also when it fails)."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        report.timings[step] = round(time.monotonic() - started, 3)
+
+
+def render_plan(plan: MigrationPlan) -> str:
+    """The plan as markdown: each pending revision with its SQL, or the tool's status output."""
+    lines = [f"## Plan ({plan.tool}) for `{plan.database}`", ""]
+    if not plan.pending:
+        return "\n".join([*lines, "Nothing pending: the database is at the latest migration."])
+    if plan.tool == "alembic":
+        lines.append(
+            f"From `{', '.join(plan.current) or 'base'}` to `{', '.join(plan.target)}`,"
+            f" {len(plan.steps)} revision(s), applied one at a time:"
+        )
+        for step in plan.steps:
+            sql_text = (step.sql or "").strip()
+            if len(sql_text) > SQL_SHOWN_PER_REVISION:
+                sql_text = sql_text[:SQL_SHOWN_PER_REVISION] + "\n-- ... (cut; see the run's log)"
+            lines += ["", f"### `{step.revision}` {step.description}", "", "```sql", sql_text, "```"]
+    else:
+        lines += [
+            f"Apply command: `{plan.apply_command}`",
+            "",
+            "Status output:",
+            "",
+            "```",
+            plan.status_output.strip()[-SQL_SHOWN_PER_REVISION:],
+            "```",
+        ]
+    return "\n".join(lines)
+
+
+def render_markdown(report: MigrationReport) -> str:
+    """The whole run as markdown: outcome, backup, plan, what ran, evidence, restore, timings."""
+    mode = "dry run" if report.dry_run else "apply"
+    lines = [
+        f"# Migration of {report.database} ({report.stack}, {report.tool}, {mode}): **{report.outcome}**"
+    ]
+    if report.failure:
+        lines += ["", f"**What failed:** {report.failure}"]
+    if report.interrupted:
+        lines += [
+            "",
+            "## Interrupted previous run",
+            "",
+            "```",
+            migrations.describe_interrupted(report.interrupted, report.database),
+            "```",
+        ]
+    if report.backup is not None:
+        lines += [
+            "",
+            f"**Backup taken before applying:** `{report.backup.id}` ({report.backup.total_rows} rows in"
+            f" {len(report.backup.tables)} tables, verified: {report.backup.strongest_verified or 'no'})",
+        ]
+    if report.approval:
+        lines += ["", f"**Approval:** {report.approval}"]
+    if report.restore is not None:
+        lines += [
+            "",
+            "## Restore",
+            "",
+            f"Backup `{report.restore.backup_id}` restored into `{report.restore.target_database}` in"
+            f" {report.restore.duration_seconds:.1f}s"
+            f" ({report.restore.terminated_connections} sessions ended).",
+        ]
+    if report.comparison is not None:
+        verdict = "**data matches the backup**" if report.comparison.matches else "**DATA DIFFERS**"
+        lines += ["", f"Proof after restore: {verdict}: {report.comparison.summary()}"]
+    if report.applied is not None and report.applied.steps:
+        lines += [
+            "",
+            "## Applied",
+            "",
+            reports.markdown_table(
+                ["step", "seconds"], [(s.revision, s.seconds) for s in report.applied.steps]
+            ),
+        ]
+    if report.verification is not None:
+        v = report.verification
+        lines += [
+            "",
+            "## Verification",
+            "",
+            f"At target: {'yes' if v.at_target else 'no'} (current: {', '.join(v.status.current) or '-'})",
+        ]
+        if v.smoke:
+            lines += [
+                "",
+                reports.markdown_table(
+                    ["smoke query", "ok", "value", "error", "ms"],
+                    [(s.query, "yes" if s.ok else "no", s.value, s.error, s.ms) for s in v.smoke],
+                ),
+            ]
+        lines += [f"- {p}" for p in v.problems]
+    if report.health is not None:
+        lines += ["", f"Health check after migrating: **{report.health.status.value}**"]
+    if report.plan is not None:
+        lines += ["", render_plan(report.plan)]
+    if report.notes:
+        lines += ["", "## Notes", "", *[f"- {n}" for n in report.notes]]
+    if report.timings:
+        lines += [
+            "",
+            "## Timings",
+            "",
+            reports.markdown_table(["step", "seconds"], list(report.timings.items())),
+        ]
+    return "\n".join(lines)
+
+
+@task(name="publish-migration-report", cache_policy=NO_CACHE)
+def publish_report(report: MigrationReport) -> None:
+    """Markdown report plus a table of the plan's revisions, with stable keys; an event with the outcome."""
+    reports.publish_markdown(
+        f"migration-{report.stack}",
+        render_markdown(report),
+        f"Migration of {report.database}: {report.outcome}",
+    )
+    if report.plan is not None and report.plan.steps:
+        applied = {s.revision: s.seconds for s in report.applied.steps} if report.applied else {}
+        reports.publish_table(
+            f"migration-{report.stack}-revisions",
+            [
+                {
+                    "revision": s.revision,
+                    "description": s.description,
+                    "applied_seconds": applied.get(s.revision),
+                }
+                for s in report.plan.steps
+            ],
+            "Pending revisions of the plan",
+        )
+    emit_event(
+        event=f"{EVENT_PREFIX}.{report.outcome}",
+        resource={
+            "prefect.resource.id": f"swagger2mcp-ops.stack.{report.stack}.database.{report.database}",
+            "swagger2mcp-ops.stack": report.stack,
+        },
+        payload=report.summary(),
+    )
+
+
+check_health = task(health.run_checks, name="post-migration-health-check", cache_policy=NO_CACHE)
+restore_backup = backups.restore_backup_task.with_options(retries=2, retry_delay_seconds=10)
+compare_to_backup = backups.compare_database_task
+read_manifest = task(backups.resolve_backup_id, name="read-backup-manifest", cache_policy=NO_CACHE)
+unfinished_runs = task(migrations.unfinished_runs, name="find-unfinished-migrations", cache_policy=NO_CACHE)
+
+
+def ask_approval(settings: OpsSettings, report: MigrationReport, what: str) -> str:
+    """Pause for the approval form (plan and backup id shown); returns who/what approved.
+
+    Raises:
+        ApprovalRejected: rejected or timed out; nothing was applied.
+    """
+    description = render_markdown(report) + f"\n\n---\n\n**Approve to {what}.**"
+    timeout = int(settings.migrations.approval_timeout_seconds)
+    try:
+        answer = pause_flow_run(
+            wait_for_input=MigrationApproval.with_initial_data(description=description, approve=False),
+            timeout=timeout,
+            poll_interval=max(1, min(10, timeout // 10)),
+        )
+    except FlowPauseTimeout:
+        raise ApprovalRejected(
+            f"nobody approved within {timeout}s; nothing was applied. Run again and approve the form"
+        ) from None
+    if not answer.approve:
+        raise ApprovalRejected(
+            f"approval rejected{': ' + answer.note if answer.note else ''}; nothing was applied"
+        )
+    return f"approved in the form{': ' + answer.note if answer.note else ''}"
+
+
+def take_backup(settings: OpsSettings, report: MigrationReport) -> BackupManifest:
+    """The backup a failure restores: catalog-verified, with per-table content hashes."""
+    with timed(report, "backup"):
+        report.backup = backups.create_backup_task(settings, verify="catalog", content_hashes=True)
+    run_logger(__name__).info("backup %s taken before migrating", report.backup.id)
+    return report.backup
+
+
+def _restore_and_prove(
+    settings: OpsSettings, report: MigrationReport, manifest: BackupManifest
+) -> TableComparison:
+    """Restore ``manifest`` into the target, then compare the target with it; both recorded in the report."""
+    with timed(report, "restore"):
+        report.restore = restore_backup(settings, manifest.id, target_database=report.database)
+    with timed(report, "prove-restore"):
+        report.comparison = compare_to_backup(settings, manifest, report.database)
+    return report.comparison
+
+
+@flow(name="migrate-database", log_prints=True)
+def migrate_database(
+    dry_run: bool = True,
+    approve: bool = False,
+    restore_interrupted: bool = False,
+    resolve_interrupted_run: str | None = None,
+) -> dict[str, Any]:
+    """Runbook "Database Migrations": backup, plan, approval, apply, verify; restore on failure.
+
+    1. Preflight: the database answers; the migration lock (a PostgreSQL advisory lock) is held for
+       the whole run (a second run waits ``migrations.lock_timeout_seconds``, then fails naming the
+       holder); a run that was interrupted earlier stops this one (see ``restore_interrupted``).
+    2. Plan: Alembic's ``upgrade --sql`` per pending revision, or the tool's status output. Nothing
+       pending: the run completes and changes nothing. A dry run stops after publishing the plan.
+    3. Backup (verified at catalog level) with content hashes; its id is in the report.
+    4. Approval form showing the plan and the backup id, unless ``approve`` pre-approves.
+    5. Apply (a durable "in progress" marker is written first), then verify: at the target revision,
+       smoke queries pass, the health check is not unhealthy.
+    6. Any failure in 5: restore the backup, prove the database equals it, end Failed saying so.
+
+    Args:
+        dry_run: plan only (the default); nothing is backed up or applied.
+        approve: pre-approve (staging, CI); otherwise a human approves in the UI.
+        restore_interrupted: when an earlier run was interrupted mid-apply, restore the backup it
+            recorded (after approval), prove the data equals it, and stop; run again to migrate.
+        resolve_interrupted_run: the id of an interrupted run an operator checked by hand; it is
+            marked resolved and this run continues.
+
+    Returns:
+        A summary: outcome, pending and applied revisions, backup id, restore evidence, timings.
+
+    Raises:
+        InterruptedMigration: an earlier run did not finish (names its backup and the way out).
+        LockBusy: another migration of the same database is running (names it).
+        ApprovalRejected: rejected or timed out; nothing was applied.
+        MigrationFailed: apply or verify failed; says whether the restore happened and matched.
+    """
+    settings = load_settings()
+    migrations.require_configured(settings)
+    if restore_interrupted and resolve_interrupted_run:
+        raise ParameterError("pass restore_interrupted or resolve_interrupted_run, not both")
+    logger = run_logger(__name__)
+    report = MigrationReport(
+        stack=settings.stack,
+        database=migrations.target_database(settings),
+        tool=settings.migrations.tool,
+        dry_run=dry_run,
+    )
+    owner = f"migrate-database {flow_run.get_name() or ''} {flow_run.get_id() or ''}".strip()
+    try:
+        with timed(report, "preflight"):
+            postgres.probe_postgres_task(settings.postgres)
+        report.lock = migrations.lock_name(settings)
+        with contextlib.ExitStack() as held:
+            with timed(report, "lock-wait"):
+                held.enter_context(migrations.migration_lock(settings, owner=owner))
+            _migrate(
+                settings,
+                report,
+                dry_run=dry_run,
+                approve=approve,
+                restore_interrupted=restore_interrupted,
+                resolve_run=resolve_interrupted_run,
+            )
+        logger.info("migration of %s: %s", report.database, report.outcome)
+        return report.summary()
+    except BaseException as exc:
+        if isinstance(exc, ApprovalRejected):
+            report.outcome = "rejected"
+        elif report.outcome in {"started", "applying"}:
+            report.outcome = "failed"
+        report.failure = report.failure or f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        publish_report(report)
+
+
+def _migrate(
+    settings: OpsSettings,
+    report: MigrationReport,
+    *,
+    dry_run: bool,
+    approve: bool,
+    restore_interrupted: bool,
+    resolve_run: str | None,
+) -> None:
+    """The body of the flow while the lock is held (steps 1-6 of its docstring)."""
+    logger = run_logger(__name__)
+    if resolve_run:
+        resolved = migrations.resolve_run_task(settings, resolve_run, note=f"resolved by {flow_run.get_id()}")
+        report.notes.append(f"interrupted run {resolved.id} marked resolved by the operator")
+    with timed(report, "interrupted-check"):
+        report.interrupted = unfinished_runs(settings)
+    if report.interrupted:
+        if not restore_interrupted:
+            report.outcome = "interrupted-run-found"
+            raise InterruptedMigration(
+                migrations.describe_interrupted(report.interrupted, report.database), report.interrupted
+            )
+        _restore_interrupted(settings, report, dry_run=dry_run, approve=approve)
+        return
+    if restore_interrupted:
+        raise ParameterError(
+            f"restore_interrupted was asked but no interrupted migration of {report.database} was found;"
+            " nothing was done"
+        )
+
+    # A tool whose status command writes (knex creates its bookkeeping tables) is backed up before
+    # that command runs, so a restore gives back exactly the database as it was before this run.
+    backup_first = not dry_run and not migrations.status_is_read_only(settings)
+    if backup_first:
+        take_backup(settings, report)
+    with timed(report, "plan"):
+        report.plan = migrations.plan_migrations_task(settings)
+    if not report.plan.pending:
+        report.outcome = "up-to-date"
+        return
+    reports.publish_markdown(
+        f"migration-{report.stack}-plan", render_plan(report.plan), f"Migration plan for {report.database}"
+    )
+    if dry_run:
+        report.outcome = "dry-run"
+        report.notes.append("dry run: no backup taken, nothing applied; run with dry_run=false to apply")
+        if not migrations.status_is_read_only(settings):
+            report.notes.append("the tool's status command may have created its own bookkeeping tables")
+        return
+    if not backup_first:
+        take_backup(settings, report)
+
+    with timed(report, "approval"):
+        report.approval = (
+            "pre-approved by the approve parameter"
+            if approve
+            else ask_approval(settings, report, f"apply {len(report.plan.steps)} migration step(s)")
+        )
+
+    report.outcome = "applying"
+    try:
+        with timed(report, "apply"):
+            report.applied = migrations.apply_migrations_task(
+                settings, report.plan, backup_id=report.backup.id, flow_run_id=str(flow_run.get_id() or "")
+            )
+        with timed(report, "verify"):
+            report.verification = migrations.verify_migrations_task(settings, report.plan)
+            report.health = check_health(settings)
+        problems = list(report.verification.problems)
+        if report.health.status is Status.UNHEALTHY:
+            problems.append(
+                "health check unhealthy: "
+                + "; ".join(f"{n}: {report.health.checks[n].error}" for n in report.health.failed_checks)
+            )
+        if problems:
+            raise MigrationVerifyFailed("verification failed: " + "; ".join(problems))
+    except Exception as exc:
+        report.outcome = "failed"
+        report.failure = f"{type(exc).__name__}: {exc}"
+        logger.error("migration failed (%s); restoring backup %s", report.failure, report.backup.id)
+        if report.applied is not None and report.applied.run_id:
+            with contextlib.suppress(Exception):
+                migrations.mark_run(settings, report.applied.run_id, "failed", report.failure[:2000])
+        try:
+            comparison = _restore_and_prove(settings, report, report.backup)
+        except Exception as restore_exc:
+            report.outcome = "failed-restore-failed"
+            raise MigrationFailed(
+                f"{report.failure}. Then the restore of backup {report.backup.id} FAILED:"
+                f" {type(restore_exc).__name__}: {restore_exc}. The database may be half-migrated; the"
+                f" interrupted-run marker stays so no migration runs until it is dealt with. Restore"
+                f" backup {report.backup.id} with restore-database",
+                report.summary(),
+            ) from exc
+        if not comparison.matches:
+            report.outcome = "failed-restore-differs"
+            raise MigrationFailed(
+                f"{report.failure}. Backup {report.backup.id} was restored but the database DIFFERS from"
+                f" it: {comparison.summary()}. Investigate before anything else",
+                report.summary(),
+            ) from exc
+        report.outcome = "failed-restored"
+        raise MigrationFailed(
+            f"{report.failure}. Backup {report.backup.id} was restored and the data matches it"
+            f" ({comparison.summary()}); nothing of this migration remains",
+            report.summary(),
+        ) from exc
+    migrations.finish_run_task(settings, report.applied, report.verification)
+    report.outcome = "migrated"
+
+
+def _restore_interrupted(
+    settings: OpsSettings, report: MigrationReport, *, dry_run: bool, approve: bool
+) -> None:
+    """Restore the backup an interrupted run recorded, after approval, and prove the data equals it."""
+    recorded = [r.backup_id for r in report.interrupted if r.backup_id]
+    if not recorded:
+        report.outcome = "interrupted-run-found"
+        raise InterruptedMigration(
+            "the interrupted run recorded no backup to restore; check the schema by hand and pass"
+            " resolve_interrupted_run, or restore a backup with restore-database",
+            report.interrupted,
+        )
+    # The oldest unfinished run's backup is the state before any of them.
+    report.backup = read_manifest(settings, recorded[0])
+    if dry_run:
+        report.outcome = "dry-run"
+        report.notes.append(f"dry run: would restore backup {report.backup.id}; run with dry_run=false")
+        return
+    report.approval = (
+        "pre-approved by the approve parameter"
+        if approve
+        else ask_approval(settings, report, f"restore backup {report.backup.id} over {report.database}")
+    )
+    comparison = _restore_and_prove(settings, report, report.backup)
+    if not comparison.matches:
+        report.outcome = "restore-differs"
+        raise MigrationFailed(
+            f"backup {report.backup.id} was restored but {report.database} differs from it:"
+            f" {comparison.summary()}"
+        )
+    report.outcome = "restored-interrupted"
+    report.notes.append(
+        f"the database is back at backup {report.backup.id} (data proven equal); run migrate-database again"
+    )
