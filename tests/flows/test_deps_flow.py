@@ -1,0 +1,239 @@
+"""The update-dependencies flow under the Prefect harness: real npm and git against verdaccio, the real
+Docker Engine for the build, and deploy-release on a Compose staging stack."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.states import State
+
+from flows.dependencies import update_dependencies
+from tests.fixtures.docker_engine import ComposeStack, DockerEngine
+from tests.fixtures.npm_registry import APP_BASE_IMAGE, PACKAGE, FixtureApp, tree_digest
+
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.flow, pytest.mark.integration]
+
+
+def artifacts(state: State[Any]) -> dict[str, Any]:
+    """The artifacts of one flow run, by key."""
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+    return {a.key: a for a in found}
+
+
+def artifact_text(state: State[Any]) -> str:
+    return json.dumps({key: a.data for key, a in artifacts(state).items()})
+
+
+@pytest.fixture
+def deps_env(npm_fixture_app: FixtureApp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """A live checkout of the fixture app and OPS_* settings pointing the flow at it and the registry."""
+    live = npm_fixture_app.copy_to(tmp_path / "live")
+    values = {
+        "OPS_STACK": "teststack",
+        "OPS_RUNTIME__KIND": "none",
+        "OPS_DEPENDENCIES__SOURCE_DIR": str(live),
+        "OPS_DEPENDENCIES__WORK_DIR": str(tmp_path / "work"),
+        "OPS_DEPENDENCIES__REGISTRY_URL": npm_fixture_app.registry.url,
+        "OPS_DEPENDENCIES__REGISTRY_TOKEN": npm_fixture_app.registry.token,
+        "OPS_DEPENDENCIES__NPM_CACHE_DIR": str(tmp_path / "npm-cache"),
+        "OPS_DEPENDENCIES__IMAGE_NAME": APP_BASE_IMAGE,
+        "OPS_DEPENDENCIES__INSTALL_TIMEOUT_SECONDS": "120",
+        "OPS_DEPENDENCIES__TEST_TIMEOUT_SECONDS": "60",
+        "OPS_DEPENDENCIES__BUILD_TIMEOUT_SECONDS": "120",
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return {
+        "live": live,
+        "digest": tree_digest(live),
+        "token": npm_fixture_app.registry.token,
+        "tmp": tmp_path,
+    }
+
+
+def test_failing_tests_stop_before_build(deps_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = deps_env["tmp"] / "build-ran"
+    monkeypatch.setenv("OPS_DEPENDENCIES__BUILD_ARGV", json.dumps(["touch", str(marker)]))
+
+    state = update_dependencies(scope="latest", deploy_to_staging=False, return_state=True)
+
+    assert state.is_failed()
+    assert "nothing was built or deployed" in (state.message or "")
+    assert not marker.exists()
+    found = artifacts(state)
+    report = found["dependencies-teststack"].data
+    assert "**tests failed**" in report
+    assert "leftpad-ops must export a function" in report  # the test output is in the report
+    assert "| leftpad-ops | 1.0.0 | 2.0.0 |" in report
+    assert "node_modules/leftpad-ops" in found["dependencies-teststack-lockfile"].data
+    assert deps_env["token"] not in artifact_text(state)
+    assert tree_digest(deps_env["live"]) == deps_env["digest"]
+
+
+def test_bad_parameters_fail_before_any_side_effect(deps_env: dict[str, Any]) -> None:
+    state = update_dependencies(scope="everything", deploy_to_staging=False, return_state=True)  # type: ignore[arg-type]
+    assert state.is_failed()
+    # runtime.kind is "none" here: there is no staging to deploy to.
+    state = update_dependencies(scope="security", deploy_to_staging=True, return_state=True)
+    assert state.is_failed()
+    assert "deploy_to_staging needs settings that point at staging" in (state.message or "")
+    assert not (deps_env["tmp"] / "work").exists()
+    assert tree_digest(deps_env["live"]) == deps_env["digest"]
+
+
+STAGING_PORT = 15572  # this area's own port, apart from the runtime tests' stacks
+# The runtime tests' app images: app-backend serves /cgi-bin/health on $HEALTH_PORT (503 on :v2).
+STAGING_COMPOSE = f"""\
+services:
+  backend:
+    image: {APP_BASE_IMAGE}:v1
+    network_mode: host
+    init: true
+    command: ["app-backend"]
+    environment:
+      HEALTH_PORT: "{STAGING_PORT}"
+    stop_grace_period: 2s
+    healthcheck:
+      test: ["CMD", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1:{STAGING_PORT}/cgi-bin/health"]
+      interval: 1s
+      timeout: 2s
+      retries: 2
+  worker:
+    image: {APP_BASE_IMAGE}:v1
+    network_mode: host
+    init: true
+    command: ["app-worker"]
+    stop_grace_period: 2s
+"""
+
+
+@pytest.fixture
+def staging_stack(docker_engine: DockerEngine, tmp_path: Path) -> Iterator[ComposeStack]:
+    """A Compose staging stack (backend + worker at v1) on this area's own health port; down after."""
+    directory = tmp_path / "staging"
+    directory.mkdir()
+    compose_file = directory / "docker-compose.yml"
+    compose_file.write_text(STAGING_COMPOSE)
+    stack = ComposeStack(
+        engine=docker_engine,
+        project=f"s2mdeps{uuid.uuid4().hex[:8]}",
+        directory=directory,
+        compose_file=compose_file,
+        health_url=f"http://127.0.0.1:{STAGING_PORT}/cgi-bin/health",
+    )
+    try:
+        stack.compose("up", "--detach", "--wait", "--wait-timeout", "60", "--pull", "never")
+        yield stack
+    finally:
+        with contextlib.suppress(Exception):
+            stack.compose("down", "--timeout", "2", "--remove-orphans")
+
+
+def staging_env(stack: Any, tmp_path: Path) -> dict[str, str]:
+    """OPS_RUNTIME__* for the Compose staging stack (as the runtime contract tests set them); the
+    deploy's full health check also needs ``ops_env`` (PostgreSQL and Redis)."""
+    return {
+        "OPS_RUNTIME__KIND": "compose",
+        "OPS_RUNTIME__ENVIRONMENT": "staging",
+        "OPS_RUNTIME__RELEASE_STORE": str(tmp_path / "releases"),
+        "OPS_RUNTIME__READY_TIMEOUT_SECONDS": "30",
+        "OPS_RUNTIME__POLL_INTERVAL_SECONDS": "0.2",
+        "OPS_RUNTIME__COMPOSE__PROJECT": stack.project,
+        "OPS_RUNTIME__COMPOSE__FILES": json.dumps([str(stack.compose_file)]),
+        "OPS_RUNTIME__COMPOSE__DOCKER_HOST": stack.engine.host,
+        "OPS_RUNTIME__COMPOSE__DOCKER_CONFIG": str(stack.engine.config_dir),
+        "OPS_RUNTIME__COMPOSE__PULL": "never",
+        "OPS_RUNTIME__COMPOSE__STOP_TIMEOUT_SECONDS": "2",
+        "OPS_HEALTH__URLS": json.dumps([stack.health_url]),
+        "OPS_HEALTH__TIMEOUT_SECONDS": "3",
+    }
+
+
+def running_images(stack: Any) -> dict[str, str]:
+    """Service -> image of the stack's running containers, as the engine reports them."""
+    client = stack.engine.client()
+    try:
+        containers = client.containers.list(filters={"label": f"com.docker.compose.project={stack.project}"})
+        return {c.labels["com.docker.compose.service"]: c.attrs["Config"]["Image"] for c in containers}
+    finally:
+        client.close()
+
+
+def test_clean_update_goes_all_the_way_to_staging(
+    ops_env: dict[str, Any],
+    deps_env: dict[str, Any],
+    staging_stack: ComposeStack,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key, value in staging_env(staging_stack, deps_env["tmp"]).items():
+        monkeypatch.setenv(key, value)
+
+    state = update_dependencies(scope="security", deploy_to_staging=True, return_state=True)
+
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["outcome"] == "deployed to staging"
+    assert summary["changes"] == [
+        {"package": PACKAGE, "path": f"node_modules/{PACKAGE}", "from": "1.0.0", "to": "1.0.1"}
+    ]
+    assert summary["advisories_fixed"]["high"] == 1
+    assert summary["advisories_remaining"] == 0
+    assert summary["image"].startswith(f"{APP_BASE_IMAGE}:deps-")
+    # The tested update is committed on its branch in the working copy.
+    wc = Path(summary["working_copy"])
+    lock = json.loads((wc / "package-lock.json").read_text())
+    assert lock["packages"][f"node_modules/{PACKAGE}"]["version"] == "1.0.1"
+    assert (wc / ".git" / "refs" / "heads" / summary["branch"]).read_text().strip() == summary["commit"]
+    # Staging runs the built image, healthy.
+    assert set(running_images(staging_stack).values()) == {summary["image"]}
+    found = artifacts(state)
+    assert {
+        "dependencies-teststack",
+        "dependencies-teststack-changes",
+        "dependencies-teststack-lockfile",
+    } <= set(found)
+    assert summary["branch"] in found["dependencies-teststack"].data
+    assert deps_env["token"] not in artifact_text(state)
+    assert httpx.get(staging_stack.health_url, timeout=5).status_code == 200
+    assert tree_digest(deps_env["live"]) == deps_env["digest"]
+
+
+def test_failed_staging_deploy_ends_failed_with_staging_on_the_previous_release(
+    ops_env: dict[str, Any],
+    deps_env: dict[str, Any],
+    staging_stack: ComposeStack,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key, value in staging_env(staging_stack, deps_env["tmp"]).items():
+        monkeypatch.setenv(key, value)
+    # The update's image is built on the app version whose health endpoint answers 503.
+    broken = ["docker", "build", "--build-arg", f"BASE={APP_BASE_IMAGE}:v2", "-t", "{ref}", "{context}"]
+    monkeypatch.setenv("OPS_DEPENDENCIES__BUILD_ARGV", json.dumps(broken))
+    before = running_images(staging_stack)
+
+    state = update_dependencies(scope="security", deploy_to_staging=True, return_state=True)
+
+    assert state.is_failed()
+    assert "rolled staging back to the previous release" in (state.message or "")
+    assert (
+        running_images(staging_stack)
+        == before
+        == {"backend": f"{APP_BASE_IMAGE}:v1", "worker": f"{APP_BASE_IMAGE}:v1"}
+    )
+    assert httpx.get(staging_stack.health_url, timeout=5).status_code == 200
+    report = artifacts(state)["dependencies-teststack"].data
+    assert "staging deploy failed, staging back on the previous release" in report
+    assert tree_digest(deps_env["live"]) == deps_env["digest"]
