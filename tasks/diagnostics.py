@@ -595,8 +595,8 @@ def redis_memory_findings(memory: RedisMemory, limits: DiagnoseSettings) -> list
     findings: list[Finding] = []
     ratio = memory.ratio
     oom_resolution = (
-        "Redis out of memory: clean old completed/failed jobs first; the runbook's FLUSHDB (then restart"
-        " worker) loses every job and is offered only behind an approval"
+        "Redis out of memory: clean old completed/failed jobs first (clean-jobs); the runbook's FLUSHDB"
+        " (then restart worker) loses every job and is offered only behind an approval (flush-redis)"
     )
     if ratio is not None and ratio >= limits.redis_memory_critical_ratio:
         findings.append(

@@ -1,0 +1,1000 @@
+"""Runbook "Emergency Procedures", and the "Redis out of memory" resolution of Common Issues 2.
+
+- ``outage-triage`` (Total Service Outage): assess every service and check, list what changed
+  recently (releases, rollout revisions, migrations), and when a release is recent and the stack is not
+  healthy, propose a rollback that an approval turns into a ``rollback-release`` run;
+- ``recover-data`` (Data Loss / Corruption): approval, stop writes (scale backend and worker to 0,
+  recording their replicas), restore the chosen backup, run the validation queries, scale back to the
+  recorded counts (also when a step failed), health check;
+- ``security-incident`` (Security Incident): an evidence bundle with a sha256 manifest (always), then,
+  behind an approval, rotation of the secrets the settings name, a rolling restart and a health check;
+- ``flush-redis`` (Redis out of memory): what FLUSHDB would lose (keys by prefix, BullMQ jobs), and the
+  FLUSHDB itself only behind an approval, then a worker restart.
+
+Everything destructive is a dry run by default; every flow publishes its report also when it fails.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from prefect import flow, pause_flow_run
+from prefect.exceptions import FlowPauseTimeout
+from prefect.input import RunInput
+
+from tasks import backups, incidents, postgres, releases, reports
+from tasks.errors import ApprovalRejected, CheckFailed, ParameterError
+from tasks.health import HealthReport, Status
+from tasks.incidents import (
+    EvidenceBundle,
+    EvidenceTampered,
+    EvidenceVerification,
+    FlushRecord,
+    KeyCensus,
+    ReplicaCount,
+    RollbackProposal,
+    RotationPlan,
+    RotationRecord,
+    RotationRefused,
+    StepLog,
+    ValidationResult,
+)
+from tasks.runlog import run_logger
+from tasks.runtime import RuntimeUnavailable, ServiceStatus, get_runtime
+from tasks.settings import OpsSettings, load_settings
+
+
+class RollbackApproval(RunInput):
+    """The form shown before outage-triage starts rollback-release."""
+
+    approve: bool = False
+    reason: str = ""
+
+
+class RecoveryApproval(RunInput):
+    """The form shown before recover-data stops the application and replaces the database."""
+
+    approve: bool = False
+    backup_id: str = ""
+    reason: str = ""
+
+
+class RotationApproval(RunInput):
+    """The form shown before security-incident replaces secrets and restarts the services."""
+
+    approve: bool = False
+    reason: str = ""
+
+
+class FlushApproval(RunInput):
+    """The form shown before flush-redis runs FLUSHDB."""
+
+    approve: bool = False
+    reason: str = ""
+
+
+def _timeout(settings: OpsSettings, override: int | None) -> int:
+    if override is not None and override <= 0:
+        raise ParameterError("approval_timeout_seconds must be positive")
+    return override or int(settings.incidents.approval_timeout_seconds)
+
+
+def ask_approval(
+    form: type[RunInput], description: str, timeout: int, nothing_done: str, **initial: Any
+) -> Any:
+    """Pause for the approval form; a decline or a timeout raises :class:`ApprovalRejected`.
+
+    ``initial`` pre-fills more fields of the form (the backup to restore).
+    """
+    try:
+        answer = pause_flow_run(
+            wait_for_input=form.with_initial_data(description=description, approve=False, **initial),  # type: ignore[attr-defined]
+            timeout=timeout,
+            # Short timeouts (tests, CI) should not wait for the default 10 s poll.
+            poll_interval=max(1, min(10, timeout // 4)),
+        )
+    except FlowPauseTimeout:
+        raise ApprovalRejected(f"no approval within {timeout}s; {nothing_done}") from None
+    if not answer.approve:
+        raise ApprovalRejected(f"declined ({answer.reason or 'no reason given'}); {nothing_done}")
+    run_logger(__name__).info("approved: %s", answer.reason or "no reason given")
+    return answer
+
+
+def _failure_line(exc: BaseException | None, settings: OpsSettings) -> list[str]:
+    if exc is None:
+        return []
+    return ["", f"**Error:** {incidents.safe_error(exc, settings)}"]
+
+
+def _steps_table(steps: StepLog) -> str:
+    return reports.markdown_table(
+        ["step", "started", "took", "outcome", "detail"],
+        [
+            [s.name, f"{s.started_at:%H:%M:%S}", f"{s.duration_seconds:.2f} s", s.outcome, s.detail]
+            for s in steps.steps
+        ],
+    )
+
+
+def _services_table(statuses: list[ServiceStatus]) -> str:
+    if not statuses:
+        return "No services are managed by the runtime (runtime.kind none)."
+    return reports.markdown_table(
+        ["service", "image", "ready", "state", "restarts", "revision"],
+        [[s.name, s.image, f"{s.ready}/{s.desired}", s.state, s.restarts, s.revision] for s in statuses],
+    )
+
+
+def _health_lines(report: HealthReport | None) -> list[str]:
+    if report is None:
+        return ["Health: not checked."]
+    rows = [
+        [name, check.status.value, check.error or "; ".join(check.warnings)]
+        for name, check in report.checks.items()
+    ]
+    return [
+        f"Health: **{report.status.value}**",
+        "",
+        reports.markdown_table(["check", "status", "finding"], rows),
+    ]
+
+
+# --- Total Service Outage -------------------------------------------------------------------------
+
+
+def render_triage(
+    stack: str,
+    outcome: str,
+    statuses: list[ServiceStatus],
+    runtime_error: str | None,
+    report: HealthReport | None,
+    changes: list[incidents.RecentChange],
+    migration: releases.MigrationRevision | None,
+    window: timedelta,
+    proposal: RollbackProposal | None,
+    rollback: Any,
+) -> str:
+    """The triage as markdown: services, checks, recent changes, the proposal and what became of it."""
+    lines = [f"# Outage triage of {stack}: {outcome}", "", "## Services", ""]
+    lines.append(
+        _services_table(statuses) if runtime_error is None else f"Runtime unreachable: {runtime_error}"
+    )
+    lines += ["", "## Checks", "", *_health_lines(report), "", f"## Changes in the last {window}", ""]
+    if changes:
+        lines.append(
+            reports.markdown_table(
+                ["kind", "what", "at", "detail"], [list(c.as_row().values()) for c in changes]
+            )
+        )
+    else:
+        lines.append("No release, rollout revision or migration within the window.")
+    if migration is not None:
+        lines += ["", f"Database migration revision now: `{migration.revision or '-'}` ({migration.source})."]
+    lines += ["", "## Rollback", ""]
+    if proposal is None:
+        lines.append(
+            "No rollback proposed: "
+            + (
+                "the stack is healthy."
+                if changes and report and report.status is Status.HEALTHY
+                else "no recent release to roll back."
+            )
+        )
+        lines.append("If the database is damaged, see recover-data (Data Loss / Corruption).")
+    else:
+        lines += ["Proposed:", "", proposal.describe()]
+        if isinstance(rollback, dict):
+            health = (rollback.get("health") or {}).get("status", "not checked")
+            lines += ["", f"rollback-release: back to {rollback.get('target')}; health {health}."]
+    return "\n".join(lines)
+
+
+def _start_rollback(settings: OpsSettings, proposal: RollbackProposal) -> Any:
+    """Run rollback-release as a subflow (its own run in the UI, its own approval pre-given here)."""
+    from flows.releases import rollback_release
+
+    return rollback_release(
+        environment=settings.runtime.environment,
+        release_id=proposal.target_release,
+        approved=True,
+        timeout_seconds=settings.runtime.ready_timeout_seconds,
+    )
+
+
+@flow(name="outage-triage", log_prints=True)
+def outage_triage(
+    window_hours: float | None = None,
+    approve_rollback: bool = False,
+    propose_when_healthy: bool = False,
+    approval_timeout_seconds: int | None = None,
+) -> dict[str, Any]:
+    """Runbook "Total Service Outage": assess, check recent changes, offer a rollback.
+
+    1. Assess: every service's status through the runtime, and every health check.
+    2. Recent changes: release records (deploys, rollbacks), rollout revisions, migration runs and the
+       database's migration revision.
+    3. When a release happened within the window and the stack is not healthy, a rollback is proposed;
+       an approval (or ``approve_rollback``) starts ``rollback-release``, which refuses to cross a
+       database migration applied since. If the database is damaged, run ``recover-data``.
+
+    Args:
+        window_hours: how recent a release must be to be suspected; default
+            ``incidents.release_window_hours`` (2).
+        approve_rollback: start the rollback without the approval form.
+        propose_when_healthy: propose a rollback after a recent release even when every check passes.
+        approval_timeout_seconds: how long the form waits; default ``incidents.approval_timeout_seconds``.
+
+    Returns:
+        The outcome (``no-recent-release``, ``rollback-declined``, ``rolled-back``...), the health status,
+        the recent changes and the proposal.
+    """
+    settings = load_settings()
+    if window_hours is not None and window_hours <= 0:
+        raise ParameterError("window_hours must be positive")
+    timeout = _timeout(settings, approval_timeout_seconds)
+    window = timedelta(hours=window_hours or settings.incidents.release_window_hours)
+    logger = run_logger(__name__)
+    key = f"outage-triage-{settings.stack}"
+    statuses: list[ServiceStatus] = []
+    runtime_error = None
+    report: HealthReport | None = None
+    changes: list[incidents.RecentChange] = []
+    migration = None
+    proposal: RollbackProposal | None = None
+    rollback: Any = None
+    outcome = "failed"
+    error: BaseException | None = None
+    try:
+        runtime = get_runtime(settings)
+        try:
+            statuses = incidents.service_statuses_task(runtime)
+            histories = incidents.service_histories_task(runtime, [s.name for s in statuses])
+        except Exception as exc:
+            # An unreachable runtime is itself a finding of the triage, not the end of it.
+            runtime_error = incidents.safe_error(exc, settings)
+            histories = {}
+        report = incidents.health_report_task(settings)
+        store = releases.ReleaseStore.from_settings(settings)
+        records = store.all()
+        migration = releases.read_migration_revision(settings.postgres, settings.runtime.migration_query)
+        try:
+            runs = incidents.recent_migration_runs(settings, window=window)
+        except Exception as exc:
+            logger.warning("migration runs not read: %s", incidents.safe_error(exc, settings))
+            runs = []
+        changes = incidents.recent_changes(records, histories, runs, window=window, now=datetime.now(UTC))
+        healthy = report.status is Status.HEALTHY and all(s.healthy for s in statuses) and not runtime_error
+        current = {s.name: s.image for s in statuses if s.image}
+        proposal = incidents.propose_rollback(
+            changes,
+            healthy=healthy,
+            services=statuses,
+            previous_good=store.previous_good(current) if current else store.latest_good(),
+            propose_when_healthy=propose_when_healthy,
+        )
+        if proposal is None:
+            outcome = "healthy" if healthy else "no-recent-release"
+        else:
+            outcome = "rollback proposed"
+            reports.publish_markdown(
+                key,
+                render_triage(
+                    settings.stack,
+                    "rollback proposed, waiting for approval",
+                    statuses,
+                    runtime_error,
+                    report,
+                    changes,
+                    migration,
+                    window,
+                    proposal,
+                    None,
+                ),
+                "Outage triage: rollback proposed",
+            )
+            try:
+                if not approve_rollback:
+                    ask_approval(RollbackApproval, proposal.describe(), timeout, "nothing was rolled back")
+            except ApprovalRejected as exc:
+                outcome = "rollback-declined"
+                logger.info("rollback not started: %s", exc)
+            else:
+                outcome = "rollback failed"  # until the subflow returns
+                rollback = _start_rollback(settings, proposal)
+                outcome = "rolled-back"
+        return {
+            "outcome": outcome,
+            "health": report.status.value,
+            "services": [
+                {"name": s.name, "image": s.image, "ready": s.ready, "desired": s.desired, "state": s.state}
+                for s in statuses
+            ],
+            "runtime_error": runtime_error,
+            "recent_changes": [c.as_row() for c in changes],
+            "proposal": None
+            if proposal is None
+            else {
+                "reason": proposal.reason,
+                "target_release": proposal.target_release,
+                "target_images": proposal.target_images,
+            },
+            "rollback": rollback if isinstance(rollback, dict | None) else str(rollback),
+        }
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        markdown = render_triage(
+            settings.stack,
+            outcome,
+            statuses,
+            runtime_error,
+            report,
+            changes,
+            migration,
+            window,
+            proposal,
+            rollback,
+        ) + "\n".join(_failure_line(error, settings))
+        reports.publish_markdown(key, markdown, f"Outage triage of {settings.stack}: {outcome}")
+        if changes:
+            reports.publish_table(f"{key}-changes", [c.as_row() for c in changes], "Recent changes")
+
+
+# --- Data Loss / Corruption -----------------------------------------------------------------------
+
+
+def _backup_rows(listing: list[backups.BackupManifest], chosen: str | None) -> list[dict[str, Any]]:
+    now = datetime.now(UTC)
+    rows = []
+    for m in listing:
+        last = max(m.verifications, key=lambda v: v.at) if m.verifications else None
+        rows.append(
+            {
+                "id": m.id,
+                "database": m.database,
+                "finished_at": m.finished_at.isoformat(timespec="seconds"),
+                "age_h": round((now - m.finished_at).total_seconds() / 3600, 1),
+                "size_bytes": m.size_bytes,
+                "rows": m.total_rows,
+                "verified": m.strongest_verified or "never",
+                "last_check": ""
+                if last is None
+                else f"{last.level} {'ok' if last.ok else 'FAILED'} {last.at:%m-%d %H:%M}",
+                "chosen": "<-" if m.id == chosen else "",
+            }
+        )
+    return rows
+
+
+def render_recovery(
+    stack: str,
+    outcome: str,
+    steps: StepLog,
+    preflight: backups.RestorePreflight | None,
+    listing: list[backups.BackupManifest],
+    recorded: list[ReplicaCount],
+    validations: list[ValidationResult],
+    report: HealthReport | None,
+    restore: backups.RestoreResult | None,
+) -> str:
+    """The recovery as markdown: plan, every step with its timing, evidence, validation, health."""
+    lines = [f"# Data recovery of {stack}: {outcome}", "", "## Steps", "", _steps_table(steps)]
+    if preflight is not None:
+        lines += ["", "## Plan", ""]
+        if recorded:
+            lines.append(
+                "Stop writes: scale "
+                + ", ".join(f"{r.service} {r.replicas} -> 0" for r in recorded)
+                + "; scale back to these counts afterwards (also on failure)."
+            )
+        else:
+            lines.append("Writes are not stopped by this run (stop_writes=false or no runtime).")
+        lines += ["", *[f"{i}. {s}" for i, s in enumerate(preflight.steps(), 1)]]
+    if listing:
+        rows = _backup_rows(listing, preflight.backup_id if preflight else None)
+        lines += [
+            "",
+            "## Candidate backups",
+            "",
+            reports.markdown_table(list(rows[0]), [list(r.values()) for r in rows]),
+        ]
+    if restore is not None:
+        lines += [
+            "",
+            "## Restore",
+            "",
+            f"- evidence: {restore.comparison.summary()}",
+            f"- old database: {restore.old_database or '-'} ({'kept' if restore.old_kept else 'dropped'})",
+        ]
+    if validations:
+        lines += [
+            "",
+            "## Validation queries",
+            "",
+            reports.markdown_table(
+                ["query", "ok", "value", "error", "ms"],
+                [[v.query, "ok" if v.ok else "FAILED", v.value, v.error, v.duration_ms] for v in validations],
+            ),
+        ]
+    if report is not None:
+        lines += ["", "## After", "", *_health_lines(report)]
+    return "\n".join(lines)
+
+
+@flow(name="recover-data", log_prints=True)
+def recover_data(
+    backup_id: str = "latest-verified",
+    dry_run: bool = True,
+    approved: bool = False,
+    target_database: str | None = None,
+    keep_old: bool = True,
+    stop_writes: bool = True,
+    candidates: int = 10,
+    approval_timeout_seconds: int | None = None,
+) -> dict[str, Any]:
+    """Runbook "Data Loss / Corruption": stop writes, restore, verify, resume.
+
+    1. Assess: candidate backups with their verification state and times, the restore plan, the
+       replicas of the services that write (``incidents.stop_services``, default backend and worker).
+    2. Approval (or ``approved``); the form can name another backup.
+    3. Stop all writes: scale those services to 0, recording their replica counts.
+    4. Restore the backup: into a scratch database, proven equal to its manifest, swapped in atomically
+       (the replaced database is kept as ``<db>__old_<time>`` unless ``keep_old=false``).
+    5. Verify data integrity: the validation queries of ``incidents.validation_queries``.
+    6. Resume service: scale back to the recorded counts, also when step 3, 4 or 5 failed; wait ready.
+    7. Health check.
+
+    Args:
+        backup_id: an id, ``latest`` or ``latest-verified`` (the newest backup that passed a restore drill).
+        dry_run: only report the plan (the default); nothing is stopped or restored.
+        approved: skip the approval form.
+        target_database: the database to replace; default the application's (``OPS_POSTGRES__DSN``).
+            The backup must be of that database.
+        keep_old: keep the damaged database, renamed, for later inspection.
+        stop_writes: scale the writers to 0 during the restore; false when the application is stopped
+            by other means (``runtime.kind = none``).
+        candidates: how many backups the report lists.
+        approval_timeout_seconds: how long the form waits; default ``incidents.approval_timeout_seconds``.
+
+    Returns:
+        The outcome, the backup restored, the replica counts, the validation results and the step timings.
+
+    Raises:
+        ApprovalRejected: declined or timed out; nothing was changed.
+        CheckFailed: a validation query failed, or the stack is unhealthy afterwards (services were scaled
+            back either way).
+    """
+    settings = load_settings()
+    incidents.require_settings(settings)
+    timeout = _timeout(settings, approval_timeout_seconds)
+    if candidates < 1:
+        raise ParameterError("candidates must be at least 1")
+    logger = run_logger(__name__)
+    key = f"recover-data-{settings.stack}"
+    steps = StepLog(secrets=incidents.settings_secrets(settings))
+    preflight = None
+    listing: list[backups.BackupManifest] = []
+    recorded: list[ReplicaCount] = []
+    validations: list[ValidationResult] = []
+    report: HealthReport | None = None
+    restore: backups.RestoreResult | None = None
+    outcome = "failed"
+    error: BaseException | None = None
+    try:
+        runtime = get_runtime(settings)
+        services = settings.incidents.stop_services or settings.runtime.services
+        with steps.step("assess: backups, plan, replicas") as step:
+            # The application's database (the DSN's) unless another is named: candidates, "latest" and
+            # an explicit id are all of that database, so a backup of another one is never swapped in.
+            database = target_database or postgres.database_name(settings.postgres.dsn.get_secret_value())
+            listing = backups.list_backups_task(settings, database)[:candidates]
+            manifest = backups.resolve_backup_task(settings, backup_id, database=database)
+            preflight = backups.restore_preflight_task(
+                settings, manifest, target_database=database, keep_old=keep_old
+            )
+            if not preflight.target_exists:
+                raise backups.DatabaseNotFound(
+                    f"target database {preflight.target_database!r} does not exist; use restore-database"
+                    " with create_missing=true. Nothing was done"
+                )
+            if stop_writes:
+                recorded = incidents.record_replicas_task(runtime, services)
+            replicas = ", ".join(f"{r.service}={r.replicas}" for r in recorded) or "-"
+            step.detail = f"backup {manifest.id}; replicas {replicas}"
+        if dry_run:
+            outcome = "dry run (plan only)"
+            return {
+                "outcome": "dry-run",
+                "backup_id": manifest.id,
+                "target_database": preflight.target_database,
+                "replicas": {r.service: r.replicas for r in recorded},
+                "plan": preflight.steps(),
+                "candidates": [m.id for m in listing],
+            }
+        if not approved:
+            outcome = "waiting for approval"
+            reports.publish_markdown(
+                key,
+                render_recovery(settings.stack, outcome, steps, preflight, listing, recorded, [], None, None),
+                "Data recovery: waiting for approval",
+            )
+            with steps.step("approval"):
+                answer = ask_approval(
+                    RecoveryApproval,
+                    render_recovery(
+                        settings.stack, "approve?", steps, preflight, listing, recorded, [], None, None
+                    ),
+                    timeout,
+                    "nothing was stopped or restored",
+                    backup_id=manifest.id,
+                )
+            if answer.backup_id and answer.backup_id != manifest.id:
+                manifest = backups.resolve_backup_task(settings, answer.backup_id, database=database)
+                preflight = backups.restore_preflight_task(
+                    settings, manifest, target_database=preflight.target_database, keep_old=keep_old
+                )
+                logger.info("the approval chose backup %s", manifest.id)
+        primary: BaseException | None = None
+        try:
+            if recorded:
+                with steps.step("stop writes: scale to 0") as step:
+                    incidents.scale_services_task(runtime, {r.service: 0 for r in recorded})
+                    step.detail = ", ".join(f"{r.service} {r.replicas} -> 0" for r in recorded)
+            with steps.step(f"restore {manifest.id}") as step:
+                backups.checksum_backup_task(settings, manifest)
+                restore = backups.restore_backup_task(
+                    settings,
+                    manifest.id,
+                    target_database=preflight.target_database,
+                    keep_old=keep_old,
+                    checksum_first=False,
+                )
+                step.detail = restore.comparison.summary()
+            with steps.step("verify data: validation queries") as step:
+                validations = incidents.validation_queries_task(
+                    settings, settings.incidents.validation_queries
+                )
+                failed = [v for v in validations if not v.ok]
+                step.detail = f"{len(validations) - len(failed)} of {len(validations)} passed"
+                if failed:
+                    raise CheckFailed(
+                        "validation failed after the restore: "
+                        + "; ".join(f"{v.query!r}: {v.error}" for v in failed)
+                        + ". The damaged database is kept as "
+                        + str(restore.old_database or "-")
+                    )
+        except BaseException as exc:
+            primary = exc
+            raise
+        finally:
+            if recorded:
+                try:
+                    with steps.step("resume: scale back to the recorded counts") as step:
+                        incidents.scale_services_task(runtime, {r.service: r.replicas for r in recorded})
+                        incidents.wait_services_ready_task(
+                            runtime,
+                            [r.service for r in recorded if r.replicas > 0],
+                            settings.runtime.ready_timeout_seconds,
+                        )
+                        step.detail = ", ".join(f"{r.service} 0 -> {r.replicas}" for r in recorded)
+                except Exception:
+                    if primary is None:
+                        raise
+                    # The first failure is the one to act on; the scale-back failure is in the steps.
+                    logger.error("scaling back failed too; see the steps table")
+        with steps.step("health check") as step:
+            report = incidents.health_report_task(settings)
+            step.detail = report.status.value
+        outcome = "recovered" if report.status is not Status.UNHEALTHY else "restored, but unhealthy"
+        if report.status is Status.UNHEALTHY:
+            raise CheckFailed(
+                f"{settings.stack} is unhealthy after the recovery: "
+                + "; ".join(f"{n}: {report.checks[n].error or 'failing'}" for n in report.failed_checks)
+                + ". Run diagnose"
+            )
+        return {
+            "outcome": "recovered",
+            "backup_id": manifest.id,
+            "target_database": preflight.target_database,
+            "old_database": restore.old_database if restore else None,
+            "replicas": {r.service: r.replicas for r in recorded},
+            "validations": [{"query": v.query, "ok": v.ok, "value": v.value} for v in validations],
+            "health": report.status.value,
+            "steps": steps.rows(),
+        }
+    except BaseException as exc:
+        error = exc
+        if outcome in {"failed", "waiting for approval"}:
+            outcome = "declined" if isinstance(exc, ApprovalRejected) else "failed"
+        raise
+    finally:
+        markdown = render_recovery(
+            settings.stack, outcome, steps, preflight, listing, recorded, validations, report, restore
+        ) + "\n".join(_failure_line(error, settings))
+        reports.publish_markdown(key, markdown, f"Data recovery of {settings.stack}: {outcome}")
+        reports.publish_table(f"{key}-steps", steps.rows(), "Each step with its timing")
+        if listing:
+            reports.publish_table(
+                f"{key}-backups",
+                _backup_rows(listing, preflight.backup_id if preflight else None),
+                "Candidate backups, newest first, with their verification state",
+            )
+
+
+# --- Security Incident ----------------------------------------------------------------------------
+
+
+def render_security(
+    stack: str,
+    outcome: str,
+    steps: StepLog,
+    bundle: EvidenceBundle | None,
+    verification: EvidenceVerification | None,
+    plan: RotationPlan | None,
+    record: RotationRecord | None,
+    report: HealthReport | None,
+) -> str:
+    """The incident response as markdown; secrets appear only as names and fingerprints."""
+    lines = [f"# Security incident on {stack}: {outcome}", "", "## Steps", "", _steps_table(steps)]
+    if bundle is not None:
+        lines += [
+            "",
+            "## Evidence",
+            "",
+            f"- bundle: `{bundle.prefix}` in {bundle.location}",
+            f"- files: {len(bundle.manifest.files)}, {bundle.total_bytes} bytes",
+            f"- manifest sha256: `{bundle.manifest_sha256}` (keep this line: it proves the manifest later)",
+            f"- verified: {verification.summary() if verification else 'not yet'}",
+        ]
+        if bundle.manifest.errors:
+            lines += ["", "Evidence that could not be collected:"]
+            lines += [f"- {name}: {text}" for name, text in sorted(bundle.manifest.errors.items())]
+        lines += [
+            "",
+            reports.markdown_table(
+                ["file", "bytes", "sha256"], [[f.path, f.size, f.sha256] for f in bundle.manifest.files]
+            ),
+        ]
+    if plan is not None:
+        lines += ["", "## Secret rotation", ""]
+        if plan.empty:
+            lines.append(
+                "Nothing is configured to rotate: set incidents.rotate_roles / incidents.app_secrets."
+            )
+        if plan.problems:
+            lines += ["Problems (rotation refused until fixed):", *[f"- {p}" for p in plan.problems], ""]
+        shown = record.secrets if record is not None else ()
+        if shown:
+            lines.append(
+                reports.markdown_table(
+                    ["kind", "name", "location", "old fingerprint", "new fingerprint", "outcome"],
+                    [
+                        [
+                            s.kind,
+                            s.name,
+                            s.location,
+                            s.old_fingerprint or "-",
+                            s.new_fingerprint or "-",
+                            s.outcome,
+                        ]
+                        for s in shown
+                    ],
+                )
+            )
+        elif not plan.empty:
+            lines += [f"- {t.describe()}" for t in plan.targets]
+        if record is not None and record.dry_run and not plan.empty:
+            lines += [
+                "",
+                "Dry run: nothing was rotated. Run with dry_run=false to rotate (after an approval).",
+            ]
+        if record is not None and record.commands:
+            lines += ["", "Commands:", *[f"- `{c}`" for c in record.commands]]
+    if report is not None:
+        lines += ["", "## After", "", *_health_lines(report)]
+    lines += [
+        "",
+        "Also: isolate affected systems (firewall / security groups), apply patches, review configuration.",
+    ]
+    return "\n".join(lines)
+
+
+@flow(name="security-incident", log_prints=True)
+def security_incident(
+    dry_run: bool = True,
+    approve_rotation: bool = False,
+    rotate: list[str] | None = None,
+    restart: bool = True,
+    approval_timeout_seconds: int | None = None,
+) -> dict[str, Any]:
+    """Runbook "Security Incident": collect evidence, rotate all secrets, redeploy.
+
+    1. Collect evidence (always, also on a dry run): every service's logs, ``pg_stat_activity``, the
+       roles, Redis clients, resource usage, rollout and release history, the health report, into a
+       timestamped bundle in the storage with a sha256 manifest; the bundle is re-read and verified.
+    2. Plan the rotation of what ``incidents.rotate_roles`` and ``incidents.app_secrets`` name (or the
+       ``rotate`` subset), checking that each role, env file and Secret exists.
+    3. Approval (or ``approve_rotation``); then rotate: role passwords (``ALTER ROLE``), app secrets in
+       the Compose env file or the Kubernetes Secret, all or nothing.
+    4. Redeploy: a rolling restart of ``incidents.restart_services`` (default every service) so the new
+       secrets are read, then a health check.
+
+    New secrets are never logged, returned or published: reports show names and fingerprints only.
+
+    Args:
+        dry_run: collect evidence and show the rotation plan only (the default).
+        approve_rotation: rotate without the approval form.
+        rotate: names of roles / app secrets to rotate; default all configured.
+        restart: restart the services after rotating (they keep old secrets until they do).
+        approval_timeout_seconds: how long the form waits; default ``incidents.approval_timeout_seconds``.
+
+    Returns:
+        The evidence bundle (prefix, manifest sha256, files) and the rotation record (names, fingerprints).
+
+    Raises:
+        EvidenceTampered: the bundle did not verify right after it was written.
+        RotationRefused: the plan has problems; nothing was rotated (evidence is kept).
+        ApprovalRejected: the rotation was declined or timed out (evidence is kept).
+    """
+    settings = load_settings()
+    timeout = _timeout(settings, approval_timeout_seconds)
+    logger = run_logger(__name__)
+    key = f"security-incident-{settings.stack}"
+    steps = StepLog(secrets=incidents.settings_secrets(settings))
+    bundle: EvidenceBundle | None = None
+    verification: EvidenceVerification | None = None
+    plan: RotationPlan | None = None
+    record: RotationRecord | None = None
+    report: HealthReport | None = None
+    outcome = "failed"
+    error: BaseException | None = None
+    try:
+        runtime = get_runtime(settings)
+        with steps.step("collect evidence") as step:
+            bundle = incidents.collect_evidence_task(settings, runtime)
+            step.detail = f"{bundle.prefix}: {len(bundle.manifest.files)} files"
+        with steps.step("verify evidence bundle") as step:
+            verification = incidents.verify_evidence_task(settings, bundle)
+            step.detail = verification.summary()
+            if not verification.ok:
+                raise EvidenceTampered(verification.summary())
+        with steps.step("plan secret rotation") as step:
+            plan = incidents.plan_rotation_task(settings, only=rotate)
+            step.detail = f"{len(plan.targets)} secrets, {len(plan.problems)} problems"
+        if plan.empty:
+            outcome = "evidence collected; nothing configured to rotate"
+        elif dry_run:
+            record = incidents.rotate_secrets_task(settings, plan, confirm=False)
+            outcome = "evidence collected; rotation dry run"
+        else:
+            if plan.problems:
+                raise RotationRefused("rotation refused, nothing was changed: " + "; ".join(plan.problems))
+            if not approve_rotation:
+                outcome = "waiting for approval"
+                reports.publish_markdown(
+                    key,
+                    render_security(settings.stack, outcome, steps, bundle, verification, plan, None, None),
+                    "Security incident: waiting for approval",
+                )
+                with steps.step("approval"):
+                    ask_approval(
+                        RotationApproval,
+                        "Rotate:\n" + "\n".join(f"- {t.describe()}" for t in plan.targets),
+                        timeout,
+                        "no secret was rotated (the evidence bundle is kept)",
+                    )
+            with steps.step("rotate secrets") as step:
+                record = incidents.rotate_secrets_task(settings, plan, confirm=True)
+                step.detail = ", ".join(f"{s.name} {s.new_fingerprint}" for s in record.secrets)
+            services = settings.incidents.restart_services or settings.runtime.services
+            if not restart:
+                steps.skip("rolling restart", "restart=false: services keep the old secrets until restarted")
+            else:
+                try:
+                    with steps.step("rolling restart") as step:
+                        changes = incidents.restart_for_new_config_task(settings, runtime, services)
+                        incidents.wait_services_ready_task(
+                            runtime, services, settings.runtime.ready_timeout_seconds
+                        )
+                        step.detail = ", ".join(c.target for c in changes)
+                except RuntimeUnavailable as exc:
+                    steps.steps[-1].outcome = "skipped"
+                    logger.warning("no restart: %s", exc)
+            with steps.step("health check") as step:
+                report = incidents.health_report_task(settings)
+                step.detail = report.status.value
+            outcome = "secrets rotated"
+            if report.status is Status.UNHEALTHY:
+                outcome = "secrets rotated, but unhealthy"
+                raise CheckFailed(
+                    f"{settings.stack} is unhealthy after the rotation: "
+                    + ", ".join(report.failed_checks)
+                    + ". A service may still use an old secret: check its configuration and logs"
+                )
+        return {
+            "outcome": outcome,
+            "evidence": {
+                "location": bundle.location,
+                "prefix": bundle.prefix,
+                "bundle_id": bundle.manifest.bundle_id,
+                "manifest_sha256": bundle.manifest_sha256,
+                "files": [f.path for f in bundle.manifest.files],
+                "errors": bundle.manifest.errors,
+                "verified": verification.ok,
+            },
+            "rotation": None
+            if record is None
+            else {
+                "dry_run": record.dry_run,
+                "secrets": [s.as_row() for s in record.secrets],
+            },
+            "problems": list(plan.problems),
+            "health": None if report is None else report.status.value,
+            "steps": steps.rows(),
+        }
+    except BaseException as exc:
+        error = exc
+        if isinstance(exc, ApprovalRejected):
+            outcome = "evidence collected; rotation declined"
+        raise
+    finally:
+        markdown = render_security(
+            settings.stack, outcome, steps, bundle, verification, plan, record, report
+        ) + "\n".join(_failure_line(error, settings))
+        reports.publish_markdown(key, markdown, f"Security incident on {settings.stack}: {outcome}")
+        reports.publish_table(f"{key}-steps", steps.rows(), "Each step with its timing")
+        if record is not None and record.secrets:
+            reports.publish_table(
+                f"{key}-secrets", [s.as_row() for s in record.secrets], "Secrets: names and fingerprints only"
+            )
+
+
+# --- Redis out of memory --------------------------------------------------------------------------
+
+
+def render_census(census: KeyCensus, shown: int = 50) -> str:
+    """What the db holds: memory, keys by prefix, BullMQ jobs by queue and state."""
+    ratio = f" ({census.used_memory / census.maxmemory:.0%} of maxmemory)" if census.maxmemory else ""
+    lines = [
+        f"Redis {census.server}, db {census.db}: **{census.dbsize} keys**, used memory"
+        f" {census.used_memory_human}{ratio}, maxmemory-policy `{census.maxmemory_policy}`.",
+        "",
+    ]
+    if not census.complete:
+        lines.append(f"Only the first {census.scanned} keys were counted (incidents.key_census_max_keys).")
+    groups = list(census.groups[:shown])
+    lines.append(reports.markdown_table(["key prefix", "keys"], groups or [["(empty)", 0]]))
+    if len(census.groups) > shown:
+        lines.append(f"... and {len(census.groups) - shown} more prefixes (see the table artifact).")
+    lines += ["", "BullMQ jobs that would be lost:", ""]
+    if census.queue_error:
+        lines.append(f"Queue counts unavailable: {census.queue_error}")
+    else:
+        states = (
+            "waiting",
+            "active",
+            "delayed",
+            "prioritized",
+            "waiting-children",
+            "paused",
+            "failed",
+            "completed",
+        )
+        lines.append(
+            reports.markdown_table(
+                ["queue", *states], [[q.name, *[q[s] for s in states]] for q in census.queues]
+            )
+        )
+    return "\n".join(lines)
+
+
+def render_flush(stack: str, outcome: str, census: KeyCensus | None, record: FlushRecord | None) -> str:
+    lines = [f"# Redis FLUSHDB on {stack}: {outcome}", ""]
+    if record is not None:
+        if record.dry_run:
+            lines.append(
+                f"Dry run: nothing was deleted. `{record.command}` would delete {record.keys_before} keys."
+                " The gentler way is clean-jobs (old completed/failed jobs). Run with dry_run=false to"
+                " flush after an approval."
+            )
+        else:
+            lines.append(f"`{record.command}`: {record.keys_before} keys before, {record.keys_after} after.")
+        lines.append("")
+    if census is not None:
+        lines += [
+            "## What the db holds" + (" (before the flush)" if record and not record.dry_run else ""),
+            "",
+        ]
+        lines.append(render_census(census))
+    return "\n".join(lines)
+
+
+@flow(name="flush-redis", log_prints=True)
+def flush_redis(
+    dry_run: bool = True,
+    approved: bool = False,
+    restart_services: list[str] | None = None,
+    depth: int | None = None,
+    approval_timeout_seconds: int | None = None,
+) -> dict[str, Any]:
+    """Runbook Common Issues 2 "If Redis out of memory": FLUSHDB, then restart the worker.
+
+    Shows what FLUSHDB would lose first: key counts by name prefix (SCAN with COUNT, never KEYS) and
+    each BullMQ queue's jobs by state. FLUSHDB runs only with ``dry_run=false`` and after an approval
+    (or ``approved``), on the configured db only; then the worker is restarted so it re-creates its
+    queue keys. Prefer clean-jobs (old completed/failed jobs) when that frees enough memory.
+
+    Args:
+        dry_run: only show the census (the default).
+        approved: flush without the approval form.
+        restart_services: services restarted after the flush; default ``["worker"]``.
+        depth: key name segments grouped in the census; default ``incidents.key_census_depth``.
+        approval_timeout_seconds: how long the form waits; default ``incidents.approval_timeout_seconds``.
+
+    Returns:
+        The census (keys by prefix, jobs) and the flush record.
+
+    Raises:
+        ApprovalRejected: declined or timed out; nothing was deleted.
+    """
+    settings = load_settings()
+    timeout = _timeout(settings, approval_timeout_seconds)
+    if depth is not None and not 1 <= depth <= 5:
+        raise ParameterError("depth must be between 1 and 5")
+    services = restart_services if restart_services is not None else ["worker"]
+    logger = run_logger(__name__)
+    key = f"flush-redis-{settings.stack}"
+    census: KeyCensus | None = None
+    record: FlushRecord | None = None
+    restarted: list[str] = []
+    outcome = "failed"
+    try:
+        census = incidents.key_census_task(settings, depth=depth)
+        if dry_run:
+            record = incidents.flush_redis_db_task(settings, census, confirm=False)
+            outcome = f"dry run, {census.dbsize} keys would be deleted"
+        else:
+            if not approved:
+                outcome = "waiting for approval"
+                reports.publish_markdown(key, render_flush(settings.stack, outcome, census, None), outcome)
+                ask_approval(
+                    FlushApproval,
+                    f"FLUSHDB deletes every key of db {census.db}:\n\n" + render_census(census),
+                    timeout,
+                    "nothing was deleted",
+                )
+            record = incidents.flush_redis_db_task(settings, census, confirm=True)
+            outcome = f"flushed {record.keys_before} keys"
+            if services:
+                try:
+                    runtime = get_runtime(settings)
+                    changes = incidents.restart_services_task(runtime, services)
+                    restarted = [c.target for c in changes]
+                except RuntimeUnavailable as exc:
+                    logger.warning("worker not restarted: %s", exc)
+                    outcome += f"; restart {', '.join(services)} yourself ({exc})"
+        return {
+            "outcome": "dry-run" if dry_run else "flushed",
+            "db": census.db,
+            "keys": census.dbsize,
+            "groups": dict(census.groups),
+            "jobs": {q.name: q.counts for q in census.queues},
+            "flushed": record is not None and not record.dry_run,
+            "keys_after": None if record is None else record.keys_after,
+            "restarted": restarted,
+        }
+    except BaseException as exc:
+        if isinstance(exc, ApprovalRejected):
+            outcome = "declined, nothing deleted"
+        raise
+    finally:
+        reports.publish_markdown(
+            key, render_flush(settings.stack, outcome, census, record), f"Redis FLUSHDB: {outcome}"
+        )
+        if census is not None:
+            reports.publish_table(
+                f"{key}-keys", [{"prefix": p, "keys": n} for p, n in census.groups], "Keys by prefix"
+            )
