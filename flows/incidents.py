@@ -23,7 +23,7 @@ from prefect import flow, pause_flow_run
 from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
 
-from tasks import backups, incidents, postgres, releases, reports
+from tasks import backups, incidents, postgres, queues, releases, reports
 from tasks.errors import ApprovalRejected, CheckFailed, ParameterError
 from tasks.health import HealthReport, Status
 from tasks.incidents import (
@@ -873,16 +873,7 @@ def render_census(census: KeyCensus, shown: int = 50) -> str:
     if census.queue_error:
         lines.append(f"Queue counts unavailable: {census.queue_error}")
     else:
-        states = (
-            "waiting",
-            "active",
-            "delayed",
-            "prioritized",
-            "waiting-children",
-            "paused",
-            "failed",
-            "completed",
-        )
+        states = queues.JOB_STATES
         lines.append(
             reports.markdown_table(
                 ["queue", *states], [[q.name, *[q[s] for s in states]] for q in census.queues]
