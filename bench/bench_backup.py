@@ -10,7 +10,9 @@ measured as the database grows: the same backup step on ``ops_bench_backup_small
 full database. Environment: ``BENCH_PG_ADMIN_DSN`` (default postgresql://postgres@127.0.0.1:5432/postgres),
 ``BENCH_DIR`` (dumps and the file:// storage; default a temporary directory, removed at the end),
 ``BENCH_REPEATS`` (default 3); ``BENCH_PARTS`` (default ``backup,restore,memory``);
-``BENCH_DATABASE`` and ``BENCH_SCALE`` for a quick trial run.
+``BENCH_DATABASE`` and ``BENCH_SCALE`` for a quick trial run, e.g. to iterate on the restore drill::
+
+    BENCH_SCALE=20 BENCH_DATABASE=ops_bench_backup_q BENCH_PARTS=restore python -m bench.bench_backup --drop
 """
 
 from __future__ import annotations

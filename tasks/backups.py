@@ -455,61 +455,122 @@ def _one_table_stats(
     return TableStats(rows=int(row[0]))
 
 
-def _expected_rows(expected: dict[str, TableStats], name: str) -> int:
-    found = expected.get(name)
-    return found.rows if found is not None else 0
+class _RestoredTableStats:
+    """Counts (and hashes) the tables of a database being restored, each as soon as its rows are in.
 
-
-def _parallel_table_stats(
-    settings: OpsSettings, database: str, expected: dict[str, TableStats], *, content_hashes: bool
-) -> dict[str, TableStats]:
-    """Every table's stats over ``backup.restore_jobs`` connections, the largest tables first.
-
-    For a database nothing else writes to (a freshly restored copy) one statement per table sees exactly
-    what one snapshot over all tables would; each table is locked only while it is read, so index and
-    constraint builds on the other tables go on at the same time.
+    Tables are read on up to ``backup.restore_jobs`` connections, one statement per table: in a copy
+    only the restore writes to, a table whose data is committed no longer changes, so this sees exactly
+    what one snapshot after the restore would. While data is still loading only one connection reads
+    (the load needs the rest of the machine); ``finish`` then reads every remaining table, the largest
+    first, at the same time as the index builds. A table is locked only while it is read.
     """
-    timeout_ms = int(settings.backup.restore_timeout_seconds * 1000)
-    with _connect(settings, database, purpose="backup-compare") as conn:
-        tables = _user_tables(conn)
-    # Largest first (by the manifest's rows) so the long scans start at once and the small ones fill in.
-    pending = sorted(tables, key=lambda t: -_expected_rows(expected, f"{t[0]}.{t[1]}"))
-    lock = threading.Lock()
-    results: dict[str, TableStats] = {}
-    errors: list[BaseException] = []
 
-    def _worker() -> None:
+    def __init__(self, settings: OpsSettings, database: str, manifest: BackupManifest) -> None:
+        self._settings = settings
+        self._database = database
+        self._expected = manifest.tables
+        self._hashed = any(t.content_hash is not None for t in manifest.tables.values())
+        self._jobs = max(1, settings.backup.restore_jobs)
+        self._cond = threading.Condition()
+        self._pending: list[tuple[str, str]] = []
+        self._queued: set[str] = set()
+        self._closed = False
+        self._permits = 1
+        self._running = 0
+        self.results: dict[str, TableStats] = {}
+        self._errors: list[BaseException] = []
+        self._workers: list[threading.Thread] = []
+
+    def _start_workers(self, count: int) -> None:
+        while len(self._workers) < count:
+            worker = threading.Thread(
+                target=self._work, name=f"compare-{self._database}-{len(self._workers)}", daemon=True
+            )
+            self._workers.append(worker)
+            worker.start()
+
+    def table_loaded(self, name: str) -> None:
+        """``name`` (``schema.table``, as in the manifest) has all its rows committed."""
+        if name.count(".") != 1:
+            return  # ambiguous as printed (a dot in a name): read in finish() instead
+        schema, _, table = name.partition(".")
+        with self._cond:
+            if name in self._queued or self._closed or name not in self._expected:
+                return
+            self._queued.add(name)
+            self._pending.append((schema, table))
+            self._cond.notify_all()
+        self._start_workers(1)
+
+    def finish(self) -> dict[str, TableStats]:
+        """All data is loaded: read every table not read yet, on all connections; return the stats."""
+        with _connect(self._settings, self._database, purpose="backup-compare") as conn:
+            tables = _user_tables(conn)
+        rest = [(s, t) for s, t in tables if f"{s}.{t}" not in self._queued]
+        rest.sort(key=lambda t: -self._rows(f"{t[0]}.{t[1]}"))
+        with self._cond:
+            self._pending.extend(rest)
+            self._queued.update(f"{s}.{t}" for s, t in rest)
+            self._closed = True
+            self._permits = self._jobs
+            self._cond.notify_all()
+        self._start_workers(min(self._jobs, max(1, len(self._queued))))
+        self.join()
+        if self._errors:
+            exc = self._errors[0]
+            if isinstance(exc, BackupError):
+                raise exc
+            raise BackupError(
+                f"counting rows in {self._database!r} failed: {_pg_error(exc, self._settings)}"
+            ) from None
+        return {name: self.results[name] for name in sorted(self.results)}
+
+    def stop(self) -> None:
+        """Stop taking tables (the restore failed); running statements end when the database is dropped."""
+        with self._cond:
+            self._closed = True
+            self._pending.clear()
+            self._cond.notify_all()
+
+    def join(self) -> None:
+        for worker in self._workers:
+            worker.join()
+
+    def _rows(self, name: str) -> int:
+        found = self._expected.get(name)
+        return found.rows if found is not None else 0
+
+    def _work(self) -> None:
         try:
-            with _connect(settings, database, purpose="backup-compare") as conn:
+            with _connect(self._settings, self._database, purpose="backup-compare") as conn:
                 conn.autocommit = True
-                conn.execute(f"SET statement_timeout = {timeout_ms}")
+                conn.execute(
+                    f"SET statement_timeout = {int(self._settings.backup.restore_timeout_seconds * 1000)}"
+                )
                 conn.execute(_STATS_SESSION)
                 while True:
-                    with lock:
-                        if not pending or errors:
+                    with self._cond:
+                        while not self._errors and not (
+                            (self._pending and self._running < self._permits)
+                            or (self._closed and not self._pending)
+                        ):
+                            self._cond.wait()
+                        if self._errors or not self._pending:
                             return
-                        schema, table = pending.pop(0)
-                    stats = _one_table_stats(conn, schema, table, content_hashes=content_hashes)
-                    with lock:
-                        results[f"{schema}.{table}"] = stats
-        except BaseException as exc:  # re-raised on the calling thread
-            with lock:
-                errors.append(exc)
-
-    workers = [
-        threading.Thread(target=_worker, name=f"compare-{database}-{n}", daemon=True)
-        for n in range(max(1, min(settings.backup.restore_jobs, len(pending))))
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    if errors:
-        exc = errors[0]
-        if isinstance(exc, BackupError):
-            raise exc
-        raise BackupError(f"counting rows in {database!r} failed: {_pg_error(exc, settings)}") from None
-    return {name: results[name] for name in sorted(results)}
+                        schema, table = self._pending.pop(0)
+                        self._running += 1
+                    try:
+                        stats = _one_table_stats(conn, schema, table, content_hashes=self._hashed)
+                    finally:
+                        with self._cond:
+                            self._running -= 1
+                            self._cond.notify_all()
+                    with self._cond:
+                        self.results[f"{schema}.{table}"] = stats
+        except BaseException as exc:  # re-raised by finish() on the calling thread
+            with self._cond:
+                self._errors.append(exc)
+                self._cond.notify_all()
 
 
 def compare_stats(
@@ -544,21 +605,15 @@ def compare_stats(
 
 
 def compare_database_to_manifest(
-    settings: OpsSettings, manifest: BackupManifest, database: str, *, restored_copy: bool = False
+    settings: OpsSettings, manifest: BackupManifest, database: str
 ) -> TableComparison:
     """Count (and hash, when the manifest has hashes) every table of ``database`` and compare.
-
-    ``restored_copy``: ``database`` is a scratch copy only the restore writes to, and its data section
-    is complete; tables are then read in parallel, one statement each, not in one snapshot.
 
     Raises:
         BackupError: the database cannot be reached.
     """
     hashed = any(t.content_hash is not None for t in manifest.tables.values())
     timeout_ms = int(settings.backup.restore_timeout_seconds * 1000)
-    if restored_copy:
-        actual = _parallel_table_stats(settings, database, manifest.tables, content_hashes=hashed)
-        return compare_stats(manifest.tables, actual, database=database, backup_id=manifest.id)
     with _connect(settings, database, purpose="backup-compare") as conn:
         conn.execute(f"SET statement_timeout = {timeout_ms}")
         with conn.transaction():
@@ -951,6 +1006,7 @@ def restore_into(
     manifest: BackupManifest,
     database: str,
     *,
+    on_table_loaded: Callable[[str], None] | None = None,
     alongside_post_data: Callable[[], None] | None = None,
 ) -> list[str]:
     """Restore the backup into the existing empty ``database``; the object's checksum is checked too.
@@ -959,6 +1015,8 @@ def restore_into(
     data are streamed; indexes and constraints are then built with ``pg_restore --jobs`` from a small
     copy of the archive's catalog (kept in ``backup.spool_dir``, removed afterwards).
 
+    ``on_table_loaded`` is called with ``schema.table`` as soon as a table's rows are committed (with
+    ``restore_jobs`` above 1; pg_restore reports each table it starts, so the one before is done).
     ``alongside_post_data`` runs once all rows are loaded (and checksummed), on a thread at the same
     time as the post-data section (after the whole restore with ``restore_jobs`` 1); its exception, if
     any, is raised after pg_restore finished.
@@ -1003,18 +1061,25 @@ def restore_into(
     commands = []
     with tempfile.NamedTemporaryFile(dir=spool_root, prefix=f"{manifest.id}-", suffix=".catalog") as head:
         kept = 0
+        watch = on_table_loaded is not None
         with stream_command(
-            [*base, "--section=pre-data", "--section=data"],
+            [*base, "--section=pre-data", "--section=data", *(["--verbose"] if watch else [])],
             timeout=timeout,
             mode="write",
             env=env,
             secrets=secret_values,
         ) as cmd:
+            loading = _LoadWatcher(cmd.stderr_reader.lines, on_table_loaded)
             for piece in _decompressed(chunks):
                 if kept < _CATALOG_LIMIT:
                     head.write(piece[: _CATALOG_LIMIT - kept])
                     kept += min(len(piece), _CATALOG_LIMIT - kept)
-                cmd.pipe.write(piece)
+                # Highly compressible data decompresses to large pieces: write in slices so a
+                # finished table is noticed while the next one loads, not after it.
+                view = memoryview(piece)
+                for offset in range(0, len(view), _PIPE_CHUNK):
+                    cmd.pipe.write(view[offset : offset + _PIPE_CHUNK])
+                    loading.poll()
             _check_digest(manifest, size, sha.hexdigest())
         assert cmd.result is not None
         commands.append(cmd.result.command_line)
@@ -1049,6 +1114,38 @@ def restore_into(
     return [*commands, cmd.result.command_line]
 
 
+# pg_restore --verbose, non-parallel: 'processing data for table "schema.table"' before each COPY. The
+# COPY before it has returned, so (autocommit) its rows are committed.
+_DATA_LINE = re.compile(r'processing data for table "(.+)"$')
+
+
+class _LoadWatcher:
+    """Reports each table whose COPY finished, from pg_restore's verbose stderr lines."""
+
+    def __init__(self, lines: Iterable[str], callback: Callable[[str], None] | None) -> None:
+        self._lines = lines
+        self._callback = callback
+        self._seen: list[str] = []
+        self._count = -1
+
+    def poll(self) -> None:
+        if self._callback is None:
+            return
+        try:
+            lines = list(self._lines)  # a copy: the reader thread appends to the deque
+        except RuntimeError:  # appended to while copied: look again after the next chunk
+            return
+        if len(lines) == self._count:
+            return
+        self._count = len(lines)
+        for line in lines:
+            found = _DATA_LINE.search(line)
+            if found and found.group(1) not in self._seen:
+                if self._seen:
+                    self._callback(self._seen[-1])
+                self._seen.append(found.group(1))
+
+
 class _Alongside:
     """Runs a callable on a thread; ``join`` waits for it and re-raises its exception."""
 
@@ -1080,17 +1177,29 @@ def restore_drill(settings: OpsSettings, storage: Storage, manifest: BackupManif
         BackupCorrupt: the object fails its checksum or pg_restore fails.
     """
     name = scratch_name(manifest.database, "drill")
-    box: dict[str, TableComparison] = {}
+    box: dict[str, dict[str, TableStats]] = {}
 
-    def _compare() -> None:
-        box["comparison"] = compare_database_to_manifest(settings, manifest, name, restored_copy=True)
+    def _finish() -> None:
+        box["actual"] = collector.finish()
 
     with _scratch_database(settings, name, owner=None):
+        # Counting and hashing read only the data: each table as soon as its rows are in, the rest
+        # while pg_restore builds indexes and constraints.
+        collector = _RestoredTableStats(settings, name, manifest)
         try:
-            restore_into(settings, storage, manifest, name, alongside_post_data=_compare)
+            restore_into(
+                settings,
+                storage,
+                manifest,
+                name,
+                on_table_loaded=collector.table_loaded,
+                alongside_post_data=_finish,
+            )
         except CommandError as exc:
             raise BackupCorrupt(f"backup {manifest.id} does not restore: {exc}") from None
-        return box["comparison"]
+        finally:
+            collector.stop()
+        return compare_stats(manifest.tables, box["actual"], database=name, backup_id=manifest.id)
 
 
 def verify_backup(settings: OpsSettings, backup_id: str, level: VerifyLevel) -> Verification:
