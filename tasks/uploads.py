@@ -10,7 +10,9 @@ Safety properties, and how they hold:
   ``cross_filesystem`` is set (a bind mount of ``/`` under the uploads root stays untouched).
 - The plan is exactly the files that would go (regular files older than the cutoff, not protected,
   not referenced by the application's database), written as JSON Lines.
-- :func:`remove_planned` is the one function that moves or deletes, and only with ``confirm=True``.
+- :func:`remove_planned` is the one function that moves or deletes, and only with ``confirm=True``
+  (a delete run without a reference query takes its one-pass form, ``_plan_and_delete``, which acts
+  per directory right after the scan wrote that directory's files to the plan, with the same checks).
   Right before acting it re-checks every file through descriptors (still a regular file, same
   ``st_dev``/``st_ino`` and inode change time, still older than the cutoff, still unreferenced); a
   file that changed is skipped and reported.
@@ -539,9 +541,35 @@ def scan_old_files(
     yielded. Unreadable directories and files are recorded in ``stats.errors`` and skipped.
     Counters in ``stats`` are complete once the generator is exhausted or closed.
     """
+    new_entry = tuple.__new__  # FileEntry without the Python-level __new__: this runs per file
+    for _fd, prefix, found in _walk_old_files(
+        root, cutoff, stats, cross_filesystem=cross_filesystem, protect=protect, max_depth=max_depth
+    ):
+        for name, st in found:
+            yield new_entry(
+                FileEntry, (prefix + name, st.st_size, st.st_mtime, st.st_dev, st.st_ino, st.st_ctime_ns)
+            )
+
+
+def _walk_old_files(
+    root: Path,
+    cutoff: float,
+    stats: ScanStats,
+    *,
+    cross_filesystem: bool = False,
+    protect: ProtectMatcher | None = None,
+    max_depth: int = MAX_DEPTH,
+) -> Iterator[tuple[int, str, list[tuple[str, os.stat_result]]]]:
+    """The scan of :func:`scan_old_files`, one directory at a time.
+
+    Yields ``(dir_fd, prefix, found)`` per directory holding old unprotected regular files: the
+    directory's descriptor (opened relative to its parent with ``O_NOFOLLOW``, on the root's
+    filesystem; valid until the next item is requested, never to be closed by the caller), its path
+    relative to the root ending in '/' ('' for the root), and ``(name, lstat result)`` of each file.
+    One item per directory instead of one per file keeps the per-file cost to the loop body.
+    """
     names = protect.names if protect is not None else frozenset()
     other = protect.other if protect is not None else None
-    new_entry = tuple.__new__  # FileEntry without the Python-level __new__: this runs per file
     s_ifmt, s_ifreg, s_ifdir, s_iflnk = stat.S_IFMT(0o170000), stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
     try:
         root_fd = os.open(root, _DIR_FLAGS & ~os.O_NOFOLLOW)
@@ -561,6 +589,8 @@ def scan_old_files(
             if fd != -1:
                 dirs += 1
                 subdirs: list[str] = []
+                found: list[tuple[str, os.stat_result]] = []
+                add_found = found.append
                 covered = protect is not None and protect.covers_directory(prefix)
                 try:
                     with os.scandir(fd) as listing:
@@ -589,16 +619,19 @@ def scan_old_files(
                                 matched += 1
                                 matched_bytes += size
                                 name = entry.name
-                                rel = prefix + name
-                                if covered or name in names or (other is not None and other(rel, name)):
+                                if (
+                                    covered
+                                    or name in names
+                                    or (other is not None and other(prefix + name, name))
+                                ):
                                     stats.protected += 1
                                     stats.protected_bytes += size
                                     continue
-                                yield new_entry(
-                                    FileEntry, (rel, size, st.st_mtime, st.st_dev, st.st_ino, st.st_ctime_ns)
-                                )
+                                add_found((name, st))
                 except OSError as exc:
                     errors.add(prefix.rstrip("/"), "list directory", exc)
+                if found:
+                    yield fd, prefix, found
                 subdirs.reverse()
                 stack.append((fd, prefix, depth, subdirs))
                 fd = -1
@@ -918,27 +951,41 @@ def clean_uploads(
     stats = ScanStats()
     writer = PlanWriter(plan_path, stats)
     with reference_checker(uploads, pg) as references:
-        if from_plan is not None:
-            # Every record is validated before the first file is touched: a bad line deep in a
-            # reviewed plan must not stop the run half way.
-            for _ in read_jsonl(from_plan):
-                pass
-            planned: Iterable[FileEntry] = read_jsonl(from_plan)
+        if from_plan is None and references is None and (not confirm or mode == "delete"):
+            # Nothing to ask the database and nothing to move: plan (and delete) in one directory pass.
+            _check_removal_arguments(mode, quarantine, run_id)
+            removal = _plan_and_delete(
+                uploads,
+                writer,
+                root=root,
+                cutoff=cutoff,
+                run_id=run_id,
+                mode=mode,
+                confirm=confirm,
+                on_progress=on_progress,
+            )
         else:
-            planned = iter_plan(uploads, references, root=root, cutoff=cutoff, stats=stats)
-        removal = remove_planned(
-            uploads,
-            pg,
-            writer.tee(planned),
-            root=root,
-            mode=mode,
-            cutoff=cutoff,
-            run_id=run_id,
-            confirm=confirm,
-            quarantine=quarantine,
-            references=references,
-            on_progress=on_progress,
-        )
+            if from_plan is not None:
+                # Every record is validated before the first file is touched: a bad line deep in a
+                # reviewed plan must not stop the run half way.
+                for _ in read_jsonl(from_plan):
+                    pass
+                planned: Iterable[FileEntry] = read_jsonl(from_plan)
+            else:
+                planned = iter_plan(uploads, references, root=root, cutoff=cutoff, stats=stats)
+            removal = remove_planned(
+                uploads,
+                pg,
+                writer.tee(planned),
+                root=root,
+                mode=mode,
+                cutoff=cutoff,
+                run_id=run_id,
+                confirm=confirm,
+                quarantine=quarantine,
+                references=references,
+                on_progress=on_progress,
+            )
     plan = writer.summary(run_id, root, cutoff)
     run_logger(__name__).info(
         "uploads plan %s: %d scanned, %d older than cutoff, %d protected, %d referenced, %d planned",
@@ -950,6 +997,135 @@ def clean_uploads(
         stats.planned,
     )
     return CleanupOutcome(plan=plan, removal=removal)
+
+
+def _plan_and_delete(
+    uploads: UploadsSettings,
+    writer: PlanWriter,
+    *,
+    root: Path,
+    cutoff: float,
+    run_id: str,
+    mode: Mode,
+    confirm: bool,
+    on_progress: Callable[[int], None] | None = None,
+    progress_every: int = REFERENCE_BATCH,
+) -> RemovalRecord:
+    """The plan of a run without a database reference check, and with ``confirm`` in delete mode its
+    removal, in one pass over the tree (the result equals :class:`PlanWriter` + :func:`remove_planned`).
+
+    Each directory's old files are written to the plan first; then each is re-checked right before
+    its unlink exactly as :func:`remove_planned` does: a fresh lstat of the name, relative to the
+    descriptor the scan listed the directory through (opened with ``O_NOFOLLOW``, on the root's
+    filesystem), must still show a regular file with the planned device, inode and inode change time
+    and an mtime before the cutoff; the unlink is relative to the same descriptor.
+    """
+    record = RemovalRecord(run_id=run_id, mode=mode, confirmed=confirm, root=str(root))
+    deleting = confirm and mode == "delete"
+    stats = writer.stats
+    largest, oldest, top_n = writer.largest, writer.oldest, writer.top_n
+    push, replace = heapq.heappush, heapq.heapreplace
+    new_entry = tuple.__new__  # FileEntry without the Python-level __new__
+    lstat_at, unlink_at, s_isreg = os.stat, os.unlink, stat.S_ISREG
+    changed, errors = record.changed, record.errors
+    planned = planned_bytes = acted = acted_bytes = kept_changed = reported = 0
+    writer.path.parent.mkdir(parents=True, exist_ok=True)
+    walk = _walk_old_files(
+        root,
+        cutoff,
+        stats,
+        cross_filesystem=uploads.cross_filesystem,
+        protect=ProtectMatcher(uploads.protect),
+    )
+    try:
+        with writer.partial.open("w", encoding="utf-8", buffering=1 << 20) as out, contextlib.closing(walk):
+            for fd, prefix, found in walk:
+                ascii_prefix = prefix.isascii()
+                lines: list[str] = []
+                add = lines.append
+                for name, st in found:
+                    size, mtime = st.st_size, st.st_mtime
+                    rel = prefix + name
+                    planned += 1
+                    planned_bytes += size
+                    entry = None
+                    if ascii_prefix and name.isascii():
+                        add(
+                            f'{{"path":{_json_string(rel)},"size":{size},"mtime":{mtime!r},'
+                            f'"dev":{st.st_dev},"ino":{st.st_ino},"ctime_ns":{st.st_ctime_ns}}}\n'
+                        )
+                    else:
+                        entry = new_entry(FileEntry, (rel, size, mtime, st.st_dev, st.st_ino, st.st_ctime_ns))
+                        add(entry.to_json_line())
+                    # Heaps of (key, sequence, entry), smallest key on top; cheap reject first.
+                    if len(largest) < top_n or size > largest[0][0]:
+                        entry = entry or new_entry(
+                            FileEntry, (rel, size, mtime, st.st_dev, st.st_ino, st.st_ctime_ns)
+                        )
+                        (push if len(largest) < top_n else replace)(largest, (size, planned, entry))
+                    if len(oldest) < top_n or -mtime > oldest[0][0]:
+                        entry = entry or new_entry(
+                            FileEntry, (rel, size, mtime, st.st_dev, st.st_ino, st.st_ctime_ns)
+                        )
+                        (push if len(oldest) < top_n else replace)(oldest, (-mtime, planned, entry))
+                # In the plan before any of these files is touched.
+                out.write("".join(lines))
+                if deleting:
+                    for name, st in found:
+                        try:
+                            try:
+                                now = lstat_at(name, dir_fd=fd, follow_symlinks=False)
+                            except FileNotFoundError:
+                                raise _Changed("gone") from None
+                            if (
+                                now.st_ino != st.st_ino
+                                or now.st_ctime_ns != st.st_ctime_ns
+                                or now.st_dev != st.st_dev
+                                or now.st_mtime >= cutoff
+                                or not s_isreg(now.st_mode)
+                            ):
+                                raise _Changed(
+                                    _change_reason(now, st.st_dev, st.st_ino, st.st_ctime_ns, cutoff)
+                                    or "changed since the plan"
+                                )
+                            unlink_at(name, dir_fd=fd)
+                        except _Changed as why:
+                            kept_changed += 1
+                            if len(changed) < MAX_RECORDED_ERRORS:
+                                changed.append((display_path(prefix + name), str(why)))
+                            continue
+                        except OSError as exc:
+                            errors.add(prefix + name, "delete", exc)
+                            continue
+                        acted += 1
+                        acted_bytes += st.st_size
+                if on_progress is not None and planned - reported >= progress_every:
+                    reported = planned
+                    on_progress(planned)
+        writer.partial.replace(writer.path)
+        writer.complete = True
+    finally:
+        stats.planned += planned
+        stats.planned_bytes += planned_bytes
+        record.planned = planned
+        record.kept_changed = kept_changed
+        if deleting:
+            record.acted, record.acted_bytes = acted, acted_bytes
+        else:
+            record.acted, record.acted_bytes = planned, planned_bytes
+    if on_progress is not None and planned != reported:
+        on_progress(planned)
+    if deleting:
+        run_logger(__name__).info(
+            "uploads %s: %d of %d planned files %s, %d changed since the plan, %d errors",
+            run_id,
+            record.acted,
+            record.planned,
+            record.verb,
+            record.kept_changed,
+            record.errors.count,
+        )
+    return record
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1055,22 +1231,38 @@ class RemovalRecord:
         return action if self.confirmed else f"would be {action}"
 
 
+def _change_reason(st: os.stat_result, dev: int, ino: int, ctime_ns: int, cutoff: float) -> str | None:
+    """Why the file now seen as ``st`` is not the planned one (None: it is, and still old)."""
+    if not stat.S_ISREG(st.st_mode):
+        return "no longer a regular file"
+    if st.st_ino != ino or st.st_dev != dev:
+        return "replaced by another file (inode differs)"
+    if st.st_mtime >= cutoff:
+        return f"modified since the plan ({_iso(st.st_mtime)})"
+    if st.st_ctime_ns != ctime_ns:
+        # Same inode number but a new inode change time: rewritten, chmod-ed, or a new file that
+        # reused a freed inode number (ext4 does) with an old mtime copied onto it.
+        return "changed since the plan (inode change time differs)"
+    return None
+
+
 def _recheck(parent_fd: int, name: str, entry: FileEntry, cutoff: float) -> os.stat_result:
     try:
         st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
     except FileNotFoundError:
         raise _Changed("gone") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise _Changed("no longer a regular file")
-    if st.st_ino != entry.ino or st.st_dev != entry.dev:
-        raise _Changed("replaced by another file (inode differs)")
-    if st.st_mtime >= cutoff:
-        raise _Changed(f"modified since the plan ({_iso(st.st_mtime)})")
-    if st.st_ctime_ns != entry.ctime_ns:
-        # Same inode number but a new inode change time: rewritten, chmod-ed, or a new file that
-        # reused a freed inode number (ext4 does) with an old mtime copied onto it.
-        raise _Changed("changed since the plan (inode change time differs)")
+    reason = _change_reason(st, entry.dev, entry.ino, entry.ctime_ns, cutoff)
+    if reason is not None:
+        raise _Changed(reason)
     return st
+
+
+def _check_removal_arguments(mode: str, quarantine: Path | None, run_id: str) -> None:
+    if mode not in ("quarantine", "delete"):
+        raise ParameterError(f"mode must be 'quarantine' or 'delete', not {mode!r}")
+    if mode == "quarantine" and quarantine is None:
+        raise ParameterError("quarantine mode needs the quarantine directory (prepare_quarantine)")
+    run_id_time(run_id)
 
 
 def remove_planned(
@@ -1117,11 +1309,7 @@ def remove_planned(
         ParameterError: quarantine mode without a quarantine directory.
         ReferenceCheckFailed: the database re-check failed; files of that batch were not touched.
     """
-    if mode not in ("quarantine", "delete"):
-        raise ParameterError(f"mode must be 'quarantine' or 'delete', not {mode!r}")
-    if mode == "quarantine" and quarantine is None:
-        raise ParameterError("quarantine mode needs the quarantine directory (prepare_quarantine)")
-    run_id_time(run_id)
+    _check_removal_arguments(mode, quarantine, run_id)
     record = RemovalRecord(run_id=run_id, mode=mode, confirmed=confirm, root=str(root))
     entries = read_jsonl(plan) if isinstance(plan, Path) else iter(plan)
     if not confirm:
