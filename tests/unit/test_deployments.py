@@ -46,3 +46,32 @@ def test_flow_health_imports_no_heavy_clients() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+# The flow catalog of the design: entrypoints other parts and CI depend on.
+CATALOG = {
+    "flows/health.py:health_check": "health-check",
+    "flows/diagnose.py:diagnose": "diagnose",
+    "flows/queues.py:retry_failed_jobs": "retry-failed-jobs",
+    "flows/services.py:restart_services": "restart-services",
+    "flows/backup.py:backup_database": "backup-database",
+    "flows/backup.py:restore_database": "restore-database",
+    "flows/migrate.py:migrate_database": "migrate-database",
+    "flows/dependencies.py:update_dependencies": "update-dependencies",
+    "flows/certificates.py:renew_certificates": "renew-certificates",
+    "flows/uploads.py:cleanup_uploads": "cleanup-uploads",
+    "flows/releases.py:rollback_release": "rollback-release",
+    "flows/releases.py:deploy_release": "deploy-release",
+    "flows/incidents.py:outage_triage": "outage-triage",
+    "flows/incidents.py:recover_data": "recover-data",
+    "flows/incidents.py:security_incident": "security-incident",
+    "flows/maintenance.py:maintenance_window": "maintenance-window",
+}
+
+
+def test_every_catalog_flow_is_deployed_under_its_name() -> None:
+    declared = {spec.entrypoint: spec for spec in SPECS}
+    for entrypoint, flow_name in CATALOG.items():
+        assert entrypoint in declared, f"{entrypoint} is not in prefect.yaml"
+        assert load_flow(declared[entrypoint]).name == flow_name
+    assert any(s.entrypoint == "flows/releases.py:deploy_release" and s.name == "staging" for s in SPECS)
