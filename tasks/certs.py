@@ -30,6 +30,7 @@ from tasks.runlog import run_logger
 from tasks.settings import CertEndpoint, CertificatesSettings, OpsSettings
 
 # How often the served certificate is read again while waiting for a reload to take effect.
+_STABLE_HANDSHAKES = 3
 _POLL_SECONDS = 0.25
 # certbot's own output is long; reports keep its tail.
 _OUTPUT_TAIL = 1500
@@ -819,9 +820,14 @@ def verify_endpoints(
             min_days: float | None = cfg.renew_threshold_days
         else:
             min_days = min_after if expected.name in renewed else None
+        # After a reload, old nginx workers may still answer a handshake or two while they drain: a
+        # switch counts once several handshakes in a row show it.
+        needed = _STABLE_HANDSHAKES if wait_seconds > 0 else 1
+        in_a_row = 0
         while True:
             verdict = judge_endpoint(probe_endpoint(endpoint, cfg), expected, min_days)
-            if verdict.ok or time.monotonic() >= deadline:
+            in_a_row = in_a_row + 1 if verdict.ok else 0
+            if in_a_row >= needed or time.monotonic() >= deadline:
                 break
             time.sleep(_POLL_SECONDS)
         verdicts.append(verdict)

@@ -301,6 +301,14 @@ def test_command_tool_failure_is_restored(monkeypatch, mg_env, knex_modules):
 
 def test_rejected_approval_applies_nothing(monkeypatch, mg_env, alembic_env):
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
     from prefect.flow_runs import resume_flow_run
 
     use(monkeypatch, alembic_env([ADD_NAME]))
@@ -313,7 +321,14 @@ def test_rejected_approval_applies_nothing(monkeypatch, mg_env, alembic_env):
         paused = None
         with get_client(sync_client=True) as client:
             while time.monotonic() < deadline and paused is None:
-                for run in client.read_flow_runs(limit=20):
+                # Filter on the server: the session's harness holds every test's runs.
+                for run in client.read_flow_runs(
+                    flow_filter=FlowFilter(name=FlowFilterName(any_=["migrate-database"])),
+                    flow_run_filter=FlowRunFilter(
+                        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+                    ),
+                    limit=20,
+                ):
                     if run.state is not None and run.state.is_paused() and run.name and run.flow_id:
                         paused = run
                 time.sleep(0.5)
