@@ -34,7 +34,9 @@ services:
 
 
 @pytest.fixture
-def secret_project(docker_engine: DockerEngine, tmp_path: Path, monkeypatch) -> Iterator[Path]:
+def secret_project(
+    docker_engine: DockerEngine, pg_database: tuple[str, str], tmp_path: Path, monkeypatch
+) -> Iterator[Path]:
     directory = tmp_path / "project"
     directory.mkdir()
     (directory / "docker-compose.yml").write_text(COMPOSE)
@@ -42,6 +44,8 @@ def secret_project(docker_engine: DockerEngine, tmp_path: Path, monkeypatch) -> 
     env_file.write_text("# app secrets\nJWT_SECRET=first-secret\nNODE_ENV=production\n")
     project = f"s2minc{uuid.uuid4().hex[:8]}"
     env = {
+        # Rotation runs in a database transaction even for app secrets: the test's own database.
+        "OPS_POSTGRES__DSN": pg_database[1],
         "OPS_RUNTIME__KIND": "compose",
         "OPS_RUNTIME__SERVICES": '["worker"]',
         "OPS_RUNTIME__COMPOSE__PROJECT": project,
@@ -75,11 +79,14 @@ def secret_project(docker_engine: DockerEngine, tmp_path: Path, monkeypatch) -> 
             client.close()
 
 
-def _logged_digests(runtime, timeout: float = 15) -> set[str]:
+def _logged_digests(runtime, want: set[str] | None = None, timeout: float = 15) -> set[str]:
+    """Digests the worker logged; with ``want``, wait for exactly those (a recreated container may
+    not have printed yet, and the old one's logs may still be read while it is removed)."""
     deadline = time.monotonic() + timeout
     while True:
         digests = set(re.findall(r"\b[0-9a-f]{64}\b", runtime.logs("worker", tail=20)))
-        if digests or time.monotonic() > deadline:
+        done = digests == want if want is not None else bool(digests)
+        if done or time.monotonic() > deadline:
             return digests
         time.sleep(0.2)
 
@@ -101,7 +108,8 @@ def test_scale_to_zero_and_back_to_the_recorded_count(secret_project):
 def test_rotated_env_secret_reaches_the_recreated_container(secret_project):
     settings = load_settings()
     runtime = get_runtime(settings)
-    assert _logged_digests(runtime) == {hashlib.sha256(b"first-secret").hexdigest()}
+    first = {hashlib.sha256(b"first-secret").hexdigest()}
+    assert _logged_digests(runtime, first) == first
 
     plan = incidents.plan_rotation(settings)
     assert [(t.kind, t.name) for t in plan.targets] == [("app-secret", "JWT_SECRET")]
@@ -113,6 +121,7 @@ def test_rotated_env_secret_reaches_the_recreated_container(secret_project):
     changes = incidents.restart_for_new_config(settings, runtime, ["worker"])
     assert [c.operation for c in changes] == ["recreate"]
     incidents.wait_services_ready(runtime, ["worker"], 30)
-    digests = _logged_digests(runtime)
-    assert digests == {hashlib.sha256(new.encode()).hexdigest()}
+    expected = {hashlib.sha256(new.encode()).hexdigest()}
+    digests = _logged_digests(runtime, expected)
+    assert digests == expected
     assert record.secrets[0].new_fingerprint == next(iter(digests))[:8]
