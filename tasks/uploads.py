@@ -12,7 +12,8 @@ Safety properties, and how they hold:
   not referenced by the application's database), written as JSON Lines.
 - :func:`remove_planned` is the one function that moves or deletes, and only with ``confirm=True``
   (a delete run without a reference query takes its one-pass form, ``_plan_and_delete``, which acts
-  per directory right after the scan wrote that directory's files to the plan, with the same checks).
+  per directory right after the scan wrote that directory's files to the plan, with the same checks,
+  in a helper process, :mod:`tasks.unlink_helper`, given the directory's descriptor).
   Right before acting it re-checks every file through descriptors (still a regular file, same
   ``st_dev``/``st_ino`` and inode change time, still older than the cutoff, still unreferenced); a
   file that changed is skipped and reported.
@@ -36,12 +37,16 @@ import fcntl
 import grp
 import heapq
 import json
+import marshal
 import os
 import pwd
 import re
 import secrets
 import shutil
+import socket
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +61,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 
-from tasks import postgres
+from tasks import postgres, unlink_helper
 from tasks.errors import LockBusy, OpsError, ParameterError
 from tasks.reports import Progress
 from tasks.runlog import run_logger
@@ -68,6 +73,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Each directory level holds one descriptor (two while it is listed): bounded far below RLIMIT_NOFILE.
 MAX_DEPTH = 256
 REFERENCE_BATCH = 2000
+# Files of one directory handed on at a time by the scan: bounds memory in a flat directory.
+FOUND_CHUNK = 512
 MAX_RECORDED_ERRORS = 200
 TOP_N = 20
 RUN_ID_PATTERN = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{6,32})$")
@@ -132,10 +139,15 @@ class FileEntry(NamedTuple):
 
     rel: str
     size: int
-    mtime: float
+    mtime_ns: int
     dev: int
     ino: int
     ctime_ns: int
+
+    @property
+    def mtime(self) -> float:
+        """The modification time in seconds since the epoch."""
+        return self.mtime_ns / 1_000_000_000  # int / int: correctly rounded
 
     def to_json_line(self) -> str:
         """One JSON Lines record; a name that is not UTF-8 also carries its bytes as ``path_b64``."""
@@ -146,7 +158,7 @@ class FileEntry(NamedTuple):
             raw = base64.b64encode(os.fsencode(rel)).decode("ascii")
             head = f'{{"path":{_json_string(display_path(rel))},"path_b64":"{raw}"'
         return (
-            f'{head},"size":{self.size},"mtime":{self.mtime!r},"dev":{self.dev},"ino":{self.ino},'
+            f'{head},"size":{self.size},"mtime_ns":{self.mtime_ns},"dev":{self.dev},"ino":{self.ino},'
             f'"ctime_ns":{self.ctime_ns}}}\n'
         )
 
@@ -164,7 +176,10 @@ class FileEntry(NamedTuple):
             entry = cls(
                 rel=rel,
                 size=int(data["size"]),
-                mtime=float(data["mtime"]),
+                # Plans written before mtime_ns carried seconds as a float.
+                mtime_ns=(
+                    int(data["mtime_ns"]) if "mtime_ns" in data else _seconds_to_ns(float(data["mtime"]))
+                ),
                 dev=int(data["dev"]),
                 ino=int(data["ino"]),
                 ctime_ns=int(data["ctime_ns"]),
@@ -176,6 +191,12 @@ class FileEntry(NamedTuple):
                 f"plan record names a path outside the root: {line[:200]!r}; the plan was altered"
             )
         return entry
+
+
+def _seconds_to_ns(seconds: float) -> int:
+    # Whole seconds and the fraction apart: a float near 1.7e18 cannot hold nanoseconds exactly.
+    whole = int(seconds // 1)
+    return whole * 1_000_000_000 + round((seconds - whole) * 1e9)
 
 
 def _safe_relative(rel: str) -> bool:
@@ -547,7 +568,7 @@ def scan_old_files(
     ):
         for name, st in found:
             yield new_entry(
-                FileEntry, (prefix + name, st.st_size, st.st_mtime, st.st_dev, st.st_ino, st.st_ctime_ns)
+                FileEntry, (prefix + name, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, st.st_ctime_ns)
             )
 
 
@@ -565,8 +586,9 @@ def _walk_old_files(
     Yields ``(dir_fd, prefix, found)`` per directory holding old unprotected regular files: the
     directory's descriptor (opened relative to its parent with ``O_NOFOLLOW``, on the root's
     filesystem; valid until the next item is requested, never to be closed by the caller), its path
-    relative to the root ending in '/' ('' for the root), and ``(name, lstat result)`` of each file.
-    One item per directory instead of one per file keeps the per-file cost to the loop body.
+    relative to the root ending in '/' ('' for the root), and ``(name, lstat result)`` of each file,
+    at most ``FOUND_CHUNK`` of them (a larger directory comes as several items). One item per
+    directory instead of one per file keeps the per-file cost to the loop body.
     """
     names = protect.names if protect is not None else frozenset()
     other = protect.other if protect is not None else None
@@ -628,6 +650,13 @@ def _walk_old_files(
                                     stats.protected_bytes += size
                                     continue
                                 add_found((name, st))
+                                if len(found) >= FOUND_CHUNK:
+                                    # A flat directory of a million uploads must not be held whole.
+                                    # Listing goes on after the consumer acted on these names:
+                                    # getdents returns every entry not removed exactly once.
+                                    yield fd, prefix, found
+                                    found = []
+                                    add_found = found.append
                 except OSError as exc:
                     errors.add(prefix.rstrip("/"), "list directory", exc)
                 if found:
@@ -834,7 +863,7 @@ class PlanWriter:
         self.stats = stats
         self.top_n = top_n
         self.largest: list[tuple[int, int, FileEntry]] = []
-        self.oldest: list[tuple[float, int, FileEntry]] = []
+        self.oldest: list[tuple[int, int, FileEntry]] = []
         self.complete = False
 
     def tee(self, entries: Iterable[FileEntry]) -> Iterator[FileEntry]:
@@ -850,10 +879,10 @@ class PlanWriter:
                 lines: list[str] = []
                 add = lines.append
                 for entry in entries:
-                    rel, size, mtime, dev, ino, ctime_ns = entry
+                    rel, size, mtime_ns, dev, ino, ctime_ns = entry
                     if rel.isascii():
                         add(
-                            f'{{"path":{_json_string(rel)},"size":{size},"mtime":{mtime!r},'
+                            f'{{"path":{_json_string(rel)},"size":{size},"mtime_ns":{mtime_ns},'
                             f'"dev":{dev},"ino":{ino},"ctime_ns":{ctime_ns}}}\n'
                         )
                     else:
@@ -869,9 +898,9 @@ class PlanWriter:
                     elif size > largest[0][0]:
                         replace(largest, (size, planned, entry))
                     if len(oldest) < top_n:
-                        push(oldest, (-mtime, planned, entry))
-                    elif -mtime > oldest[0][0]:
-                        replace(oldest, (-mtime, planned, entry))
+                        push(oldest, (-mtime_ns, planned, entry))
+                    elif -mtime_ns > oldest[0][0]:
+                        replace(oldest, (-mtime_ns, planned, entry))
                     yield entry
                 out.write("".join(lines))
             self.partial.replace(self.path)
@@ -1018,7 +1047,8 @@ def _plan_and_delete(
     its unlink exactly as :func:`remove_planned` does: a fresh lstat of the name, relative to the
     descriptor the scan listed the directory through (opened with ``O_NOFOLLOW``, on the root's
     filesystem), must still show a regular file with the planned device, inode and inode change time
-    and an mtime before the cutoff; the unlink is relative to the same descriptor.
+    and an mtime before the cutoff; the unlink is relative to the same directory (a duplicate of that
+    descriptor, on the :class:`_Remover` thread, while the scan goes on).
     """
     record = RemovalRecord(run_id=run_id, mode=mode, confirmed=confirm, root=str(root))
     deleting = confirm and mode == "delete"
@@ -1026,9 +1056,7 @@ def _plan_and_delete(
     largest, oldest, top_n = writer.largest, writer.oldest, writer.top_n
     push, replace = heapq.heappush, heapq.heapreplace
     new_entry = tuple.__new__  # FileEntry without the Python-level __new__
-    lstat_at, unlink_at, s_isreg = os.stat, os.unlink, stat.S_ISREG
-    changed, errors = record.changed, record.errors
-    planned = planned_bytes = acted = acted_bytes = kept_changed = reported = 0
+    planned = planned_bytes = reported = 0
     writer.path.parent.mkdir(parents=True, exist_ok=True)
     walk = _walk_old_files(
         root,
@@ -1037,6 +1065,9 @@ def _plan_and_delete(
         cross_filesystem=uploads.cross_filesystem,
         protect=ProtectMatcher(uploads.protect),
     )
+    # Re-checks and unlinks run on a worker thread: they are system calls that release the GIL, so
+    # they overlap the scan of the next directories instead of following it.
+    remover = _Remover(record, cutoff) if deleting else None
     try:
         with writer.partial.open("w", encoding="utf-8", buffering=1 << 20) as out, contextlib.closing(walk):
             for fd, prefix, found in walk:
@@ -1044,74 +1075,50 @@ def _plan_and_delete(
                 lines: list[str] = []
                 add = lines.append
                 for name, st in found:
-                    size, mtime = st.st_size, st.st_mtime
+                    size, mtime_ns = st.st_size, st.st_mtime_ns
                     rel = prefix + name
                     planned += 1
                     planned_bytes += size
                     entry = None
                     if ascii_prefix and name.isascii():
                         add(
-                            f'{{"path":{_json_string(rel)},"size":{size},"mtime":{mtime!r},'
+                            f'{{"path":{_json_string(rel)},"size":{size},"mtime_ns":{mtime_ns},'
                             f'"dev":{st.st_dev},"ino":{st.st_ino},"ctime_ns":{st.st_ctime_ns}}}\n'
                         )
                     else:
-                        entry = new_entry(FileEntry, (rel, size, mtime, st.st_dev, st.st_ino, st.st_ctime_ns))
+                        entry = new_entry(
+                            FileEntry, (rel, size, mtime_ns, st.st_dev, st.st_ino, st.st_ctime_ns)
+                        )
                         add(entry.to_json_line())
                     # Heaps of (key, sequence, entry), smallest key on top; cheap reject first.
                     if len(largest) < top_n or size > largest[0][0]:
                         entry = entry or new_entry(
-                            FileEntry, (rel, size, mtime, st.st_dev, st.st_ino, st.st_ctime_ns)
+                            FileEntry, (rel, size, mtime_ns, st.st_dev, st.st_ino, st.st_ctime_ns)
                         )
                         (push if len(largest) < top_n else replace)(largest, (size, planned, entry))
-                    if len(oldest) < top_n or -mtime > oldest[0][0]:
+                    if len(oldest) < top_n or -mtime_ns > oldest[0][0]:
                         entry = entry or new_entry(
-                            FileEntry, (rel, size, mtime, st.st_dev, st.st_ino, st.st_ctime_ns)
+                            FileEntry, (rel, size, mtime_ns, st.st_dev, st.st_ino, st.st_ctime_ns)
                         )
-                        (push if len(oldest) < top_n else replace)(oldest, (-mtime, planned, entry))
+                        (push if len(oldest) < top_n else replace)(oldest, (-mtime_ns, planned, entry))
                 # In the plan before any of these files is touched.
                 out.write("".join(lines))
-                if deleting:
-                    for name, st in found:
-                        try:
-                            try:
-                                now = lstat_at(name, dir_fd=fd, follow_symlinks=False)
-                            except FileNotFoundError:
-                                raise _Changed("gone") from None
-                            if (
-                                now.st_ino != st.st_ino
-                                or now.st_ctime_ns != st.st_ctime_ns
-                                or now.st_dev != st.st_dev
-                                or now.st_mtime >= cutoff
-                                or not s_isreg(now.st_mode)
-                            ):
-                                raise _Changed(
-                                    _change_reason(now, st.st_dev, st.st_ino, st.st_ctime_ns, cutoff)
-                                    or "changed since the plan"
-                                )
-                            unlink_at(name, dir_fd=fd)
-                        except _Changed as why:
-                            kept_changed += 1
-                            if len(changed) < MAX_RECORDED_ERRORS:
-                                changed.append((display_path(prefix + name), str(why)))
-                            continue
-                        except OSError as exc:
-                            errors.add(prefix + name, "delete", exc)
-                            continue
-                        acted += 1
-                        acted_bytes += st.st_size
+                if remover is not None:
+                    remover.submit(fd, prefix, found)
                 if on_progress is not None and planned - reported >= progress_every:
                     reported = planned
                     on_progress(planned)
+        if remover is not None:
+            remover.finish()
         writer.partial.replace(writer.path)
         writer.complete = True
     finally:
+        if remover is not None:
+            remover.abort()  # after an error: files not yet handled stay; a no-op after finish()
         stats.planned += planned
         stats.planned_bytes += planned_bytes
         record.planned = planned
-        record.kept_changed = kept_changed
-        if deleting:
-            record.acted, record.acted_bytes = acted, acted_bytes
-        else:
+        if not deleting:
             record.acted, record.acted_bytes = planned, planned_bytes
     if on_progress is not None and planned != reported:
         on_progress(planned)
@@ -1126,6 +1133,145 @@ def _plan_and_delete(
             record.errors.count,
         )
     return record
+
+
+class _Remover:
+    """Hands each directory's planned files to the deleting helper process (:mod:`tasks.unlink_helper`).
+
+    The helper re-checks and unlinks them through the directory's descriptor (passed with
+    ``SCM_RIGHTS``) on the other core while the scan goes on. The socket's buffer bounds how far the
+    scan runs ahead (memory stays flat). :meth:`finish` collects the helper's counts into the record;
+    :meth:`abort` stops the helper at once (files it has not reached stay, as they are in the plan).
+    When the helper cannot be started (the interpreter is not executable by this user), the same
+    checks and unlinks run in this process, right after each directory's plan lines.
+    """
+
+    BATCH = 256  # files per message: well under the socket's message size limit even with long names
+
+    def __init__(self, record: RemovalRecord, cutoff: float, *, helper: bool = True) -> None:
+        self._record = record
+        self._cutoff = cutoff
+        self._closed = False
+        self._stderr_text = ""
+        self._process: subprocess.Popen[bytes] | None = None
+        self._inline: unlink_helper.Tally | None = None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            if not helper:
+                raise OSError(errno.ECANCELED, "not wanted")
+            self._process = subprocess.Popen(
+                [sys.executable, "-I", "-S", unlink_helper.__file__, repr(cutoff), str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        except OSError as exc:
+            ours.close()
+            run_logger(__name__).info(
+                "uploads: deleting in this process (the deleting helper could not start: %s)",
+                exc.strerror or exc,
+            )
+            self._inline = unlink_helper.Tally()
+        finally:
+            theirs.close()
+        self._sock = ours
+
+    def submit(self, fd: int, prefix: str, found: list[tuple[str, os.stat_result]]) -> None:
+        """Hand over one directory's planned files (their plan lines are already written)."""
+        if self._inline is not None:
+            files = ((name, st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size) for name, st in found)
+            unlink_helper.remove_files(fd, prefix, files, self._cutoff, self._inline)
+            return
+        batch = self.BATCH
+        try:
+            socket.send_fds(self._sock, [b"D" + os.fsencode(prefix)], [fd])
+            for start in range(0, len(found), batch):
+                payload = [
+                    (name, st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size)
+                    for name, st in found[start : start + batch]
+                ]
+                self._sock.sendall(b"F" + marshal.dumps(payload))
+        except OSError:
+            raise UploadsError(
+                f"the deleting helper process stopped ({self._stderr()}); the plan lists what was due,"
+                " run the cleanup again to finish"
+            ) from None
+
+    def finish(self) -> None:
+        """Wait until every file handed over is handled; add the counts to the record.
+
+        Raises:
+            UploadsError: the helper stopped before answering.
+        """
+        if self._inline is not None:
+            answer = self._inline.as_tuple()
+        else:
+            try:
+                answer = self._answer()
+            except (OSError, ValueError, EOFError) as exc:
+                raise UploadsError(
+                    f"the deleting helper process stopped ({exc}; {self._stderr()}); the plan lists what"
+                    " was due, run the cleanup again to finish"
+                ) from None
+            finally:
+                self._close()
+        acted, acted_bytes, kept_changed, changed, errors_count, errors = answer
+        record = self._record
+        record.acted += acted
+        record.acted_bytes += acted_bytes
+        record.kept_changed += kept_changed
+        room = max(0, MAX_RECORDED_ERRORS - len(record.changed))
+        record.changed.extend((display_path(rel), reason) for rel, reason in changed[:room])
+        for rel, message in errors:
+            record.errors.add(rel, "delete", message)
+        # Errors beyond those listed are counted, not itemised.
+        record.errors.count += errors_count - len(errors)
+
+    def _answer(self) -> tuple[int, int, int, list[tuple[str, str]], int, list[tuple[str, str]]]:
+        self._sock.sendall(b"E")
+        header = self._sock.recv(8)
+        if len(header) != 8:
+            raise OSError("no answer")
+        size, chunks = int.from_bytes(header, "big"), []
+        while size > 0:
+            chunk = self._sock.recv(unlink_helper.MAX_MESSAGE)
+            if not chunk:
+                raise OSError("answer cut short")
+            chunks.append(chunk)
+            size -= len(chunk)
+        # From the helper this process started, over a private socket pair.
+        return marshal.loads(b"".join(chunks))  # type: ignore[no-any-return]  # noqa: S302
+
+    def abort(self) -> None:
+        """Stop the helper now (after an error in the scan); a no-op once :meth:`finish` returned."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+        self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._sock.close()
+        process = self._process
+        if process is None:
+            return
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stderr is not None:
+            self._stderr_text = process.stderr.read().decode("utf-8", "replace")
+            process.stderr.close()
+
+    def _stderr(self) -> str:
+        self.abort()
+        text = self._stderr_text.strip()
+        last = text.splitlines()[-1] if text else "no message"
+        returncode = self._process.returncode if self._process is not None else None
+        return f"exit status {returncode}: {last}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1231,19 +1377,7 @@ class RemovalRecord:
         return action if self.confirmed else f"would be {action}"
 
 
-def _change_reason(st: os.stat_result, dev: int, ino: int, ctime_ns: int, cutoff: float) -> str | None:
-    """Why the file now seen as ``st`` is not the planned one (None: it is, and still old)."""
-    if not stat.S_ISREG(st.st_mode):
-        return "no longer a regular file"
-    if st.st_ino != ino or st.st_dev != dev:
-        return "replaced by another file (inode differs)"
-    if st.st_mtime >= cutoff:
-        return f"modified since the plan ({_iso(st.st_mtime)})"
-    if st.st_ctime_ns != ctime_ns:
-        # Same inode number but a new inode change time: rewritten, chmod-ed, or a new file that
-        # reused a freed inode number (ext4 does) with an old mtime copied onto it.
-        return "changed since the plan (inode change time differs)"
-    return None
+_change_reason = unlink_helper.change_reason
 
 
 def _recheck(parent_fd: int, name: str, entry: FileEntry, cutoff: float) -> os.stat_result:

@@ -260,9 +260,9 @@ def test_tampered_plan_is_refused_before_anything_is_touched(layout: dict[str, P
     put(root / "a", 60)
     plan = layout["tmp"] / "evil.jsonl"
     info = os.stat(root / "a")
-    good = FileEntry("a", 4, info.st_mtime, info.st_dev, info.st_ino, info.st_ctime_ns).to_json_line()
+    good = FileEntry("a", 4, info.st_mtime_ns, info.st_dev, info.st_ino, info.st_ctime_ns).to_json_line()
     # More good lines than one batch, so a late bad line would come after files were acted on.
-    evil = FileEntry("../outside/secret.txt", 4, NOW - 90 * DAY, 1, 1, 1).to_json_line()
+    evil = FileEntry("../outside/secret.txt", 4, int((NOW - 90 * DAY) * 1e9), 1, 1, 1).to_json_line()
     plan.write_text(good * (uploads.REFERENCE_BATCH + 1) + evil)
     with pytest.raises(PlanInvalid, match="outside the root"):
         run_cleanup(UploadsSettings(root=root), layout["plans"], confirm=True, mode="delete", from_plan=plan)
@@ -285,7 +285,7 @@ def test_plan_records_round_trip_any_name() -> None:
         "ünïcødé/名前".encode(),
         b'q"uo\\te',
     ):
-        entry = FileEntry(os.fsdecode(raw), 12, 1_700_000_000.123456, 2049, 42, 1_700_000_000_123_456_789)
+        entry = FileEntry(os.fsdecode(raw), 12, 1_700_000_000_123_456_001, 2049, 42, 1_700_000_000_123_456_7)
         line = entry.to_json_line()
         assert line.endswith("\n")
         assert line.count("\n") == 1
@@ -293,6 +293,13 @@ def test_plan_records_round_trip_any_name() -> None:
         back = FileEntry.from_json_line(line)
         assert back == entry
         assert os.fsencode(back.rel) == raw
+
+
+def test_plan_records_with_float_seconds_still_read() -> None:
+    line = '{"path": "a/b", "size": 3, "mtime": 1700000000.25, "dev": 1, "ino": 2, "ctime_ns": 5}'
+    entry = FileEntry.from_json_line(line)
+    assert entry == FileEntry("a/b", 3, 1_700_000_000_250_000_000, 1, 2, 5)
+    assert entry.mtime == 1_700_000_000.25
 
 
 def test_protect_patterns() -> None:
