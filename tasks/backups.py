@@ -53,7 +53,15 @@ VerifyLevel = Literal["checksum", "catalog", "restore"]
 VERIFY_RANK: dict[str, int] = {"checksum": 1, "catalog": 2, "restore": 3}
 COMPRESSION = "zstd"
 FORMAT = "pg_dump-custom"
-CONTENT_HASH_ALGORITHM = "sum(hashtextextended(row::text, 0)) over rows, UTC/ISO session"
+# Content hash algorithms, as recorded in manifests; a backup is verified with the one it recorded.
+HASH_ROW_TEXT = "sum(hashtextextended(row::text, 0)) over rows, UTC/ISO session"
+HASH_TYPED_COLUMNS = (
+    "typed-columns-v2: sum over rows of hashint8extended(xor of per-column hashes seeded by position,"
+    " 0); exact built-in types by their own hash function, every other type by its text output;"
+    " UTC/ISO session"
+)
+CONTENT_HASH_ALGORITHM = HASH_TYPED_COLUMNS
+CONTENT_HASH_ALGORITHMS = (HASH_TYPED_COLUMNS, HASH_ROW_TEXT)
 MANIFEST_DIR = "manifests"
 DATA_DIR = "data"
 _PIPE_CHUNK = 1 << 20
@@ -426,33 +434,99 @@ def _user_tables(conn: psycopg.Connection) -> list[tuple[str, str]]:
     return [(str(r[0]), str(r[1])) for r in rows]
 
 
-def table_stats(conn: psycopg.Connection, *, content_hashes: bool) -> dict[str, TableStats]:
+def table_stats(conn: psycopg.Connection, *, algorithm: str | None) -> dict[str, TableStats]:
     """Per-table row counts (and content hashes) as the connection's current snapshot sees them.
 
-    The content hash is the sum of a 64-bit hash of each row's text: independent of row order (no sort
-    of large tables), equal for equal multisets of rows, computed with fixed session settings so time
-    zone or date style do not change it.
+    A content hash is the sum of a 64-bit hash of each row: independent of row order (no sort of large
+    tables), equal for equal multisets of rows, computed with fixed session settings so time zone or
+    date style do not change it. ``algorithm`` is one of ``CONTENT_HASH_ALGORITHMS`` (None: counts only).
     """
     conn.execute(_STATS_SESSION)
     return {
-        f"{schema}.{table}": _one_table_stats(conn, schema, table, content_hashes=content_hashes)
+        f"{schema}.{table}": _one_table_stats(conn, schema, table, algorithm=algorithm)
         for schema, table in _user_tables(conn)
     }
 
 
+def hash_algorithm(manifest: BackupManifest) -> str | None:
+    """The content hash algorithm to verify ``manifest`` with (None: it recorded counts only).
+
+    Raises:
+        BackupError: the manifest records an algorithm this version does not know.
+    """
+    if not any(t.content_hash is not None for t in manifest.tables.values()):
+        return None
+    algorithm = manifest.content_hash_algorithm or HASH_ROW_TEXT
+    if algorithm not in CONTENT_HASH_ALGORITHMS:
+        raise BackupError(
+            f"backup {manifest.id} records content hashes made with {algorithm!r}, which this version"
+            " cannot compute; verify it with a version that knows it, or at level 'catalog'"
+        )
+    return algorithm
+
+
+# Built-in types whose own extended hash function tells apart exactly the values whose text output
+# differs (so hashing them directly proves as much as hashing their text, for a fraction of the cost).
+# Numeric (1.0 = 1.00), floats (0 = -0), jsonb, interval, enums (hashed by OID) and the rest go by text.
+_TYPED_HASHES: dict[int, str] = {
+    21: "hashint2extended({col}, {seed})",  # int2
+    23: "hashint4extended({col}, {seed})",  # int4
+    20: "hashint8extended({col}, {seed})",  # int8
+    26: "hashoidextended({col}, {seed})",  # oid
+    19: "hashnameextended({col}, {seed})",  # name
+    25: 'hashtextextended({col} COLLATE "C", {seed})',  # text: bytes, whatever the column's collation
+    1043: 'hashtextextended({col} COLLATE "C", {seed})',  # varchar
+    2950: "uuid_hash_extended({col}, {seed})",  # uuid
+    1114: "timestamp_hash_extended({col}, {seed})",  # timestamp
+    1184: "timestamp_hash_extended({col}::timestamp, {seed})",  # timestamptz: the session is UTC
+}
+_BPCHAR = 1042
+
+
+def _row_hash_expression(conn: psycopg.Connection, schema: str, table: str) -> sql.Composable:
+    """The typed-columns row hash of ``schema.table`` (see ``HASH_TYPED_COLUMNS``).
+
+    Seeds are column positions among the live columns (a restored table has no dropped columns, so
+    attnum may differ); a NULL hashes as its seed.
+    """
+    columns = conn.execute(
+        "SELECT a.attname, a.atttypid::int, a.atttypmod FROM pg_attribute a"
+        " JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped"
+        " ORDER BY a.attnum",
+        (schema, table),
+    ).fetchall()
+    parts: list[sql.Composable] = []
+    for seed, (name, type_oid, typmod) in enumerate(columns, start=1):
+        template = _TYPED_HASHES.get(int(type_oid))
+        if template is None and int(type_oid) == _BPCHAR and int(typmod) > 0:
+            # char(n) is stored padded to n, so equal values are equal bytes.
+            template = 'hashbpcharextended({col} COLLATE "C", {seed})'
+        if template is None:
+            template = "hashtextextended({col}::text, {seed})"
+        hashed = sql.SQL(template).format(col=sql.Identifier(str(name)), seed=sql.Literal(seed))
+        parts.append(sql.SQL("coalesce({}, {})").format(hashed, sql.Literal(seed)))
+    combined = sql.SQL(" # ").join(parts) if parts else sql.SQL("0")
+    return sql.SQL("hashint8extended({}, 0)").format(combined)
+
+
 def _one_table_stats(
-    conn: psycopg.Connection, schema: str, table: str, *, content_hashes: bool
+    conn: psycopg.Connection, schema: str, table: str, *, algorithm: str | None
 ) -> TableStats:
     """One table's row count (and content hash) in one scan; the session must have ``_STATS_SESSION``."""
     ident = sql.Identifier(schema, table)
-    if content_hashes:
-        query = sql.SQL("SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0) FROM ONLY {} AS t")
-        row = conn.execute(query.format(ident)).fetchone()
+    if algorithm is None:
+        row = conn.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(ident)).fetchone()
         assert row is not None
-        return TableStats(rows=int(row[0]), content_hash=str(row[1]))
-    row = conn.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(ident)).fetchone()
+        return TableStats(rows=int(row[0]))
+    if algorithm == HASH_ROW_TEXT:
+        row_hash: sql.Composable = sql.SQL("hashtextextended(t::text, 0)")
+    else:
+        row_hash = _row_hash_expression(conn, schema, table)
+    query = sql.SQL("SELECT count(*), coalesce(sum({}), 0) FROM ONLY {} AS t").format(row_hash, ident)
+    row = conn.execute(query).fetchone()
     assert row is not None
-    return TableStats(rows=int(row[0]))
+    return TableStats(rows=int(row[0]), content_hash=str(row[1]))
 
 
 class _RestoredTableStats:
@@ -469,7 +543,7 @@ class _RestoredTableStats:
         self._settings = settings
         self._database = database
         self._expected = manifest.tables
-        self._hashed = any(t.content_hash is not None for t in manifest.tables.values())
+        self._algorithm = hash_algorithm(manifest)
         self._jobs = max(1, settings.backup.restore_jobs)
         self._cond = threading.Condition()
         self._pending: list[tuple[str, str]] = []
@@ -560,7 +634,7 @@ class _RestoredTableStats:
                         schema, table = self._pending.pop(0)
                         self._running += 1
                     try:
-                        stats = _one_table_stats(conn, schema, table, content_hashes=self._hashed)
+                        stats = _one_table_stats(conn, schema, table, algorithm=self._algorithm)
                     finally:
                         with self._cond:
                             self._running -= 1
@@ -612,13 +686,13 @@ def compare_database_to_manifest(
     Raises:
         BackupError: the database cannot be reached.
     """
-    hashed = any(t.content_hash is not None for t in manifest.tables.values())
+    algorithm = hash_algorithm(manifest)
     timeout_ms = int(settings.backup.restore_timeout_seconds * 1000)
     with _connect(settings, database, purpose="backup-compare") as conn:
         conn.execute(f"SET statement_timeout = {timeout_ms}")
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            actual = table_stats(conn, content_hashes=hashed)
+            actual = table_stats(conn, algorithm=algorithm)
     return compare_stats(manifest.tables, actual, database=database, backup_id=manifest.id)
 
 
@@ -759,7 +833,9 @@ def create_backup(
         def _collect_stats() -> None:
             # Same connection, same transaction: the exported snapshot's view of every table.
             try:
-                stats_box["tables"] = table_stats(snap, content_hashes=content_hashes)
+                stats_box["tables"] = table_stats(
+                    snap, algorithm=CONTENT_HASH_ALGORITHM if content_hashes else None
+                )
             except BaseException as exc:  # re-raised on the calling thread
                 stats_box["error"] = exc
 
@@ -1176,6 +1252,7 @@ def restore_drill(settings: OpsSettings, storage: Storage, manifest: BackupManif
     Raises:
         BackupCorrupt: the object fails its checksum or pg_restore fails.
     """
+    hash_algorithm(manifest)  # a hash this version cannot check fails here, before anything is made
     name = scratch_name(manifest.database, "drill")
     box: dict[str, dict[str, TableStats]] = {}
 
@@ -1384,6 +1461,7 @@ def restore_backup(
     started = time.monotonic()
     logger = run_logger(__name__)
     manifest = resolve_backup_id(settings, backup_id)
+    hash_algorithm(manifest)  # a hash this version cannot check fails here, before anything is touched
     target = target_database or manifest.database
     if not create_missing:
         _require_database(settings, target)
