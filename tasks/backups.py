@@ -41,7 +41,7 @@ from psycopg import sql
 from pydantic import BaseModel, Field
 
 from tasks import postgres
-from tasks.commands import run_command, stream_command
+from tasks.commands import StreamingCommand, run_command, stream_command
 from tasks.errors import CheckFailed, CommandError, OpsError, ParameterError
 from tasks.reports import Progress
 from tasks.runlog import run_logger
@@ -110,6 +110,7 @@ class TableStats(BaseModel):
 
     rows: int
     content_hash: str | None = None
+    bytes: int | None = Field(default=None, description="the table's size on disk when backed up")
 
 
 class Verification(BaseModel):
@@ -833,9 +834,15 @@ def create_backup(
         def _collect_stats() -> None:
             # Same connection, same transaction: the exported snapshot's view of every table.
             try:
-                stats_box["tables"] = table_stats(
-                    snap, algorithm=CONTENT_HASH_ALGORITHM if content_hashes else None
-                )
+                tables = table_stats(snap, algorithm=CONTENT_HASH_ALGORITHM if content_hashes else None)
+                # Sizes guide how a restore splits the data between its streams.
+                for name, size in snap.execute(
+                    "SELECT n.nspname || '.' || c.relname, pg_table_size(c.oid) FROM pg_class c"
+                    " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r'"
+                ).fetchall():
+                    if str(name) in tables:
+                        tables[str(name)].bytes = int(size)
+                stats_box["tables"] = tables
             except BaseException as exc:  # re-raised on the calling thread
                 stats_box["error"] = exc
 
@@ -1084,18 +1091,23 @@ def restore_into(
     *,
     on_table_loaded: Callable[[str], None] | None = None,
     alongside_post_data: Callable[[], None] | None = None,
+    unlogged_load: bool = False,
 ) -> list[str]:
     """Restore the backup into the existing empty ``database``; the object's checksum is checked too.
 
-    The dump is streamed into pg_restore's stdin. With ``backup.restore_jobs`` above 1 only schema and
-    data are streamed; indexes and constraints are then built with ``pg_restore --jobs`` from a small
-    copy of the archive's catalog (kept in ``backup.spool_dir``, removed afterwards).
+    The dump is streamed into pg_restore's stdin. With ``backup.restore_jobs`` above 1 the archive's
+    first bytes (its catalog) are kept in a small file in ``backup.spool_dir``: the pre-data section
+    (tables, types, functions) is restored from it, then the data streams in, then indexes and
+    constraints are built with ``pg_restore --jobs`` from the same file, which is removed afterwards.
 
     ``on_table_loaded`` is called with ``schema.table`` as soon as a table's rows are committed (with
     ``restore_jobs`` above 1; pg_restore reports each table it starts, so the one before is done).
     ``alongside_post_data`` runs once all rows are loaded (and checksummed), on a thread at the same
     time as the post-data section (after the whole restore with ``restore_jobs`` 1); its exception, if
-    any, is raised after pg_restore finished.
+    any, is raised after pg_restore finished. ``unlogged_load`` (for a copy that is dropped right
+    after, with ``restore_jobs`` above 1) makes the tables unlogged before their rows load: the load
+    and the index builds write no WAL, so a drill neither waits on WAL nor floods replicas and WAL
+    archives with it. Where any table cannot be unlogged, every table stays as the dump made it.
 
     Returns:
         The masked command lines that ran.
@@ -1108,58 +1120,103 @@ def restore_into(
     dbname, env, secret_values = _tool_connection(settings, database)
     env["PGAPPNAME"] = "swagger2mcp-ops-pg_restore"
     base = [cfg.pg_restore, "--exit-on-error", "--no-password", f"--dbname={dbname}"]
-    sha = hashlib.sha256()
-    size = 0
-
-    def _counted(chunks: Iterable[bytes]) -> Iterator[bytes]:
-        nonlocal size
-        for chunk in chunks:
-            sha.update(chunk)
-            size += len(chunk)
-            yield chunk
-
-    chunks = _counted(_verified_chunks(storage, manifest, final_check=False))
     timeout = cfg.restore_timeout_seconds
+    reading = _Reading(storage, manifest)
     if cfg.restore_jobs <= 1:
         with stream_command(base, timeout=timeout, mode="write", env=env, secrets=secret_values) as cmd:
-            for piece in _decompressed(chunks):
+            for piece in reading.pieces():
                 cmd.pipe.write(piece)
-            _check_digest(manifest, size, sha.hexdigest())
+            reading.check()
         assert cmd.result is not None
         if alongside_post_data is not None:
             alongside_post_data()
         return [cmd.result.command_line]
-    # Schema and data arrive as one stream (no full-size spool file). Indexes, constraints and
-    # triggers, the part pg_restore parallelises well, then run with --jobs from a copy of the
-    # archive's header and catalog: post-data entries carry no data, so the catalog is all they need.
     spool_root = cfg.spool_dir or Path(tempfile.gettempdir())
     spool_root.mkdir(parents=True, exist_ok=True)
     commands = []
+    watch = on_table_loaded is not None
     with tempfile.NamedTemporaryFile(dir=spool_root, prefix=f"{manifest.id}-", suffix=".catalog") as head:
-        kept = 0
-        watch = on_table_loaded is not None
-        with stream_command(
-            [*base, "--section=pre-data", "--section=data", *(["--verbose"] if watch else [])],
+        pieces = reading.pieces()
+        # The head: the archive's first bytes up to _CATALOG_LIMIT, which hold its catalog (an archive
+        # smaller than that is held whole). Post-data entries, and pre-data ones, carry no data: the
+        # catalog is all pg_restore needs for them.
+        kept, rest = 0, b""
+        for piece in pieces:
+            room = _CATALOG_LIMIT - kept
+            head.write(piece[:room])
+            kept += min(len(piece), room)
+            if kept >= _CATALOG_LIMIT:
+                rest = piece[room:]
+                break
+        head.flush()
+        whole = kept < _CATALOG_LIMIT
+        pre = run_command(
+            [*base, "--section=pre-data", head.name],
             timeout=timeout,
-            mode="write",
             env=env,
             secrets=secret_values,
-        ) as cmd:
-            loading = _LoadWatcher(cmd.stderr_reader.lines, on_table_loaded)
-            for piece in _decompressed(chunks):
-                if kept < _CATALOG_LIMIT:
-                    head.write(piece[: _CATALOG_LIMIT - kept])
-                    kept += min(len(piece), _CATALOG_LIMIT - kept)
-                # Highly compressible data decompresses to large pieces: write in slices so a
-                # finished table is noticed while the next one loads, not after it.
-                view = memoryview(piece)
-                for offset in range(0, len(view), _PIPE_CHUNK):
-                    cmd.pipe.write(view[offset : offset + _PIPE_CHUNK])
-                    loading.poll()
-            _check_digest(manifest, size, sha.hexdigest())
-        assert cmd.result is not None
-        commands.append(cmd.result.command_line)
-        head.flush()
+            check=False,
+        )
+        commands.append(pre.command_line)
+        split: _DataSplit | None = None
+        if pre.ok:
+            listing = run_command(
+                [cfg.pg_restore, "--list", head.name], timeout=timeout, env=env, secrets=secret_values
+            ).stdout
+            if unlogged_load:
+                _make_tables_unlogged(settings, database, listing)
+            if _data_streams(settings) > 1:
+                split = _DataSplit.of(manifest, listing, Path(head.name))
+            data_args = ["--section=data", *(["--use-list", str(split.first)] if split else [])]
+
+            def feed() -> Iterator[bytes]:
+                with open(head.name, "rb") as again:
+                    while block := again.read(_PIPE_CHUNK):
+                        yield block
+                if rest:
+                    yield rest
+                yield from pieces
+
+        elif whole:
+            raise CommandError(
+                f"pg_restore exited {pre.returncode}: {pre.command_line}\n{pre.stderr[-4000:]}"
+            )
+        else:
+            # A catalog larger than the head: pre-data and data from one stream, read again.
+            pieces.close()
+            reading = _Reading(storage, manifest)
+            data_args = ["--section=pre-data", "--section=data"]
+
+            def feed() -> Iterator[bytes]:
+                return reading.pieces()
+
+        with contextlib.ExitStack() as streams:
+            largest = None
+            if split is not None:
+                streams.callback(split.remove)
+                # The largest table loads from its own reading of the object, at the same time.
+                largest = streams.enter_context(
+                    _LargestTableStream(
+                        split, base, settings, storage, manifest, env, secret_values, verbose=watch
+                    )
+                )
+                largest.start(on_table_loaded)
+            with stream_command(
+                [*base, *data_args, *(["--verbose"] if watch else [])],
+                timeout=timeout,
+                mode="write",
+                env=env,
+                secrets=secret_values,
+            ) as cmd:
+                loading = _LoadWatcher(cmd.stderr_reader.lines, on_table_loaded)
+                if not _write_pieces(cmd.pipe, feed(), loading.poll):
+                    reading.drain()  # pg_restore needed no more of it; the checksum needs it all
+                reading.check()
+            assert cmd.result is not None
+            loading.done()
+            commands.append(cmd.result.command_line)
+            if largest is not None:
+                commands.append(largest.finish())
         # Every row is in and checksummed: work that reads only the data (the drill's counts and
         # hashes) overlaps the index builds instead of following them.
         alongside = _Alongside(alongside_post_data)
@@ -1167,7 +1224,7 @@ def restore_into(
             post = [*base, "--section=post-data", f"--jobs={cfg.restore_jobs}", head.name]
             result = run_command(post, timeout=timeout, env=env, secrets=secret_values, check=False)
             commands.append(result.command_line)
-            if not result.ok and kept < _CATALOG_LIMIT:
+            if not result.ok and whole:
                 raise CommandError(
                     f"pg_restore exited {result.returncode}: {result.command_line}\n{result.stderr[-4000:]}"
                 )
@@ -1180,7 +1237,7 @@ def restore_into(
     with stream_command(
         [*base, "--section=post-data"], timeout=timeout, mode="write", env=env, secrets=secret_values
     ) as cmd:
-        for piece in _decompressed(_verified_chunks(storage, manifest, final_check=False)):
+        for piece in _Reading(storage, manifest).pieces():
             try:
                 cmd.pipe.write(piece)
             except BrokenPipeError:
@@ -1188,6 +1245,218 @@ def restore_into(
     assert cmd.result is not None
     alongside.join()
     return [*commands, cmd.result.command_line]
+
+
+class _Reading:
+    """One reading of the stored object: decompressed pieces, with its size and sha256 counted, so
+    :meth:`check` can compare them with the manifest once the stream is through."""
+
+    def __init__(self, storage: Storage, manifest: BackupManifest) -> None:
+        self._storage = storage
+        self._manifest = manifest
+        self._sha = hashlib.sha256()
+        self._size = 0
+
+    def _counted(self) -> Iterator[bytes]:
+        for chunk in _verified_chunks(self._storage, self._manifest, final_check=False):
+            self._sha.update(chunk)
+            self._size += len(chunk)
+            yield chunk
+
+    def pieces(self) -> Iterator[bytes]:
+        self._chunks = self._counted()
+        return _decompressed(self._chunks)
+
+    def drain(self) -> None:
+        """Read (and count) the rest of the object without decompressing it."""
+        for _ in self._chunks:
+            pass
+
+    def check(self) -> None:
+        _check_digest(self._manifest, self._size, self._sha.hexdigest())
+
+
+def _write_pieces(pipe: IO[bytes], pieces: Iterable[bytes], poll: Callable[[], None] | None = None) -> bool:
+    """Write ``pieces`` to a pg_restore's stdin; False when it stopped reading (it had all it needed).
+
+    Highly compressible data decompresses to large pieces: they are written in slices, so ``poll``
+    notices a finished table while the next one loads, not after it.
+    """
+    for piece in pieces:
+        view = memoryview(piece)
+        for offset in range(0, len(view), _PIPE_CHUNK):
+            try:
+                pipe.write(view[offset : offset + _PIPE_CHUNK])
+            except BrokenPipeError:
+                return False
+            if poll is not None:
+                poll()
+    return True
+
+
+def _data_streams(settings: OpsSettings) -> int:
+    configured = settings.backup.restore_data_streams
+    if configured is not None:
+        return configured
+    return 2 if urlsplit(settings.storage.url).scheme == "file" else 1
+
+
+@dataclass
+class _DataSplit:
+    """The data section in two pg_restore --use-list files: ``rest`` from the largest table on (its
+    data and the data after it in the archive), and ``first``: everything else. The process given
+    ``first`` stops reading once its entries are done, so neither reads through data it does not
+    load, unless the largest table comes first (then ``first`` holds the data after it)."""
+
+    rest: Path
+    first: Path
+
+    @classmethod
+    def of(cls, manifest: BackupManifest, listing: str, beside: Path) -> _DataSplit | None:
+        """Split when the archive has two or more tables with data and the largest is identifiable."""
+        lines = [line for line in listing.splitlines() if line and not line.startswith(";")]
+        carries_data = [" TABLE DATA " in line or " BLOBS " in line for line in lines]
+        if sum(carries_data) < 2:
+            return None
+        ranked = sorted(
+            manifest.tables.items(),
+            key=lambda item: (item[1].bytes if item[1].bytes is not None else -1, item[1].rows),
+            reverse=True,
+        )
+        if not ranked or ranked[0][1].rows == 0:
+            return None
+        schema, _, table = ranked[0][0].partition(".")
+        # pg_restore --list prints names unquoted: a name with spaces or dots could match elsewhere.
+        marker = f" TABLE DATA {schema} {table} "
+        at = [i for i, line in enumerate(lines) if marker in line]
+        if "." in table or len(at) != 1:
+            return None
+        start = at[0]
+        if any(carries_data[:start]):
+            rest = [line for i, line in enumerate(lines) if i >= start and carries_data[i]]
+        else:
+            rest = [lines[start]]
+        first = [line for line in lines if line not in rest]
+        paths = beside.with_suffix(".rest.list"), beside.with_suffix(".first.list")
+        for path, chosen in zip(paths, (rest, first), strict=True):
+            path.write_text("\n".join(chosen) + "\n", encoding="utf-8")
+        return cls(*paths)
+
+    def remove(self) -> None:
+        self.rest.unlink(missing_ok=True)
+        self.first.unlink(missing_ok=True)
+
+
+class _LargestTableStream:
+    """A second pg_restore for the data from the largest table on, fed by its own reading on a thread."""
+
+    def __init__(
+        self,
+        split: _DataSplit,
+        base: list[str],
+        settings: OpsSettings,
+        storage: Storage,
+        manifest: BackupManifest,
+        env: dict[str, str],
+        secret_values: list[str],
+        *,
+        verbose: bool,
+    ) -> None:
+        self._argv = [
+            *base,
+            "--section=data",
+            "--use-list",
+            str(split.rest),
+            *(["--verbose"] if verbose else []),
+        ]
+        self._timeout = settings.backup.restore_timeout_seconds
+        self._env = env
+        self._secrets = secret_values
+        self._reading = _Reading(storage, manifest)
+        self._stack = contextlib.ExitStack()
+        self._feeder: _Alongside | None = None
+        self._cmd: StreamingCommand | None = None
+
+    def __enter__(self) -> _LargestTableStream:
+        self._cmd = self._stack.enter_context(
+            stream_command(
+                self._argv, timeout=self._timeout, mode="write", env=self._env, secrets=self._secrets
+            )
+        )
+        return self
+
+    def start(self, on_loaded: Callable[[str], None] | None) -> None:
+        cmd = self._cmd
+        assert cmd is not None
+        loading = _LoadWatcher(cmd.stderr_reader.lines, on_loaded)
+
+        def feed() -> None:
+            if not _write_pieces(cmd.pipe, self._reading.pieces(), loading.poll):
+                self._reading.drain()
+            with contextlib.suppress(BrokenPipeError):
+                cmd.pipe.close()
+            # Its rows are committed once it exits cleanly: its tables can be read while others load.
+            if cmd.proc.wait() == 0:
+                loading.done()
+
+        self._feeder = _Alongside(feed)
+
+    def finish(self) -> str:
+        """Wait for the load; check this reading's digest. Returns the masked command line."""
+        assert self._feeder is not None
+        assert self._cmd is not None
+        self._feeder.join()
+        self._stack.close()  # waits for pg_restore; raises CommandError when it failed
+        self._reading.check()
+        assert self._cmd.result is not None
+        return self._cmd.result.command_line
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self._stack.close()
+            return
+        # After a failure elsewhere: the exception passed into stream_command kills pg_restore's
+        # process group and closes its pipe, so the feeder's next write fails and it ends.
+        self._stack.__exit__(exc_type, exc, tb)
+        if self._feeder is not None:
+            self._feeder.join(raise_error=False)
+
+
+def _make_tables_unlogged(settings: OpsSettings, database: str, catalog: str) -> bool:
+    """Make every (still empty) table of ``database`` unlogged; all or none.
+
+    A permanent table cannot reference an unlogged one, and a publication cannot list one: with a
+    partitioned table (its parent stays permanent) or a ``PUBLICATION TABLE`` entry in ``catalog``
+    (``pg_restore --list``), or when one table refuses (owned by a role this user cannot act for...),
+    every table stays logged. Returns whether the tables are unlogged.
+    """
+    logger = run_logger(__name__)
+    if " PUBLICATION TABLE " in catalog:
+        logger.info("restore into %s: the dump publishes tables; loading every table logged", database)
+        return False
+    changed: list[sql.Composable] = []
+    with _connect(settings, database, purpose="backup-restore") as conn:
+        conn.autocommit = True
+        if conn.execute("SELECT 1 FROM pg_class WHERE relkind = 'p' LIMIT 1").fetchone() is not None:
+            logger.info("restore into %s: partitioned tables; loading every table logged", database)
+            return False
+        for schema, table in _user_tables(conn):
+            ident = sql.Identifier(schema, table)
+            try:
+                conn.execute(sql.SQL("ALTER TABLE ONLY {} SET UNLOGGED").format(ident))
+            except psycopg.Error as exc:
+                logger.info(
+                    "restore into %s: %s.%s stays logged (%s); loading every table logged",
+                    database,
+                    schema,
+                    table,
+                    _pg_error(exc, settings),
+                )
+                for done in changed:
+                    conn.execute(sql.SQL("ALTER TABLE ONLY {} SET LOGGED").format(done))
+                return False
+            changed.append(ident)
+    return True
 
 
 # pg_restore --verbose, non-parallel: 'processing data for table "schema.table"' before each COPY. The
@@ -1220,6 +1489,13 @@ class _LoadWatcher:
                 if self._seen:
                     self._callback(self._seen[-1])
                 self._seen.append(found.group(1))
+
+    def done(self) -> None:
+        """pg_restore exited cleanly: its last table is loaded too."""
+        self.poll()
+        if self._callback is not None and self._seen:
+            self._callback(self._seen[-1])
+            self._seen.append("")  # reported once
 
 
 class _Alongside:
@@ -1271,6 +1547,7 @@ def restore_drill(settings: OpsSettings, storage: Storage, manifest: BackupManif
                 name,
                 on_table_loaded=collector.table_loaded,
                 alongside_post_data=_finish,
+                unlogged_load=True,
             )
         except CommandError as exc:
             raise BackupCorrupt(f"backup {manifest.id} does not restore: {exc}") from None

@@ -15,6 +15,7 @@ through here.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -300,6 +301,9 @@ def stream_command(
     assert proc.stderr is not None
     pipe = proc.stdout if mode == "read" else proc.stdin
     assert pipe is not None
+    # A larger pipe (1 MiB, the default limit for any user) lets both sides work in bigger steps.
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
     stderr_reader = _LineLogger(proc.stderr, "stderr", program, masker, True)
     stderr_reader.start()
     cmd = StreamingCommand(masked_argv, proc, pipe, stderr_reader, time.monotonic())

@@ -148,6 +148,15 @@ class BackupSettings(_Section):
     restore_jobs: int = Field(
         default=2, ge=1, le=32, description="pg_restore --jobs for indexes and constraints"
     )
+    restore_data_streams: int | None = Field(
+        default=None,
+        ge=1,
+        le=2,
+        description=(
+            "readings of the backup that load table data at once (2: the largest table on its own);"
+            " each reads the whole object, so None means 2 for file:// storage and 1 for S3"
+        ),
+    )
     spool_dir: Path | None = Field(default=None, description="parallel restore scratch files; None: TMPDIR")
     maintenance_database: str = Field(default="postgres", description="where CREATE/ALTER DATABASE run")
     keep_last: int = Field(default=7, ge=1)
