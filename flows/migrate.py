@@ -298,7 +298,10 @@ def _restore_and_prove(
 ) -> TableComparison:
     """Restore ``manifest`` into the target, then compare the target with it; both recorded in the report."""
     with timed(report, "restore"):
-        report.restore = restore_backup(settings, manifest.id, target_database=report.database)
+        # The run holds the database's restore lock (migration_lock) on its own session.
+        report.restore = restore_backup(
+            settings, manifest.id, target_database=report.database, database_lock_held=True
+        )
     with timed(report, "prove-restore"):
         report.comparison = compare_to_backup(settings, manifest, report.database)
     return report.comparison

@@ -342,6 +342,11 @@ def _valid_backup_id(backup_id: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}", backup_id))
 
 
+def database_lock_name(database: str) -> str:
+    """The advisory lock a restore of ``database`` holds, and a migration of it for its whole run."""
+    return f"swagger2mcp-ops:database:{database}"
+
+
 def scratch_name(base: str, purpose: str) -> str:
     """A new database name ``<base>__<purpose>_<random>`` within PostgreSQL's 63-byte limit."""
     suffix = f"__{purpose}_{secrets.token_hex(4)}"
@@ -812,6 +817,8 @@ def create_backup(
     with _connect(settings, database, purpose="backup-snapshot") as snap:
         snap.execute(f"SET statement_timeout = {int(cfg.dump_timeout_seconds * 1000)}")
         snap.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        # The counts and hashes run beside pg_dump: parallel workers would only take its CPU.
+        snap.execute("SET LOCAL max_parallel_workers_per_gather = 0")
         row = snap.execute(
             "SELECT pg_export_snapshot(), current_setting('server_version'),"
             " pg_database_size(current_database())"
@@ -1707,6 +1714,7 @@ def restore_backup(
     keep_old: bool = False,
     create_missing: bool = False,
     checksum_first: bool = True,
+    database_lock_held: bool = False,
 ) -> RestoreResult:
     """Restore a backup so that the target is either untouched or fully restored, never half.
 
@@ -1724,6 +1732,8 @@ def restore_backup(
         create_missing: allow restoring into a database that does not exist (recreate it).
         checksum_first: re-read the whole object and check it before anything else (a caller that
             just did so may skip it; the restore still checks the digest before the swap).
+        database_lock_held: the caller holds the target's lock (:func:`database_lock_name`) on its
+            own session, as a migration does for its whole run; else the restore takes it.
 
     Returns:
         The restore's change record, with the comparison proving the data equals the manifest.
@@ -1748,12 +1758,14 @@ def restore_backup(
     logger.info("backup %s checksum ok; restoring into a scratch database for %s", manifest.id, target)
     plan = restore_preflight(settings, manifest, target_database=target, keep_old=keep_old)
     commands: list[str] = []
-    with (
-        _maintenance(settings) as lock_conn,
-        postgres.advisory_lock(
-            lock_conn, f"swagger2mcp-ops:database:{target}", settings.backup.lock_timeout_seconds
-        ),
-    ):
+    with contextlib.ExitStack() as held:
+        lock_conn = held.enter_context(_maintenance(settings))
+        if not database_lock_held:
+            held.enter_context(
+                postgres.advisory_lock(
+                    lock_conn, database_lock_name(target), settings.backup.lock_timeout_seconds
+                )
+            )
         owner = _database_owner(lock_conn, target)
         with _scratch_database(settings, plan.scratch_database, owner=owner) as scratch:
             try:

@@ -37,7 +37,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 
-from tasks import postgres
+from tasks import backups, postgres
 from tasks.commands import CommandResult, run_command
 from tasks.errors import CheckFailed, OpsError, SettingsError
 from tasks.runlog import run_logger
@@ -237,10 +237,13 @@ def require_configured(settings: OpsSettings) -> None:
 
 @contextlib.contextmanager
 def migration_lock(settings: OpsSettings, *, owner: str) -> Iterator[str]:
-    """Hold the migration lock of the target database for the block.
+    """Hold the migration lock of the target database, and its restore lock, for the block.
 
-    The lock lives on the maintenance database: a restore replaces the target database (its
-    sessions are terminated), and the lock must survive that.
+    The locks live on the maintenance database: a restore replaces the target database (its
+    sessions are terminated), and the locks must survive that. Holding the restore lock too
+    (:func:`tasks.backups.database_lock_name`) keeps a manual restore from replacing the database in
+    the middle of a migration, and a migration from starting during a restore; the run's own restore
+    is told the lock is held.
 
     Args:
         owner: shown to a second run as the holder's ``application_name`` (flow run name/id).
@@ -254,8 +257,13 @@ def migration_lock(settings: OpsSettings, *, owner: str) -> Iterator[str]:
         database=settings.backup.maintenance_database,
         application_name=f"swagger2mcp-ops {owner}"[:63],
     )
-    with conn, postgres.advisory_lock(conn, name, settings.migrations.lock_timeout_seconds):
-        run_logger(__name__).info("holding lock %s", name)
+    timeout = settings.migrations.lock_timeout_seconds
+    with (
+        conn,
+        postgres.advisory_lock(conn, name, timeout),
+        postgres.advisory_lock(conn, backups.database_lock_name(target_database(settings)), timeout),
+    ):
+        run_logger(__name__).info("holding locks %s and the database's restore lock", name)
         yield name
 
 

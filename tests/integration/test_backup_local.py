@@ -309,3 +309,34 @@ def test_restore_waits_for_the_database_lock(source: tuple[str, str], tmp_path: 
     ):
         backups.restore_backup(settings, manifest.id)
     assert scratch_databases(f"{name}__") == []
+
+
+def test_a_migration_and_a_restore_of_one_database_exclude_each_other(
+    source: tuple[str, str], tmp_path: Path
+) -> None:
+    from tasks import migrations
+
+    name, dsn = source
+    settings = backup_settings(
+        dsn,
+        f"file://{tmp_path}",
+        backup={"lock_timeout_seconds": 0.5},
+        migrations={"lock_timeout_seconds": 0.5},
+    )
+    manifest = backups.create_backup(settings, verify="none")
+    with migrations.migration_lock(settings, owner="migrate-database run-m"):
+        # A manual restore waits for the migration, and names it.
+        with pytest.raises(LockBusy, match="run-m"):
+            backups.restore_backup(settings, manifest.id)
+        # The migration's own restore (on its failure) goes on under the lock its run holds.
+        result = backups.restore_backup(settings, manifest.id, database_lock_held=True, keep_old=False)
+        assert result.comparison.matches
+    admin = dsn.rpartition("/")[0] + "/postgres"
+    with (
+        psycopg.connect(admin, autocommit=True, application_name="restore-database run-r") as conn,
+        advisory_lock(conn, backups.database_lock_name(name), 1),
+        pytest.raises(LockBusy, match="run-r"),
+        migrations.migration_lock(settings, owner="migrate-database run-late"),
+    ):
+        pass
+    assert scratch_databases(f"{name}__") == []
