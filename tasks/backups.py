@@ -1537,30 +1537,48 @@ def restore_drill(settings: OpsSettings, storage: Storage, manifest: BackupManif
     """
     hash_algorithm(manifest)  # a hash this version cannot check fails here, before anything is made
     name = scratch_name(manifest.database, "drill")
+    with _scratch_database(settings, name, owner=None):
+        try:
+            _, comparison = _restore_and_compare(settings, storage, manifest, name, unlogged_load=True)
+        except CommandError as exc:
+            raise BackupCorrupt(f"backup {manifest.id} does not restore: {exc}") from None
+        return comparison
+
+
+def _restore_and_compare(
+    settings: OpsSettings, storage: Storage, manifest: BackupManifest, database: str, *, unlogged_load: bool
+) -> tuple[list[str], TableComparison]:
+    """:func:`restore_into` the empty ``database`` and compare its tables with the manifest.
+
+    Counting and hashing read only the data: each table as soon as its rows are in, the rest while
+    pg_restore builds indexes and constraints (nothing but the restore writes to the new database).
+
+    Returns:
+        The masked command lines that ran, and the comparison.
+
+    Raises:
+        CommandError: pg_restore failed.
+        BackupCorrupt: the object does not match its manifest.
+    """
     box: dict[str, dict[str, TableStats]] = {}
+    collector = _RestoredTableStats(settings, database, manifest)
 
     def _finish() -> None:
         box["actual"] = collector.finish()
 
-    with _scratch_database(settings, name, owner=None):
-        # Counting and hashing read only the data: each table as soon as its rows are in, the rest
-        # while pg_restore builds indexes and constraints.
-        collector = _RestoredTableStats(settings, name, manifest)
-        try:
-            restore_into(
-                settings,
-                storage,
-                manifest,
-                name,
-                on_table_loaded=collector.table_loaded,
-                alongside_post_data=_finish,
-                unlogged_load=True,
-            )
-        except CommandError as exc:
-            raise BackupCorrupt(f"backup {manifest.id} does not restore: {exc}") from None
-        finally:
-            collector.stop()
-        return compare_stats(manifest.tables, box["actual"], database=name, backup_id=manifest.id)
+    try:
+        commands = restore_into(
+            settings,
+            storage,
+            manifest,
+            database,
+            on_table_loaded=collector.table_loaded,
+            alongside_post_data=_finish,
+            unlogged_load=unlogged_load,
+        )
+    finally:
+        collector.stop()
+    return commands, compare_stats(manifest.tables, box["actual"], database=database, backup_id=manifest.id)
 
 
 def verify_backup(settings: OpsSettings, backup_id: str, level: VerifyLevel) -> Verification:
@@ -1769,13 +1787,15 @@ def restore_backup(
         owner = _database_owner(lock_conn, target)
         with _scratch_database(settings, plan.scratch_database, owner=owner) as scratch:
             try:
-                commands += restore_into(settings, storage, manifest, scratch)
+                ran, comparison = _restore_and_compare(
+                    settings, storage, manifest, scratch, unlogged_load=False
+                )
             except CommandError as exc:
                 raise RestoreFailed(
                     f"pg_restore of backup {manifest.id} failed; {target} was not touched and the scratch"
                     f" database was dropped: {exc}"
                 ) from None
-            comparison = compare_database_to_manifest(settings, manifest, scratch)
+            commands += ran
             if not comparison.matches:
                 raise RestoreFailed(
                     f"the restored copy does not match backup {manifest.id}; {target} was not touched:"
