@@ -1675,9 +1675,88 @@ def _database_owner(conn: psycopg.Connection, database: str) -> str | None:
     return str(row[0]) if row else None
 
 
+def _carry_database_properties(conn: psycopg.Connection, source: str, dest: str) -> list[str]:
+    """Give ``dest`` what a dump without ``--create`` does not hold, as ``source`` has it: its
+    ``ALTER DATABASE``/``ALTER ROLE ... IN DATABASE`` settings, privileges, connection limit, comment.
+
+    Each setting is applied with ``FROM CURRENT`` after ``set_config`` of the stored text, so list
+    values (``search_path``) keep their quoting. One that cannot be applied (a superuser-only setting
+    for a non-superuser) is skipped with a warning. Returns what could not be carried over.
+    """
+    row = conn.execute(
+        "SELECT d.oid, d.datacl IS NOT NULL, d.datconnlimit, shobj_description(d.oid, 'pg_database'),"
+        " pg_get_userbyid(d.datdba) FROM pg_database d WHERE d.datname = %s",
+        (source,),
+    ).fetchone()
+    if row is None:
+        return []
+    source_oid, has_acl, connection_limit, comment, owner = row
+    target = sql.Identifier(dest)
+    # Steps of one or more statements; a step is applied whole or not at all (one savepoint each).
+    steps: list[list[tuple[sql.Composable, tuple[object, ...]]]] = []
+    for role, config in conn.execute(
+        "SELECT r.rolname, s.setconfig FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole"
+        " WHERE s.setdatabase = %s",
+        (source_oid,),
+    ).fetchall():
+        scope = (
+            sql.SQL("ALTER ROLE {} IN DATABASE {}").format(sql.Identifier(role), target)
+            if role
+            else sql.SQL("ALTER DATABASE {}").format(target)
+        )
+        for item in config or []:
+            name, _, value = str(item).partition("=")
+            steps.append(
+                [
+                    (sql.SQL("SELECT set_config(%s, %s, true)"), (name, value)),
+                    (sql.SQL("{} SET {} FROM CURRENT").format(scope, sql.Identifier(name)), ()),
+                ]
+            )
+    if has_acl:
+        steps.append([(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(target), ())])
+        for grantee, privilege, grantable in conn.execute(
+            "SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END,"
+            " a.privilege_type, a.is_grantable FROM pg_database d, aclexplode(d.datacl) a"
+            " WHERE d.oid = %s",
+            (source_oid,),
+        ).fetchall():
+            if grantee == owner:
+                continue  # the owner's own rights come with ownership
+            grant = sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
+                sql.SQL(str(privilege)),
+                target,
+                sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC"),
+                sql.SQL(" WITH GRANT OPTION") if grantable else sql.SQL(""),
+            )
+            steps.append([(grant, ())])
+    if connection_limit is not None and int(connection_limit) >= 0:
+        limit = sql.SQL("ALTER DATABASE {} CONNECTION LIMIT {}").format(
+            target, sql.Literal(int(connection_limit))
+        )
+        steps.append([(limit, ())])
+    if comment is not None:
+        steps.append([(sql.SQL("COMMENT ON DATABASE {} IS {}").format(target, sql.Literal(comment)), ())])
+    skipped: list[str] = []
+    with conn.transaction():
+        for step in steps:
+            try:
+                with conn.transaction():
+                    for statement, params in step:
+                        conn.execute(statement, params or None)
+            except psycopg.Error as exc:
+                text = step[-1][0].as_string(conn)
+                skipped.append(text)
+                run_logger(__name__).warning(
+                    "restore: could not carry over to %s: %s (%s)", dest, text, exc.diag.message_primary
+                )
+    return skipped
+
+
 def _swap(settings: OpsSettings, target: str, scratch: str, old: str | None) -> int:
     """Replace ``target`` by ``scratch`` in one transaction; returns how many sessions were ended."""
     with _maintenance(settings) as conn:
+        if old is not None:
+            _carry_database_properties(conn, target, scratch)
         if old is None:
             conn.execute(
                 sql.SQL("ALTER DATABASE {} RENAME TO {}").format(

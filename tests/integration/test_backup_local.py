@@ -340,3 +340,50 @@ def test_a_migration_and_a_restore_of_one_database_exclude_each_other(
     ):
         pass
     assert scratch_databases(f"{name}__") == []
+
+
+def test_restore_keeps_the_databases_settings_privileges_and_comment(
+    source: tuple[str, str], tmp_path: Path
+) -> None:
+    # None of these is in a dump made without --create: the swap carries them over from the old one.
+    name, dsn = source
+    role = f"{name}_reader"
+    admin = dsn.rpartition("/")[0] + "/postgres"
+    settings = backup_settings(dsn, f"file://{tmp_path}")
+    manifest = backups.create_backup(settings, verify="none")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{role}"')
+    try:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"""ALTER DATABASE "{name}" SET search_path = app, "Other Schema", public""")
+            conn.execute(f'ALTER DATABASE "{name}" SET statement_timeout = \'12s\'')
+            conn.execute(f'ALTER ROLE "{role}" IN DATABASE "{name}" SET work_mem = \'8MB\'')
+            conn.execute(f'REVOKE ALL ON DATABASE "{name}" FROM PUBLIC')
+            conn.execute(f'GRANT CONNECT ON DATABASE "{name}" TO "{role}"')
+            conn.execute(f'ALTER DATABASE "{name}" CONNECTION LIMIT 40')
+            conn.execute(f"COMMENT ON DATABASE \"{name}\" IS 'the app''s data'")
+
+        def properties() -> tuple[object, ...]:
+            with psycopg.connect(admin, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT d.datacl::text[], d.datconnlimit, shobj_description(d.oid, 'pg_database'),"
+                    " (SELECT array_agg(coalesce(r.rolname, '') || ':' || array_to_string(s.setconfig, ';')"
+                    "   ORDER BY r.rolname NULLS FIRST) FROM pg_db_role_setting s"
+                    "   LEFT JOIN pg_roles r ON r.oid = s.setrole WHERE s.setdatabase = d.oid)"
+                    " FROM pg_database d WHERE d.datname = %s",
+                    (name,),
+                ).fetchone()
+            assert row is not None
+            return tuple(row)
+
+        before = properties()
+        assert before[1] == 40
+        backups.restore_backup(settings, manifest.id, keep_old=False)
+        assert properties() == before
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("SHOW search_path").fetchone() == ('app, "Other Schema", public',)
+            assert conn.execute("SELECT count(*) FROM items").fetchone() == (500,)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP OWNED BY "{role}"')
+            conn.execute(f'DROP ROLE IF EXISTS "{role}"')
