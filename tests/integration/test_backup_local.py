@@ -356,7 +356,7 @@ def test_restore_keeps_the_databases_settings_privileges_and_comment(
     try:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f"""ALTER DATABASE "{name}" SET search_path = app, "Other Schema", public""")
-            conn.execute(f'ALTER DATABASE "{name}" SET statement_timeout = \'12s\'')
+            conn.execute(f"ALTER DATABASE \"{name}\" SET statement_timeout = '12s'")
             conn.execute(f'ALTER ROLE "{role}" IN DATABASE "{name}" SET work_mem = \'8MB\'')
             conn.execute(f'REVOKE ALL ON DATABASE "{name}" FROM PUBLIC')
             conn.execute(f'GRANT CONNECT ON DATABASE "{name}" TO "{role}"')
