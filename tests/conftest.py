@@ -8,6 +8,7 @@ Fixture modules under tests/fixtures/ (one per real service) are loaded as plugi
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -35,3 +36,8 @@ pytest_plugins = sorted(
     for path in (Path(__file__).parent / "fixtures").glob("*.py")
     if path.stem != "__init__"
 )
+
+
+def pytest_unconfigure() -> None:
+    """Remove the session's private PREFECT_HOME (its database and result storage)."""
+    shutil.rmtree(_TEST_HOME, ignore_errors=True)
