@@ -1031,6 +1031,12 @@ def checksum_backup(storage: Storage, manifest: BackupManifest) -> str:
     return f"sha256 and size ({manifest.size_bytes} bytes) match the manifest"
 
 
+def _data_entry(table: str) -> str:
+    """What ``pg_restore --list`` prints for the data of ``schema.table`` (names unquoted)."""
+    schema, _, name = table.partition(".")
+    return f" TABLE DATA {schema} {name} "
+
+
 def catalog_backup(settings: OpsSettings, storage: Storage, manifest: BackupManifest) -> str:
     """Checksum the object, then list its catalog with ``pg_restore --list``.
 
@@ -1040,7 +1046,7 @@ def catalog_backup(settings: OpsSettings, storage: Storage, manifest: BackupMani
     checksum_backup(storage, manifest)
     listing = _catalog_listing(settings, storage, manifest)
     # pg_restore --list prints names unquoted: "<id>; <oid> <oid> TABLE DATA <schema> <table> <owner>".
-    missing = [t for t in manifest.tables if " TABLE DATA {} {} ".format(*t.split(".", 1)) not in listing]
+    missing = [t for t in manifest.tables if _data_entry(t) not in listing]
     if missing:
         raise BackupCorrupt(f"backup {manifest.id}: the catalog has no data for {', '.join(missing[:10])}")
     entries = sum(1 for line in listing.splitlines() if line and not line.startswith(";"))
@@ -1332,11 +1338,11 @@ class _DataSplit:
         )
         if not ranked or ranked[0][1].rows == 0:
             return None
-        schema, _, table = ranked[0][0].partition(".")
-        # pg_restore --list prints names unquoted: a name with spaces or dots could match elsewhere.
-        marker = f" TABLE DATA {schema} {table} "
+        name = ranked[0][0]
+        marker = _data_entry(name)
         at = [i for i, line in enumerate(lines) if marker in line]
-        if "." in table or len(at) != 1:
+        # A name with spaces or dots could match another entry's line: only an unambiguous one splits.
+        if "." in name.partition(".")[2] or len(at) != 1:
             return None
         start = at[0]
         if any(carries_data[:start]):
@@ -1502,7 +1508,6 @@ class _LoadWatcher:
         self.poll()
         if self._callback is not None and self._seen:
             self._callback(self._seen[-1])
-            self._seen.append("")  # reported once
 
 
 class _Alongside:

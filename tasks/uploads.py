@@ -1154,11 +1154,14 @@ class _Remover:
         self._closed = False
         self._stderr_text = ""
         self._process: subprocess.Popen[bytes] | None = None
-        self._inline: unlink_helper.Tally | None = None
+        self._sock: socket.socket | None = None
+        if helper:
+            self._start_helper(cutoff)
+        self._inline = unlink_helper.Tally() if self._process is None else None
+
+    def _start_helper(self, cutoff: float) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            if not helper:
-                raise OSError(errno.ECANCELED, "not wanted")
             self._process = subprocess.Popen(
                 [sys.executable, "-I", "-S", unlink_helper.__file__, repr(cutoff), str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
@@ -1172,7 +1175,7 @@ class _Remover:
                 "uploads: deleting in this process (the deleting helper could not start: %s)",
                 exc.strerror or exc,
             )
-            self._inline = unlink_helper.Tally()
+            return
         finally:
             theirs.close()
         self._sock = ours
@@ -1183,15 +1186,16 @@ class _Remover:
             files = ((name, st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size) for name, st in found)
             unlink_helper.remove_files(fd, prefix, files, self._cutoff, self._inline)
             return
-        batch = self.BATCH
+        batch, sock = self.BATCH, self._sock
+        assert sock is not None
         try:
-            socket.send_fds(self._sock, [b"D" + os.fsencode(prefix)], [fd])
+            socket.send_fds(sock, [b"D" + os.fsencode(prefix)], [fd])
             for start in range(0, len(found), batch):
                 payload = [
                     (name, st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size)
                     for name, st in found[start : start + batch]
                 ]
-                self._sock.sendall(b"F" + marshal.dumps(payload))
+                sock.sendall(b"F" + marshal.dumps(payload))
         except OSError:
             raise UploadsError(
                 f"the deleting helper process stopped ({self._stderr()}); the plan lists what was due,"
@@ -1229,13 +1233,15 @@ class _Remover:
         record.errors.count += errors_count - len(errors)
 
     def _answer(self) -> tuple[int, int, int, list[tuple[str, str]], int, list[tuple[str, str]]]:
-        self._sock.sendall(b"E")
-        header = self._sock.recv(8)
+        sock = self._sock
+        assert sock is not None
+        sock.sendall(b"E")
+        header = sock.recv(8)
         if len(header) != 8:
             raise OSError("no answer")
         size, chunks = int.from_bytes(header, "big"), []
         while size > 0:
-            chunk = self._sock.recv(unlink_helper.MAX_MESSAGE)
+            chunk = sock.recv(unlink_helper.MAX_MESSAGE)
             if not chunk:
                 raise OSError("answer cut short")
             chunks.append(chunk)
@@ -1253,7 +1259,8 @@ class _Remover:
         if self._closed:
             return
         self._closed = True
-        self._sock.close()
+        if self._sock is not None:
+            self._sock.close()
         process = self._process
         if process is None:
             return
