@@ -109,7 +109,7 @@ def table_rows(summary: RunSummary) -> list[dict[str, Any]]:
         served = state.served
         verdict = verdicts.get(served.endpoint)
         shown = verdict.served if verdict else served
-        info = shown.info
+        shown_info = shown.info
         if verdict is not None:
             status, note = ("ok", "") if verdict.ok else ("failed", verdict.problem or "")
         else:
@@ -120,11 +120,11 @@ def table_rows(summary: RunSummary) -> list[dict[str, Any]]:
             {
                 "kind": "endpoint",
                 "name": served.endpoint,
-                "names": ", ".join(info.sans) if info else "",
-                "issuer": info.issuer if info else "",
-                "serial": info.serial if info else "",
-                "not_after": _date(info.not_after if info else None),
-                "days_left": round(info.days_left(), 1) if info else "",
+                "names": ", ".join(shown_info.sans) if shown_info else "",
+                "issuer": shown_info.issuer if shown_info else "",
+                "serial": shown_info.serial if shown_info else "",
+                "not_after": _date(shown_info.not_after if shown_info else None),
+                "days_left": round(shown_info.days_left(), 1) if shown_info else "",
                 "status": status,
                 "note": note,
             }

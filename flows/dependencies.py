@@ -31,6 +31,7 @@ from tasks.npm import (
     UpdateResult,
     WorkingCopy,
 )
+from tasks.ops_task import ops_task
 from tasks.runlog import run_logger
 from tasks.settings import OpsSettings, load_settings
 
@@ -60,19 +61,15 @@ def plan_for_scope(
     )
 
 
-create_working_copy = task(npm.create_working_copy, name="create-working-copy", cache_policy=NO_CACHE)
-install_locked = task(npm.install, name="npm-ci", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-audit_dependencies = task(
-    npm.audit, name="npm-audit", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5
-)
-list_outdated = task(
-    npm.outdated, name="npm-outdated", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5
-)
-plan_updates = task(plan_for_scope, name="plan-updates", cache_policy=NO_CACHE)
-apply_updates = task(npm.apply_updates, name="apply-updates", cache_policy=NO_CACHE)
-run_app_tests = task(npm.run_tests, name="run-app-tests", cache_policy=NO_CACHE)
-commit_update = task(npm.commit_update, name="commit-update", cache_policy=NO_CACHE)
-build_image = task(builds.build_image, name="build-image", cache_policy=NO_CACHE)
+create_working_copy = ops_task(npm.create_working_copy, name="create-working-copy")
+install_locked = ops_task(npm.install, name="npm-ci", retries=1, retry_delay_seconds=5)
+audit_dependencies = ops_task(npm.audit, name="npm-audit", retries=2, retry_delay_seconds=5)
+list_outdated = ops_task(npm.outdated, name="npm-outdated", retries=2, retry_delay_seconds=5)
+plan_updates = ops_task(plan_for_scope, name="plan-updates")
+apply_updates = ops_task(npm.apply_updates, name="apply-updates")
+run_app_tests = ops_task(npm.run_tests, name="run-app-tests")
+commit_update = ops_task(npm.commit_update, name="commit-update")
+build_image = ops_task(builds.build_image, name="build-image")
 
 
 @dataclass

@@ -311,12 +311,18 @@ class ServedCertificate:
 
 def probe_endpoint(endpoint: CertEndpoint, cfg: CertificatesSettings) -> ServedCertificate:
     """Read an endpoint's served certificate; a failure is recorded, not raised (inventory goes on)."""
-    base = {
-        "endpoint": endpoint.label,
-        "host": endpoint.host,
-        "port": endpoint.port,
-        "server_name": endpoint.sni,
-    }
+
+    def served(info: CertificateInfo | None, error: str | None = None) -> ServedCertificate:
+        return ServedCertificate(
+            endpoint=endpoint.label,
+            host=endpoint.host,
+            port=endpoint.port,
+            server_name=endpoint.sni,
+            info=info,
+            valid=error is None,
+            error=error,
+        )
+
     try:
         info = fetch_served_certificate(
             endpoint.host,
@@ -326,10 +332,10 @@ def probe_endpoint(endpoint: CertEndpoint, cfg: CertificatesSettings) -> ServedC
             timeout=cfg.handshake_timeout_seconds,
         )
     except ServedCertificateInvalid as exc:
-        return ServedCertificate(**base, info=exc.certificate, valid=False, error=str(exc))
+        return served(exc.certificate, str(exc))
     except EndpointUnreachable as exc:
-        return ServedCertificate(**base, info=None, valid=False, error=str(exc))
-    return ServedCertificate(**base, info=info, valid=True)
+        return served(None, str(exc))
+    return served(info)
 
 
 def expected_certificate(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import enum
+import functools
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from pydantic import BaseModel, Field
 
 from tasks import http as http_probe
 from tasks import postgres, queues, redisdb
+from tasks.secrets import mask_url
 from tasks.settings import OpsSettings
 
 
@@ -232,7 +234,7 @@ def check_http(url: str, settings: OpsSettings) -> CheckResult:
 
 def http_check_name(url: str) -> str:
     """The check name of one configured endpoint (its URL, password masked)."""
-    return f"http:{http_probe.mask_url(url)}"
+    return f"http:{mask_url(url)}"
 
 
 def all_checks(settings: OpsSettings) -> dict[str, Callable[[], CheckResult]]:
@@ -243,7 +245,7 @@ def all_checks(settings: OpsSettings) -> dict[str, Callable[[], CheckResult]]:
         "queue": lambda: check_queues(settings),
     }
     for url in settings.health.urls:
-        checks[http_check_name(url)] = lambda url=url: check_http(url, settings)
+        checks[http_check_name(url)] = functools.partial(check_http, url, settings)
     return checks
 
 

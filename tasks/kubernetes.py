@@ -241,7 +241,7 @@ class KubernetesRuntime:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            metrics = client.CustomObjectsApi(self.api_client).list_namespaced_custom_object(
+            metrics: Any = client.CustomObjectsApi(self.api_client).list_namespaced_custom_object(
                 "metrics.k8s.io", "v1beta1", self.namespace, "pods", _request_timeout=self._timeout
             )
         except ApiException as exc:
@@ -358,8 +358,9 @@ class KubernetesRuntime:
                 for container in (pod.status.container_statuses or []) if pod.status else []:
                     waiting = container.state.waiting if container.state else None
                     main_image = self._main_container(status.name, deployment.spec.template).image
-                    failing = waiting is not None and waiting.reason in _PULL_FAILURES
-                    if failing and container.image == main_image:
+                    if waiting is None:
+                        continue
+                    if waiting.reason in _PULL_FAILURES and container.image == main_image:
                         return f"{pod.metadata.name}: {waiting.reason} {waiting.message or ''}".strip()
         return None
 

@@ -503,7 +503,8 @@ def install(npm: NpmEnvironment, wc: WorkingCopy) -> CommandResult:
 
 def read_lockfile(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
     except (OSError, json.JSONDecodeError) as exc:
         raise DependencyError(f"cannot read {path}: {exc}; run `npm install` to regenerate it") from None
 

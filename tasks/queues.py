@@ -22,10 +22,9 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from bullmq import Job, Queue
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import ParameterError
+from tasks.ops_task import ops_task
 from tasks.settings import QueueSettings, RedisSettings
 
 T = TypeVar("T")
@@ -556,7 +555,7 @@ def apply_job_plan(
         raise ParameterError("rate_per_second must be positive")
     started = time.monotonic()
     if not confirm or not plan.jobs:
-        changes = [JobChange(j.queue, j.id, j.name, _WOULD[plan.operation]) for j in plan.jobs]
+        would = [JobChange(j.queue, j.id, j.name, _WOULD[plan.operation]) for j in plan.jobs]
         return JobOperationRecord(
             operation=plan.operation,
             dry_run=not confirm,
@@ -566,7 +565,7 @@ def apply_job_plan(
             skipped=0,
             batches=0,
             duration_seconds=0.0,
-            jobs=tuple(changes) if not confirm else (),
+            jobs=tuple(would) if not confirm else (),
         )
     changes: list[JobChange] = []
     batches = 0
@@ -597,9 +596,9 @@ def apply_job_plan(
     )
 
 
-list_jobs_task = task(list_jobs, name="list-jobs", cache_policy=NO_CACHE)
-stalled_jobs_task = task(stalled_jobs, name="find-stalled-jobs", cache_policy=NO_CACHE)
-plan_job_operation_task = task(plan_job_operation, name="plan-job-operation", cache_policy=NO_CACHE)
+list_jobs_task = ops_task(list_jobs, name="list-jobs")
+stalled_jobs_task = ops_task(stalled_jobs, name="find-stalled-jobs")
+plan_job_operation_task = ops_task(plan_job_operation, name="plan-job-operation")
 # No retries: a retry after a partial batch would re-read nothing new (planned jobs are skipped
 # once they left their state), but an operator should see the first error as it happened.
-apply_job_plan_task = task(apply_job_plan, name="apply-job-plan", cache_policy=NO_CACHE)
+apply_job_plan_task = ops_task(apply_job_plan, name="apply-job-plan")

@@ -7,7 +7,7 @@ nothing outside one (a plain function called from a script has no run to attach 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -45,11 +45,18 @@ def in_run() -> bool:
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
+def _sync(created: UUID | Coroutine[Any, Any, UUID]) -> UUID:
+    """The id an artifact call returned (from sync code Prefect's helpers return no coroutine)."""
+    if not isinstance(created, UUID):
+        raise TypeError(f"expected an artifact id from a synchronous call, got {type(created).__name__}")
+    return created
+
+
 def publish_markdown(key: str, markdown: str, description: str) -> UUID | None:
     """Publish (a new version of) the markdown artifact ``key``; nothing outside a run."""
     if not in_run():
         return None
-    return create_markdown_artifact(markdown=markdown, key=artifact_key(key), description=description)
+    return _sync(create_markdown_artifact(markdown=markdown, key=artifact_key(key), description=description))
 
 
 def publish_table(key: str, rows: Sequence[Mapping[str, Any]], description: str) -> UUID | None:
@@ -57,7 +64,7 @@ def publish_table(key: str, rows: Sequence[Mapping[str, Any]], description: str)
     if not in_run():
         return None
     table = [{k: ("" if v is None else v) for k, v in row.items()} for row in rows]
-    return create_table_artifact(table=table, key=artifact_key(key), description=description)
+    return _sync(create_table_artifact(table=table, key=artifact_key(key), description=description))
 
 
 class Progress:
@@ -67,7 +74,9 @@ class Progress:
         self._id: UUID | None = None
         self._last = -1.0
         if in_run():
-            self._id = create_progress_artifact(progress=0.0, key=artifact_key(key), description=description)
+            self._id = _sync(
+                create_progress_artifact(progress=0.0, key=artifact_key(key), description=description)
+            )
 
     def update(self, percent: float) -> None:
         percent = max(0.0, min(100.0, percent))
