@@ -16,7 +16,14 @@ parameter, never a setting.
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
+import re
+import tomllib
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -30,12 +37,14 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 from tasks.errors import SettingsError
 from tasks.secrets import mask_url
@@ -43,6 +52,25 @@ from tasks.secrets import mask_url
 ENV_PREFIX = "OPS_"
 CONFIG_ENV = "OPS_CONFIG"
 DEFAULT_CONFIG_FILE = "ops.toml"
+
+
+_ENCODE_HINT = (
+    "does not parse unambiguously: percent-encode special characters in the user name and password"
+    " (@ as %40, / as %2F, # as %23, ? as %3F, : in the user name as %3A),"
+    " e.g. postgresql://app:pass%40word@db:5432/app"
+)
+
+
+def is_ambiguous_url(raw: str) -> bool:
+    """Whether ``raw`` reads differently to different URL parsers (an unencoded ``@``, ``/``, ``#`` or
+    ``?`` in the user name or password): libpq and Python's urlsplit would then disagree about the host,
+    and the password's tail would show up as a host name in errors."""
+    _, sep, rest = raw.partition("://")
+    if not sep:
+        return False
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, tail = rest[:end], rest[end:]
+    return authority.count("@") > 1 or "@" in tail
 
 
 class _Section(BaseModel):
@@ -65,6 +93,8 @@ class PostgresSettings(_Section):
     @classmethod
     def _valid_dsn(cls, value: SecretStr) -> SecretStr:
         raw = value.get_secret_value()
+        if is_ambiguous_url(raw):
+            raise ValueError(_ENCODE_HINT)
         parts = urlsplit(raw)
         if parts.scheme not in {"postgresql", "postgres", "postgresql+psycopg"}:
             raise ValueError("must be a postgresql:// URL (postgresql://user:password@host:5432/dbname)")
@@ -90,6 +120,8 @@ class RedisSettings(_Section):
     @field_validator("url")
     @classmethod
     def _valid_url(cls, value: SecretStr) -> SecretStr:
+        if is_ambiguous_url(value.get_secret_value()):
+            raise ValueError(_ENCODE_HINT)
         parts = urlsplit(value.get_secret_value())
         if parts.scheme not in {"redis", "rediss", "unix"}:
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
@@ -771,18 +803,199 @@ def _source_of(loc: tuple[Any, ...]) -> str:
         DEFAULT_CONFIG_FILE if Path(DEFAULT_CONFIG_FILE).is_file() else None
     )
     if config:
-        return f"config file {config} ([{'.'.join(path[:-1]) or 'top level'}] {path[-1]})"
+        line = _toml_line(Path(config), path)
+        where = f", line {line}" if line else ""
+        return f"config file {config} ([{'.'.join(path[:-1]) or 'top level'}] {path[-1]}{where})"
     return "embedded default"
+
+
+def _toml_line(config: Path, path: Sequence[str]) -> int | None:
+    """The line of ``path``'s key in a TOML file (plain ``[a.b]`` tables and ``key =`` lines)."""
+    try:
+        text = config.read_text()
+    except OSError:
+        return None
+    table: tuple[str, ...] = ()
+    want_table, key = tuple(path[:-1]), path[-1]
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        header = re.fullmatch(r"\[\s*([A-Za-z0-9_.\- ]+?)\s*\]", line)
+        if header:
+            table = tuple(part.strip() for part in header.group(1).split("."))
+        elif table == want_table and re.match(rf"{re.escape(key)}\s*=", line):
+            return number
+    return None
 
 
 def _shown_value(loc: tuple[Any, ...], value: Any) -> str:
     secret_names = {"dsn", "url", "password", "secret_access_key", "access_key_id", "token"}
     if loc and str(loc[-1]) in secret_names and isinstance(value, str):
+        if is_ambiguous_url(value):
+            # Where the password ends cannot be told: show nothing of what follows the scheme.
+            return repr(value.partition("://")[0] + "://***")
         return repr(mask_url(value))
     if isinstance(value, SecretStr):
         return "'**********'"
     shown = repr(value)
     return shown if len(shown) <= 120 else shown[:117] + "..."
+
+
+# --- the names that exist ---------------------------------------------------------------------------
+
+# OPS_ variables that are not settings: the config file's name, and the test suite's own knobs.
+RESERVED_VARIABLES = frozenset({CONFIG_ENV})
+RESERVED_PREFIXES = ("OPS_TEST_",)
+
+
+@dataclass(frozen=True)
+class SettingField:
+    """One setting of the model: its path, its field and whether it is a section or an open map."""
+
+    path: tuple[str, ...]
+    field: FieldInfo
+    section: bool
+
+    @property
+    def env(self) -> str:
+        """Its environment variable (``OPS_POSTGRES__DSN``)."""
+        return ENV_PREFIX + "__".join(p.upper() for p in self.path)
+
+    @property
+    def open_map(self) -> bool:
+        """A ``dict`` setting: variables below it (``OPS_X__Y__ANYKEY``) are its keys."""
+        return typing.get_origin(self.field.annotation) is dict
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    candidates = [annotation, *typing.get_args(annotation)]
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def setting_fields(model: type[BaseModel] = OpsSettings, prefix: tuple[str, ...] = ()) -> list[SettingField]:
+    """Every section and every setting of ``model``, depth first, in declaration order."""
+    found: list[SettingField] = []
+    for name, info in model.model_fields.items():
+        path = (*prefix, name)
+        section = _section_type(info.annotation)
+        found.append(SettingField(path, info, section is not None))
+        if section is not None:
+            found.extend(setting_fields(section, path))
+    return found
+
+
+def _closest(name: str, candidates: Iterable[str]) -> str | None:
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One line per ``OPS_`` variable that names no setting, with the closest valid name."""
+    fields = setting_fields()
+    known = {f.env for f in fields}
+    open_maps = [f.env + "__" for f in fields if f.open_map]
+    leaves = [f.env for f in fields if not f.section]
+    lines = []
+    for variable in sorted(environ):
+        name = variable.upper()
+        reserved = name in RESERVED_VARIABLES or name.startswith(RESERVED_PREFIXES)
+        if not name.startswith(ENV_PREFIX) or reserved:
+            continue
+        if name in known or name.startswith(tuple(open_maps)):
+            continue
+        guess = _closest(name, leaves) or _closest(name, known)
+        hint = f"did you mean {guess}?" if guess else "see the settings table in the README"
+        lines.append(f"- environment variable {variable} names no setting; {hint}")
+    return lines
+
+
+# --- examples of valid values -----------------------------------------------------------------------
+
+
+def _field_at(loc: Sequence[Any]) -> SettingField | None:
+    path = tuple(str(p) for p in loc if not isinstance(p, int))
+    for candidate in setting_fields():
+        if candidate.path == path:
+            return candidate
+    return None
+
+
+def _placeholder(annotation: Any) -> Any:
+    """A value of ``annotation``'s type, for fields whose default says nothing (None, empty)."""
+    origin = typing.get_origin(annotation)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if origin in (list, tuple, set, frozenset):
+        return [_placeholder(args[0]) if args else "item"]
+    if origin is dict:
+        return {"key": _placeholder(args[1]) if len(args) == 2 else "value"}
+    if origin is Literal:
+        return typing.get_args(annotation)[0]
+    if args and origin is not None:  # X | None and the like
+        return _placeholder(args[0])
+    for kind, value in ((bool, True), (int, 10), (float, 1.5), (Path, "/srv/path"), (SecretStr, "secret")):
+        if annotation is kind:
+            return value
+    return "text"
+
+
+def example_value(setting: SettingField) -> str:
+    """A valid value of ``setting`` as an environment variable takes it (JSON for lists and maps)."""
+    info = setting.field
+    if info.examples:
+        value: Any = info.examples[0]
+    else:
+        value = info.get_default(call_default_factory=True)
+        if isinstance(value, SecretStr):
+            # An embedded default is no secret; shown masked all the same, as every URL is.
+            value = mask_url(value.get_secret_value())
+        if value is None or value == [] or value == {}:
+            value = _placeholder(info.annotation)
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, default=str)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _example_line(loc: Sequence[Any]) -> str:
+    setting = _field_at(loc)
+    if setting is None or setting.section:
+        return ""
+    value = example_value(setting)
+    quoted = f"'{value}'" if any(c in value for c in ' []{}""') else value
+    return f" (for example {setting.env}={quoted})"
+
+
+# --- loading ------------------------------------------------------------------------------------------
+
+
+def _parse_error_lines(exc: PydanticSettingsError) -> list[str]:
+    """pydantic-settings could not parse a variable (JSON expected): name it and show the form."""
+    field = re.search(r'field "([^"]+)"', str(exc))
+    section = field.group(1) if field else ""
+    lines = []
+    for variable in sorted(os.environ):
+        name = variable.upper()
+        if not name.startswith(f"{ENV_PREFIX}{section.upper()}"):
+            continue
+        setting = _field_at(tuple(p.lower() for p in name[len(ENV_PREFIX) :].split("__")))
+        if setting is None:
+            continue
+        try:
+            json.loads(os.environ[variable])
+        except ValueError:
+            value = _shown_value(setting.path, os.environ[variable])
+            lines.append(
+                f"- {'.'.join(setting.path)} = {value} from environment variable {variable}:"
+                f" not valid JSON; lists, maps and sections are written as JSON"
+                f"{_example_line(setting.path)}"
+            )
+    fallback = f"- {exc}; lists, maps and sections are written as JSON, e.g. OPS_QUEUE__NAMES='[\"a\"]'"
+    return lines or [fallback]
 
 
 def load_settings(**overrides: Any) -> OpsSettings:
@@ -796,19 +1009,44 @@ def load_settings(**overrides: Any) -> OpsSettings:
         The frozen settings.
 
     Raises:
-        SettingsError: a value is missing, of the wrong type or out of range; the message names each
-            bad field, its (masked) value and its source, and says what form is expected.
+        SettingsError: an ``OPS_`` variable or TOML key names no setting, the TOML file does not parse,
+            or a value is missing, malformed, of the wrong type or out of range. The one message names
+            each problem, its (masked) value and its source (variable, or file and key/line), the closest
+            valid name where one was mistyped, and an example of a valid value. Raised before anything
+            is done.
     """
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        raise SettingsError(_INVALID + "\n".join(unknown))
     try:
         return OpsSettings(**overrides)
+    except tomllib.TOMLDecodeError as exc:
+        config = os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_FILE
+        raise SettingsError(
+            _INVALID + f"- config file {config} is not valid TOML: {exc}. Strings are quoted"
+            ' (dsn = "postgresql://app@db:5432/app"), lists are ["a", "b"], sections are [name]'
+        ) from None
+    except PydanticSettingsError as exc:
+        raise SettingsError(_INVALID + "\n".join(_parse_error_lines(exc))) from None
     except ValidationError as exc:
         lines = []
         for error in exc.errors(include_url=False):
             loc = tuple(error["loc"])
             field = ".".join(str(p) for p in loc) or "settings"
+            if error["type"] == "extra_forbidden":
+                lines.append(f"- {field} from {_source_of(loc)} names no setting; {_sibling_hint(loc)}")
+                continue
             message = str(error["msg"]).removeprefix("Value error, ")
             value = _shown_value(loc, error.get("input"))
-            lines.append(f"- {field} = {value} from {_source_of(loc)}: {message}")
-        raise SettingsError(
-            "invalid settings; nothing was done. Fix these values and run again:\n" + "\n".join(lines)
-        ) from None
+            lines.append(f"- {field} = {value} from {_source_of(loc)}: {message}{_example_line(loc)}")
+        raise SettingsError(_INVALID + "\n".join(lines)) from None
+
+
+_INVALID = "invalid settings; nothing was done. Fix these values and run again:\n"
+
+
+def _sibling_hint(loc: tuple[Any, ...]) -> str:
+    parent = tuple(str(p) for p in loc[:-1])
+    siblings = [f.path[-1] for f in setting_fields() if f.path[:-1] == parent]
+    guess = _closest(str(loc[-1]), siblings)
+    return f"did you mean {guess}?" if guess else "see the settings table in the README"
