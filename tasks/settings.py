@@ -21,6 +21,7 @@ import json
 import os
 import re
 import tomllib
+import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -867,7 +868,9 @@ class SettingField:
 
 
 def _section_type(annotation: Any) -> type[BaseModel] | None:
-    candidates = [annotation, *typing.get_args(annotation)]
+    """The model of a section field (``X`` or ``X | None``); None for a value (``list[X]`` is a value)."""
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    candidates = typing.get_args(annotation) if is_union else (annotation,)
     for candidate in candidates:
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate
