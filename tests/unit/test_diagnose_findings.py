@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given
@@ -208,7 +209,7 @@ def test_report_orders_findings_worst_first() -> None:
         "b", "B", None, (d.Finding("b", Severity.CRITICAL, "down", d.RB_REDIS, "restart", "x"),)
     )
     info = d.Diagnosis("c", "C", None, (d.Finding("c", Severity.INFO, "fyi", d.RB_DB_LOAD),))
-    report = d.DiagnoseReport("s", d.datetime.now(d.UTC), (ok, bad, info))
+    report = d.DiagnoseReport("s", datetime.now(UTC), (ok, bad, info))
     assert report.severity is Severity.CRITICAL
     assert [f.summary for f in report.findings()] == ["down", "fyi"]
     assert report.as_dict()["checks"] == {"a": "ok", "b": "critical", "c": "info"}

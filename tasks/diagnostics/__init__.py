@@ -1,0 +1,151 @@
+"""Diagnostics: the evidence the runbook's "Common Issues" and "Performance Troubleshooting" gather by
+hand, gathered by plain functions, each returning a :class:`Diagnosis` with typed evidence and
+findings. A finding has a severity, the runbook section it comes from, the runbook's suggested
+resolution and the flow that performs it.
+
+Everything here is read-only. A service that is down is a finding, never an exception: each check
+handles the failures it expects, and :func:`run_diagnostic` turns anything else (and a hang past the
+deadline) into a finding too.
+
+Where things are:
+
+- ``model``: severities, :class:`Finding`, :class:`Diagnosis`, :class:`DiagnoseReport`, the runbook
+  sections and resolution flows findings point at, and how errors are worded (secrets masked);
+- one module per system inspected: ``postgres_checks`` (with ``sql_text``, literals masked),
+  ``redis_checks``, ``queue_checks``, ``service_checks`` (runtime status, restarts, logs, usage),
+  ``system_checks`` (disk, uploads directory, network);
+- ``runner``: every check by name, each run under a deadline (``deadline``);
+- ``prefect_tasks``: the Prefect tasks the diagnose flow submits.
+
+Import the names below from this package; the modules are how the code is organised, not an API.
+"""
+
+from tasks.diagnostics.model import (
+    FLOW_CLEAN_JOBS,
+    FLOW_CLEANUP_UPLOADS,
+    FLOW_OUTAGE,
+    FLOW_RESTART,
+    FLOW_RETRY,
+    RB_CPU,
+    RB_DATABASE,
+    RB_DB_LOAD,
+    RB_MEMORY,
+    RB_NETWORK,
+    RB_REDIS,
+    RB_SLOW,
+    RB_UPLOADS,
+    RB_WORKER,
+    DiagnoseReport,
+    Diagnosis,
+    Evidence,
+    Finding,
+    Severity,
+    safe_error,
+    worst,
+)
+from tasks.diagnostics.postgres_checks import (
+    ConnectionGroup,
+    ConnectionsEvidence,
+    LongQueriesEvidence,
+    LongQuery,
+    StatementStat,
+    TopStatementsEvidence,
+    connection_findings,
+    long_queries,
+    postgres_connections,
+    top_statements,
+)
+from tasks.diagnostics.prefect_tasks import diagnostic_task, run_diagnostic_task
+from tasks.diagnostics.queue_checks import QueuesEvidence, queue_findings, queue_states
+from tasks.diagnostics.redis_checks import RedisMemory, read_redis_memory, redis_memory, redis_memory_findings
+from tasks.diagnostics.runner import all_diagnostics, run_diagnostic
+from tasks.diagnostics.service_checks import LogTail, ServicesEvidence, scan_log, service_findings, services
+from tasks.diagnostics.sql_text import mask_sql_literals, shown_query
+from tasks.diagnostics.system_checks import (
+    DiskEvidence,
+    DiskSpace,
+    DnsLookup,
+    NetworkEvidence,
+    PathEntry,
+    TcpProbe,
+    UploadsEvidence,
+    disk_findings,
+    disk_paths,
+    disk_space,
+    network,
+    network_findings,
+    network_targets,
+    probe_tcp,
+    resolve,
+    uploads_findings,
+    uploads_permissions,
+)
+
+__all__ = [
+    "FLOW_CLEANUP_UPLOADS",
+    "FLOW_CLEAN_JOBS",
+    "FLOW_OUTAGE",
+    "FLOW_RESTART",
+    "FLOW_RETRY",
+    "RB_CPU",
+    "RB_DATABASE",
+    "RB_DB_LOAD",
+    "RB_MEMORY",
+    "RB_NETWORK",
+    "RB_REDIS",
+    "RB_SLOW",
+    "RB_UPLOADS",
+    "RB_WORKER",
+    "ConnectionGroup",
+    "ConnectionsEvidence",
+    "DiagnoseReport",
+    "Diagnosis",
+    "DiskEvidence",
+    "DiskSpace",
+    "DnsLookup",
+    "Evidence",
+    "Finding",
+    "LogTail",
+    "LongQueriesEvidence",
+    "LongQuery",
+    "NetworkEvidence",
+    "PathEntry",
+    "QueuesEvidence",
+    "RedisMemory",
+    "ServicesEvidence",
+    "Severity",
+    "StatementStat",
+    "TcpProbe",
+    "TopStatementsEvidence",
+    "UploadsEvidence",
+    "all_diagnostics",
+    "connection_findings",
+    "diagnostic_task",
+    "disk_findings",
+    "disk_paths",
+    "disk_space",
+    "long_queries",
+    "mask_sql_literals",
+    "network",
+    "network_findings",
+    "network_targets",
+    "postgres_connections",
+    "probe_tcp",
+    "queue_findings",
+    "queue_states",
+    "read_redis_memory",
+    "redis_memory",
+    "redis_memory_findings",
+    "resolve",
+    "run_diagnostic",
+    "run_diagnostic_task",
+    "safe_error",
+    "scan_log",
+    "service_findings",
+    "services",
+    "shown_query",
+    "top_statements",
+    "uploads_findings",
+    "uploads_permissions",
+    "worst",
+]
