@@ -46,6 +46,7 @@ def ops_task(
     retry_delay_seconds: float = 0,
     permanent: tuple[type[BaseException], ...] = (),
     timeout_seconds: float | None = None,
+    task_run_name: str | None = None,
 ) -> Task[P, R]:
     """Wrap ``fn`` as an uncached task named ``name``.
 
@@ -56,6 +57,7 @@ def ops_task(
         retry_delay_seconds: the wait between attempts.
         permanent: error types that no retry can fix; they fail the task at once.
         timeout_seconds: a hard limit for one attempt (only effective on the flow's main thread).
+        task_run_name: a template of each run's name, from ``fn``'s arguments (``"diagnose-{name}"``).
 
     Returns:
         The task, with the same parameters and return type as ``fn``.
@@ -67,5 +69,7 @@ def ops_task(
         retry_delay_seconds=retry_delay_seconds,
         retry_condition_fn=retry_unless(permanent) if retries and permanent else None,
         timeout_seconds=timeout_seconds,
+        task_run_name=task_run_name,
     )
+    # The decorator form is the overload that keeps ``fn``'s signature for type checkers.
     return decorate(fn)

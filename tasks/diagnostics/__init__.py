@@ -55,7 +55,7 @@ from tasks.diagnostics.postgres_checks import (
     postgres_connections,
     top_statements,
 )
-from tasks.diagnostics.prefect_tasks import diagnostic_task, run_diagnostic_task
+from tasks.diagnostics.prefect_tasks import run_diagnostic_task
 from tasks.diagnostics.queue_checks import QueuesEvidence, queue_findings, queue_states
 from tasks.diagnostics.redis_checks import RedisMemory, read_redis_memory, redis_memory, redis_memory_findings
 from tasks.diagnostics.runner import all_diagnostics, run_diagnostic
@@ -120,7 +120,6 @@ __all__ = [
     "UploadsEvidence",
     "all_diagnostics",
     "connection_findings",
-    "diagnostic_task",
     "disk_findings",
     "disk_paths",
     "disk_space",
