@@ -85,10 +85,14 @@ class PostgresSettings(_Section):
 
     dsn: SecretStr = Field(
         default=SecretStr("postgresql://postgres@127.0.0.1:5432/swagger2mcp"),
-        description="libpq URL of the application's database; the password is secret.",
+        description="libpq URL of the app's database, postgresql://user:password@host:5432/db (secret)",
     )
-    connect_timeout_seconds: float = Field(default=5.0, gt=0)
-    statement_timeout_seconds: float = Field(default=30.0, gt=0)
+    connect_timeout_seconds: float = Field(
+        default=5.0, gt=0, description="timeout of each connection attempt, seconds (rounded, at least 1)"
+    )
+    statement_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="statement_timeout of the tool's ordinary sessions, seconds"
+    )
 
     @field_validator("dsn")
     @classmethod
@@ -115,8 +119,13 @@ class PostgresSettings(_Section):
 class RedisSettings(_Section):
     """The Redis server the BullMQ queues live on."""
 
-    url: SecretStr = Field(default=SecretStr("redis://127.0.0.1:6379/0"))
-    socket_timeout_seconds: float = Field(default=3.0, gt=0)
+    url: SecretStr = Field(
+        default=SecretStr("redis://127.0.0.1:6379/0"),
+        description="URL of the Redis the queues live on: redis://, rediss:// or unix:// (secret)",
+    )
+    socket_timeout_seconds: float = Field(
+        default=3.0, gt=0, description="connect and read timeout of each Redis call, seconds"
+    )
 
     @field_validator("url")
     @classmethod
@@ -140,19 +149,39 @@ class RedisSettings(_Section):
 class QueueSettings(_Section):
     """BullMQ queues of the application (the worker's queues)."""
 
-    names: list[str] = Field(default_factory=lambda: ["default"], min_length=1)
-    prefix: str = "bull"
+    names: list[str] = Field(
+        default_factory=lambda: ["default"],
+        min_length=1,
+        description="BullMQ queue names the worker consumes (JSON list)",
+    )
+    prefix: str = Field(
+        default="bull", description="BullMQ key prefix the application uses (keys <prefix>:<queue>:...)"
+    )
 
 
 class StorageSettings(_Section):
     """Where backups, evidence bundles and reports are stored."""
 
-    url: str = "file://./var/backups"
-    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, moto, R2).")
-    region: str = "us-east-1"
-    access_key_id: SecretStr | None = None
-    secret_access_key: SecretStr | None = None
-    multipart_chunk_mb: int = Field(default=16, ge=5, le=512)
+    url: str = Field(
+        default="file://./var/backups",
+        description="where backups, evidence and plans go: file:///path or s3://bucket/prefix",
+        examples=["s3://swagger2mcp-backups/production"],
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint (MinIO, R2, ...), addressed path-style; None: AWS S3",
+        examples=["http://127.0.0.1:9000"],
+    )
+    region: str = Field(default="us-east-1", description="S3 region")
+    access_key_id: SecretStr | None = Field(
+        default=None, description="S3 access key id; None: boto3's default credentials (secret)"
+    )
+    secret_access_key: SecretStr | None = Field(
+        default=None, description="S3 secret access key; None: boto3's default credentials (secret)"
+    )
+    multipart_chunk_mb: int = Field(
+        default=16, ge=5, le=512, description="S3 multipart upload part size, MiB"
+    )
 
     @field_validator("url")
     @classmethod
@@ -172,38 +201,73 @@ class StorageSettings(_Section):
 class BackupSettings(_Section):
     """Database backups: the tools, compression, verification, retention and timeouts."""
 
-    timezone: str = Field(default="UTC", description="zone whose calendar days/weeks/months retention uses")
-    pg_dump: str = "pg_dump"
-    pg_restore: str = "pg_restore"
-    zstd_level: int = Field(default=3, ge=1, le=22)
-    zstd_threads: int = Field(default=0, ge=0, le=64, description="0: compress on the calling thread")
-    content_hashes: bool = Field(default=True, description="record a per-table content hash with the counts")
+    timezone: str = Field(
+        default="UTC",
+        description="IANA zone whose calendar days, weeks and months the retention tiers use",
+        examples=["Europe/Berlin"],
+    )
+    pg_dump: str = Field(default="pg_dump", description="pg_dump program: a name on PATH or a path")
+    pg_restore: str = Field(default="pg_restore", description="pg_restore program: a name on PATH or a path")
+    zstd_level: int = Field(default=3, ge=1, le=22, description="zstd compression level of dumps (1-22)")
+    zstd_threads: int = Field(
+        default=0, ge=0, le=64, description="zstd compression threads; 0: compress on the calling thread"
+    )
+    content_hashes: bool = Field(
+        default=True,
+        description="record a per-table content hash with the row counts (one more scan per table)",
+    )
     restore_jobs: int = Field(
-        default=2, ge=1, le=32, description="pg_restore --jobs for indexes and constraints"
+        default=2, ge=1, le=32, description="pg_restore --jobs for indexes and constraints of a restore"
     )
     restore_data_streams: int | None = Field(
         default=None,
         ge=1,
         le=2,
         description=(
-            "readings of the backup that load table data at once (2: the largest table on its own);"
-            " each reads the whole object, so None means 2 for file:// storage and 1 for S3"
+            "readings of the backup loading table data at once (2: the largest table apart);"
+            " None: 2 for file:// storage, 1 for S3"
         ),
     )
-    spool_dir: Path | None = Field(default=None, description="parallel restore scratch files; None: TMPDIR")
-    maintenance_database: str = Field(default="postgres", description="where CREATE/ALTER DATABASE run")
-    keep_last: int = Field(default=7, ge=1)
-    keep_daily: int = Field(default=7, ge=0)
-    keep_weekly: int = Field(default=4, ge=0)
-    keep_monthly: int = Field(default=6, ge=0)
-    orphan_grace_hours: float = Field(
-        default=24.0, gt=0, description="unfinished objects older than this are removed by pruning"
+    spool_dir: Path | None = Field(
+        default=None, description="directory of a restore's small scratch files (the catalog); None: TMPDIR"
     )
-    upload_attempts: int = Field(default=5, ge=1, le=20, description="S3 attempts per request")
-    dump_timeout_seconds: float = Field(default=6 * 3600.0, gt=0)
-    restore_timeout_seconds: float = Field(default=6 * 3600.0, gt=0)
-    lock_timeout_seconds: float = Field(default=30.0, ge=0)
-    approval_timeout_seconds: float = Field(default=3600.0, gt=0)
+    maintenance_database: str = Field(
+        default="postgres", description="database connected to for CREATE/ALTER/DROP DATABASE"
+    )
+    keep_last: int = Field(default=7, ge=1, description="retention: the newest N backups are kept")
+    keep_daily: int = Field(
+        default=7, ge=0, description="retention: the newest backup of each of the last N days"
+    )
+    keep_weekly: int = Field(
+        default=4, ge=0, description="retention: the newest backup of each of the last N ISO weeks"
+    )
+    keep_monthly: int = Field(
+        default=6, ge=0, description="retention: the newest backup of each of the last N months"
+    )
+    orphan_grace_hours: float = Field(
+        default=24.0,
+        gt=0,
+        description="unfinished backup objects older than this are removed by pruning, hours",
+    )
+    upload_attempts: int = Field(default=5, ge=1, le=20, description="S3 attempts per request (with backoff)")
+    dump_timeout_seconds: float = Field(
+        default=6 * 3600.0,
+        gt=0,
+        description="time limit of one dump (pg_dump and its snapshot queries), seconds",
+    )
+    restore_timeout_seconds: float = Field(
+        default=6 * 3600.0,
+        gt=0,
+        description="time limit of one restore (pg_restore and its statements), seconds",
+    )
+    lock_timeout_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="how long a restore waits for the database's lock (a migration or restore), seconds",
+    )
+    approval_timeout_seconds: float = Field(
+        default=3600.0, gt=0, description="how long restore-database waits for approval, seconds"
+    )
 
     @field_validator("timezone")
     @classmethod
@@ -220,43 +284,54 @@ class BackupSettings(_Section):
 class UploadsSettings(_Section):
     """The application's uploads directory."""
 
-    root: Path = Path("./var/uploads")
-    expected_owner: str | None = Field(default=None, description="user that must own the uploads root")
-    expected_mode: str | None = Field(default=None, description="octal mode the root must have, e.g. '0755'")
+    root: Path = Field(default=Path("./var/uploads"), description="the application's uploads directory")
+    expected_owner: str | None = Field(
+        default=None,
+        description="user (name or uid) that must own the uploads root; a mismatch is reported",
+        examples=["node"],
+    )
+    expected_mode: str | None = Field(
+        default=None,
+        description="octal mode the uploads root must have; a mismatch is reported",
+        examples=["0755"],
+    )
     protect: list[str] = Field(
         default_factory=lambda: [".gitkeep", "keep/**"],
         description=(
-            "patterns of files cleanup never removes: a pattern without '/' matches a file name at any"
-            " depth; one with '/' matches the path relative to the root ('*' within one name, '**' across"
-            " directories)"
+            "patterns cleanup never removes (JSON list): a name alone matches at any depth, one with '/'"
+            " the root-relative path; '**' crosses directories"
         ),
+        examples=[[".gitkeep", "keep/**", "avatars/default.png"]],
     )
     reference_query: str | None = Field(
         default=None,
         description=(
-            "SQL whose first column lists the uploads the application still references; those files are"
-            " kept. For Swagger2MCP e.g. 'SELECT path FROM uploads' (run as a subquery with a"
-            " 'path = ANY(...)' filter, so an index on that column is used). None: no database check"
+            "read-only SQL whose first column lists the uploads the app still references, which are kept"
+            " (an index on it is used); None: no database check"
         ),
+        examples=["SELECT path FROM uploads"],
     )
     reference_prefix: str | None = Field(
         default=None,
         description=(
-            "what the application stores in front of the path relative to the root, e.g. 'uploads/' or"
-            " '/app/backend/uploads/'; a stored value matches as the relative path or prefix + path"
+            "what the app stores before the root-relative path, e.g. 'uploads/'; a stored value matches"
+            " as path or prefix + path"
         ),
+        examples=["uploads/"],
     )
     quarantine_dir: Path | None = Field(
         default=None,
-        description="quarantine (on the root's filesystem); None: <root>/../.uploads-quarantine",
+        description="quarantine directory (on the root's filesystem); None: <root>/../.uploads-quarantine",
     )
-    quarantine_retention_days: int = Field(default=14, ge=0, description="quarantine runs older are purged")
+    quarantine_retention_days: int = Field(
+        default=14, ge=0, description="days quarantine runs and plans are kept before they are purged"
+    )
     cross_filesystem: bool = Field(
         default=False, description="also scan directories mounted from another filesystem below the root"
     )
     plan_dir: Path | None = Field(
         default=None,
-        description="where plans (JSON Lines) are written; None: <storage file:// dir>/uploads-plans or var/",
+        description="plan directory (JSON Lines); None: <file:// storage>/uploads-plans or var/uploads-plans",
     )
 
     @field_validator("expected_mode")
@@ -271,11 +346,23 @@ class ComposeRuntimeSettings(_Section):
     """The Docker Compose project the services run in (``runtime.kind = "compose"``)."""
 
     project: str | None = Field(default=None, description="Compose project name; default: the stack name")
-    files: list[Path] = Field(default_factory=lambda: [Path("docker-compose.yml")], min_length=1)
-    env_file: Path | None = None
-    project_directory: Path | None = None
+    files: list[Path] = Field(
+        default_factory=lambda: [Path("docker-compose.yml")],
+        min_length=1,
+        description="Compose files, passed in order with --file (JSON list)",
+        examples=[["docker-compose.yml", "docker-compose.production.yml"]],
+    )
+    env_file: Path | None = Field(
+        default=None,
+        description="Compose --env-file; also security-incident's default file of the app secrets",
+    )
+    project_directory: Path | None = Field(
+        default=None, description="Compose --project-directory; None: the first Compose file's directory"
+    )
     command: list[str] = Field(
-        default_factory=lambda: ["docker", "compose"], min_length=1, description="the Compose v2 CLI"
+        default_factory=lambda: ["docker", "compose"],
+        min_length=1,
+        description="the Compose v2 CLI (JSON list)",
     )
     docker_host: str | None = Field(default=None, description="DOCKER_HOST; default: the environment's")
     docker_config: Path | None = Field(default=None, description="DOCKER_CONFIG (where cli-plugins live)")
@@ -283,30 +370,50 @@ class ComposeRuntimeSettings(_Section):
         default=None,
         description="Compose override file that pins each service's image; default beside the release store",
     )
-    pull: Literal["missing", "never", "always"] = "missing"
-    stop_timeout_seconds: int = Field(default=10, ge=0, le=600)
-    command_timeout_seconds: float = Field(default=300.0, gt=0)
+    pull: Literal["missing", "never", "always"] = Field(
+        default="missing", description="image pull policy of a deploy: `missing`, `never` or `always`"
+    )
+    stop_timeout_seconds: int = Field(
+        default=10, ge=0, le=600, description="grace a container gets to stop on restart, seconds"
+    )
+    command_timeout_seconds: float = Field(
+        default=300.0, gt=0, description="time limit of each docker compose command, seconds"
+    )
 
 
 class KubernetesRuntimeSettings(_Section):
     """The Kubernetes namespace the services run in as Deployments (``runtime.kind = "kubernetes"``)."""
 
-    namespace: str = "swagger2mcp"
-    kubeconfig: Path | None = Field(default=None, description="default: in-cluster, then ~/.kube/config")
-    context: str | None = None
-    api_url: str | None = Field(default=None, description="API server URL; overrides the kubeconfig's")
-    token: SecretStr | None = None
-    verify_ssl: bool = True
-    request_timeout_seconds: float = Field(default=30.0, gt=0)
+    namespace: str = Field(default="swagger2mcp", description="namespace of the application's Deployments")
+    kubeconfig: Path | None = Field(
+        default=None, description="kubeconfig file; None: in-cluster config, then ~/.kube/config"
+    )
+    context: str | None = Field(default=None, description="kubeconfig context; None: its current context")
+    api_url: str | None = Field(
+        default=None,
+        description="API server URL; overrides the kubeconfig's",
+        examples=["https://10.0.0.1:6443"],
+    )
+    token: SecretStr | None = Field(default=None, description="bearer token for the API server (secret)")
+    verify_ssl: bool = Field(default=True, description="verify the API server's TLS certificate")
+    request_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="timeout of each API request, seconds"
+    )
 
 
 class RuntimeSettings(_Section):
     """Where the application's services run, and how releases of them are recorded."""
 
-    kind: Literal["compose", "kubernetes", "none"] = "none"
-    services: list[str] = Field(default_factory=lambda: ["backend", "worker"])
+    kind: Literal["compose", "kubernetes", "none"] = Field(
+        default="none", description="where the services run: `compose`, `kubernetes` or `none` (not managed)"
+    )
+    services: list[str] = Field(
+        default_factory=lambda: ["backend", "worker"],
+        description="the application's Compose services or Deployments (JSON list)",
+    )
     environment: str = Field(
-        default="staging", description="the environment these settings point at (staging, production)"
+        default="staging",
+        description="the environment these settings point at, e.g. `staging` or `production`",
     )
     compose: ComposeRuntimeSettings = Field(default_factory=ComposeRuntimeSettings)
     kubernetes: KubernetesRuntimeSettings = Field(default_factory=KubernetesRuntimeSettings)
@@ -316,10 +423,21 @@ class RuntimeSettings(_Section):
     migration_query: str | None = Field(
         default=None,
         description="SQL returning the applied migration revision when there is no alembic_version table",
+        examples=["SELECT name FROM knex_migrations ORDER BY id DESC LIMIT 1"],
     )
-    ready_timeout_seconds: float = Field(default=300.0, gt=0)
-    poll_interval_seconds: float = Field(default=2.0, gt=0, le=60)
-    smoke_urls: list[str] = Field(default_factory=list, description="URLs a release must answer 2xx on")
+    ready_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="how long a deploy, rollback or restart waits for ready services, seconds",
+    )
+    poll_interval_seconds: float = Field(
+        default=2.0, gt=0, le=60, description="interval between readiness polls, seconds"
+    )
+    smoke_urls: list[str] = Field(
+        default_factory=list,
+        description="HTTP URLs that must answer 2xx after a deploy, rollback or restart (JSON list)",
+        examples=[["https://api.example.com/api/specs"]],
+    )
 
     @field_validator("smoke_urls")
     @classmethod
@@ -333,15 +451,35 @@ class RuntimeSettings(_Section):
 class HealthSettings(_Section):
     """The health check: endpoints, timeouts and the thresholds that make a check degraded."""
 
-    urls: list[str] = Field(default_factory=list, description="the app's own HTTP health endpoints")
-    timeout_seconds: float = Field(default=5.0, gt=0, le=120)
-    postgres_latency_warn_ms: float = Field(default=250.0, gt=0)
-    redis_latency_warn_ms: float = Field(default=100.0, gt=0)
-    http_latency_warn_ms: float = Field(default=1000.0, gt=0)
-    connections_warn_ratio: float = Field(default=0.8, gt=0, le=1)
-    redis_memory_warn_ratio: float = Field(default=0.9, gt=0, le=1)
-    failed_jobs_warn: int = Field(default=100, ge=0)
-    waiting_jobs_warn: int = Field(default=1000, ge=0)
+    urls: list[str] = Field(
+        default_factory=list,
+        description="the app's own HTTP health endpoints (JSON list of http(s) URLs)",
+        examples=[["http://127.0.0.1:3000/health"]],
+    )
+    timeout_seconds: float = Field(
+        default=5.0, gt=0, le=120, description="HTTP probe timeout, seconds; each check's deadline is 2x + 1"
+    )
+    postgres_latency_warn_ms: float = Field(
+        default=250.0, gt=0, description="PostgreSQL SELECT 1 latency above which it is degraded, ms"
+    )
+    redis_latency_warn_ms: float = Field(
+        default=100.0, gt=0, description="Redis PING latency above which it is degraded, ms"
+    )
+    http_latency_warn_ms: float = Field(
+        default=1000.0, gt=0, description="HTTP endpoint latency above which it is degraded, ms"
+    )
+    connections_warn_ratio: float = Field(
+        default=0.8, gt=0, le=1, description="share of max_connections in use at which PostgreSQL is degraded"
+    )
+    redis_memory_warn_ratio: float = Field(
+        default=0.9, gt=0, le=1, description="share of maxmemory used at which Redis is degraded"
+    )
+    failed_jobs_warn: int = Field(
+        default=100, ge=0, description="failed jobs (all queues) above which the queue check is degraded"
+    )
+    waiting_jobs_warn: int = Field(
+        default=1000, ge=0, description="waiting jobs (all queues) above which the queue check is degraded"
+    )
 
     @field_validator("urls")
     @classmethod
@@ -355,20 +493,44 @@ class HealthSettings(_Section):
 class DiagnoseSettings(_Section):
     """The diagnose flow: thresholds that make a finding a warning or critical, and what else to look at."""
 
-    long_query_seconds: float = Field(default=5.0, gt=0, description="queries running longer are reported")
-    slow_statement_mean_ms: float = Field(
-        default=1000.0, gt=0, description="pg_stat_statements entries with a higher mean time are findings"
+    long_query_seconds: float = Field(
+        default=5.0, gt=0, description="queries running longer are reported, seconds"
     )
-    top_statements: int = Field(default=10, ge=1, le=100)
-    connections_warn_ratio: float = Field(default=0.8, gt=0, le=1)
-    connections_critical_ratio: float = Field(default=0.95, gt=0, le=1)
-    idle_in_transaction_warn_seconds: float = Field(default=60.0, gt=0)
-    redis_memory_warn_ratio: float = Field(default=0.8, gt=0, le=1)
-    redis_memory_critical_ratio: float = Field(default=0.95, gt=0, le=1)
-    redis_fragmentation_warn: float = Field(default=1.5, gt=1)
-    failed_jobs_shown: int = Field(default=10, ge=0, le=1000, description="newest failed jobs per queue")
-    waiting_jobs_warn: int = Field(default=1000, ge=0)
-    log_tail_lines: int = Field(default=100, ge=0, le=10000)
+    slow_statement_mean_ms: float = Field(
+        default=1000.0,
+        gt=0,
+        description="pg_stat_statements entries with a higher mean time are findings, ms",
+    )
+    top_statements: int = Field(
+        default=10, ge=1, le=100, description="pg_stat_statements entries shown, slowest mean time first"
+    )
+    connections_warn_ratio: float = Field(
+        default=0.8, gt=0, le=1, description="share of max_connections in use that is a warning"
+    )
+    connections_critical_ratio: float = Field(
+        default=0.95, gt=0, le=1, description="share of max_connections in use that is critical"
+    )
+    idle_in_transaction_warn_seconds: float = Field(
+        default=60.0, gt=0, description="sessions idle in transaction this long are a warning, seconds"
+    )
+    redis_memory_warn_ratio: float = Field(
+        default=0.8, gt=0, le=1, description="share of Redis maxmemory used that is a warning"
+    )
+    redis_memory_critical_ratio: float = Field(
+        default=0.95, gt=0, le=1, description="share of Redis maxmemory used that is critical"
+    )
+    redis_fragmentation_warn: float = Field(
+        default=1.5, gt=1, description="Redis memory fragmentation ratio that is a warning (above 10 MB used)"
+    )
+    failed_jobs_shown: int = Field(
+        default=10, ge=0, le=1000, description="newest failed jobs shown per queue, with their reasons"
+    )
+    waiting_jobs_warn: int = Field(
+        default=1000, ge=0, description="waiting jobs in one queue above which it is a warning"
+    )
+    log_tail_lines: int = Field(
+        default=100, ge=0, le=10000, description="log lines read per service; 0: no logs"
+    )
     log_patterns: list[str] = Field(
         default_factory=lambda: [
             r"(?i)\berror\b",
@@ -376,21 +538,36 @@ class DiagnoseSettings(_Section):
             r"ECONNREFUSED|ETIMEDOUT",
         ],
         description="regular expressions whose matching lines in the log tails are counted and shown",
+        examples=[[r"(?i)\berror\b", "ECONNREFUSED|ETIMEDOUT", "Cannot save file"]],
     )
-    restarts_warn: int = Field(default=3, ge=1)
-    cpu_warn_percent: float = Field(default=90.0, gt=0)
+    restarts_warn: int = Field(
+        default=3, ge=1, description="container restarts of a service that are a warning"
+    )
+    cpu_warn_percent: float = Field(
+        default=90.0, gt=0, description="CPU use of a service that is a warning, percent of one core"
+    )
     disk_paths: list[Path] = Field(
         default_factory=list,
         description="more paths whose filesystems are checked (the uploads root and file storage always are)",
+        examples=[["/var/lib/docker"]],
     )
-    disk_free_warn_ratio: float = Field(default=0.15, gt=0, lt=1)
-    disk_free_critical_ratio: float = Field(default=0.05, gt=0, lt=1)
+    disk_free_warn_ratio: float = Field(
+        default=0.15, gt=0, lt=1, description="free share of a filesystem at or below which it is a warning"
+    )
+    disk_free_critical_ratio: float = Field(
+        default=0.05, gt=0, lt=1, description="free share of a filesystem at or below which it is critical"
+    )
     resolve_hosts: list[str] = Field(
         default_factory=list,
         description="more host names to resolve (PostgreSQL's, Redis's and the health URLs' always are)",
+        examples=[["api.example.com"]],
     )
-    network_timeout_seconds: float = Field(default=3.0, gt=0, le=60)
-    check_deadline_seconds: float = Field(default=30.0, gt=0, le=600)
+    network_timeout_seconds: float = Field(
+        default=3.0, gt=0, le=60, description="timeout of each TCP connect and DNS lookup, seconds"
+    )
+    check_deadline_seconds: float = Field(
+        default=30.0, gt=0, le=600, description="hard deadline of each diagnostic check, seconds"
+    )
 
     @field_validator("log_patterns")
     @classmethod
@@ -419,44 +596,93 @@ class MigrationsSettings(_Section):
     """Schema migrations: the tool (Alembic in-process or any migration CLI), smoke queries, the lock,
     timeouts, and the application's maintenance mode used by the scheduled-downtime flow."""
 
-    tool: Literal["alembic", "command"] = "alembic"
+    tool: Literal["alembic", "command"] = Field(
+        default="alembic", description="`alembic` (in-process) or `command` (a migration CLI such as Prisma)"
+    )
     alembic_config: Path | None = Field(
         default=None, description="the app's alembic.ini; None: no file, script_location alone"
     )
     script_location: str | None = Field(
-        default=None, description="directory of the app's Alembic environment (env.py, versions/)"
+        default=None,
+        description="directory of the app's Alembic environment (env.py, versions/)",
+        examples=["/srv/backend/alembic"],
     )
     status_argv: list[str] = Field(
-        default_factory=list, description="command tool: prints the status, e.g. npx prisma migrate status"
+        default_factory=list,
+        description="command tool: prints the status (JSON list), e.g. npx prisma migrate status",
+        examples=[["npx", "prisma", "migrate", "status"]],
     )
     apply_argv: list[str] = Field(
-        default_factory=list, description="command tool: applies, e.g. npx prisma migrate deploy"
+        default_factory=list,
+        description="command tool: applies the migrations (JSON list), e.g. npx prisma migrate deploy",
+        examples=[["npx", "prisma", "migrate", "deploy"]],
     )
     up_to_date_pattern: str | None = Field(
         default=None,
         description="command tool: regular expression the status output matches when nothing is pending",
+        examples=["Database schema is up to date"],
     )
     cwd: Path | None = Field(default=None, description="command tool: working directory (the backend)")
-    env: dict[str, str] = Field(default_factory=dict, description="command tool: extra environment")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="command tool: extra environment (JSON map)",
+        examples=[{"NODE_ENV": "production"}],
+    )
     database_url_env: str | None = Field(
         default="DATABASE_URL", description="command tool: variable that gets the database DSN (masked)"
     )
     smoke_queries: list[str] = Field(
-        default_factory=list, description="read-only SQL run after migrating; an error or no row fails"
+        default_factory=list,
+        description="read-only SQL run after migrating (JSON list); an error or no row fails",
+        examples=[["SELECT 1 FROM users LIMIT 1"]],
     )
-    lock_key: str | None = Field(default=None, description="lock name; None: swagger2mcp-ops:migrate:<db>")
-    lock_timeout_seconds: float = Field(default=60.0, ge=0)
-    apply_timeout_seconds: float = Field(default=3600.0, gt=0)
-    status_timeout_seconds: float = Field(default=120.0, gt=0)
-    smoke_timeout_seconds: float = Field(default=30.0, gt=0)
-    approval_timeout_seconds: float = Field(default=3600.0, gt=0)
-    runs_schema: str = Field(default="swagger2mcp_ops", description="schema of the migration_runs table")
-    maintenance_on_argv: list[str] = Field(default_factory=list, description="turns maintenance mode on")
-    maintenance_off_argv: list[str] = Field(default_factory=list, description="turns maintenance mode off")
-    maintenance_on_url: str | None = Field(default=None, description="HTTP endpoint turning it on")
-    maintenance_off_url: str | None = Field(default=None, description="HTTP endpoint turning it off")
-    maintenance_http_method: Literal["POST", "PUT", "DELETE", "GET"] = "POST"
-    maintenance_timeout_seconds: float = Field(default=60.0, gt=0)
+    lock_key: str | None = Field(
+        default=None, description="advisory lock name of a migration; None: swagger2mcp-ops:migrate:<db>"
+    )
+    lock_timeout_seconds: float = Field(
+        default=60.0, ge=0, description="how long a second migration run waits for the lock, seconds"
+    )
+    apply_timeout_seconds: float = Field(
+        default=3600.0, gt=0, description="time limit of applying the migrations, seconds"
+    )
+    status_timeout_seconds: float = Field(
+        default=120.0, gt=0, description="command tool: time limit of the status command, seconds"
+    )
+    smoke_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="time limit of each smoke query, seconds"
+    )
+    approval_timeout_seconds: float = Field(
+        default=3600.0, gt=0, description="how long migrate-database waits for approval, seconds"
+    )
+    runs_schema: str = Field(
+        default="swagger2mcp_ops", description="schema of the migration_runs table (in the app's database)"
+    )
+    maintenance_on_argv: list[str] = Field(
+        default_factory=list,
+        description="command turning the app's maintenance mode on (JSON list)",
+        examples=[["docker", "compose", "exec", "-T", "backend", "touch", "/app/maintenance"]],
+    )
+    maintenance_off_argv: list[str] = Field(
+        default_factory=list,
+        description="command turning maintenance mode off (JSON list)",
+        examples=[["docker", "compose", "exec", "-T", "backend", "rm", "-f", "/app/maintenance"]],
+    )
+    maintenance_on_url: str | None = Field(
+        default=None,
+        description="http(s) endpoint turning maintenance mode on",
+        examples=["http://127.0.0.1:3000/admin/maintenance/on"],
+    )
+    maintenance_off_url: str | None = Field(
+        default=None,
+        description="http(s) endpoint turning maintenance mode off",
+        examples=["http://127.0.0.1:3000/admin/maintenance/off"],
+    )
+    maintenance_http_method: Literal["POST", "PUT", "DELETE", "GET"] = Field(
+        default="POST", description="HTTP method of the maintenance URLs: `POST`, `PUT`, `DELETE` or `GET`"
+    )
+    maintenance_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="time limit of each maintenance command or request, seconds"
+    )
 
     @field_validator("runs_schema")
     @classmethod
@@ -501,14 +727,14 @@ class CertEndpoint(_Section):
     """One TLS endpoint whose served certificate is checked: where to connect and the SNI name."""
 
     host: str = Field(min_length=1, description="address or name to connect to")
-    port: int = Field(default=443, ge=1, le=65535)
+    port: int = Field(default=443, ge=1, le=65535, description="TCP port of the TLS endpoint")
     server_name: str | None = Field(
         default=None, description="SNI name, also the name the certificate must be valid for; default host"
     )
     certificate: str | None = Field(
         default=None,
-        description="certbot lineage name or PEM path this endpoint must serve; default: the watched"
-        " certificate whose names cover server_name",
+        description="certbot lineage or PEM path this endpoint must serve; default: the watched one covering"
+        " server_name",
     )
 
     @property
@@ -526,45 +752,76 @@ class CertificatesSettings(_Section):
     certbot_path: Path | None = Field(
         default=None, description="certbot program; default: the certbot beside this Python, else on PATH"
     )
-    config_dir: Path = Path("/etc/letsencrypt")
-    work_dir: Path = Path("/var/lib/letsencrypt")
-    logs_dir: Path = Path("/var/log/letsencrypt")
-    acme_server: str = "https://acme-v02.api.letsencrypt.org/directory"
+    config_dir: Path = Field(
+        default=Path("/etc/letsencrypt"), description="certbot --config-dir (its live/ and renewal/ lineages)"
+    )
+    work_dir: Path = Field(default=Path("/var/lib/letsencrypt"), description="certbot --work-dir")
+    logs_dir: Path = Field(
+        default=Path("/var/log/letsencrypt"), description="certbot --logs-dir (letsencrypt.log)"
+    )
+    acme_server: str = Field(
+        default="https://acme-v02.api.letsencrypt.org/directory",
+        description="https:// URL of the ACME directory certbot renews from (certbot --server)",
+        examples=["https://acme-staging-v02.api.letsencrypt.org/directory"],
+    )
     acme_ca_bundle: Path | None = Field(
         default=None, description="CA bundle certbot trusts for the ACME server (REQUESTS_CA_BUNDLE)"
     )
     lineages: list[str] | None = Field(
-        default=None, description="certbot certificate names to watch and renew; default: all in config_dir"
+        default=None,
+        description="certbot certificate names to watch and renew (JSON list); default: all in config_dir",
+        examples=[["api.example.com"]],
     )
     pem_paths: list[Path] = Field(
-        default_factory=list, description="other certificate files to watch (certbot does not renew them)"
+        default_factory=list,
+        description="other certificate files to watch (JSON list; certbot does not renew them)",
+        examples=[["/etc/nginx/tls/internal.pem"]],
     )
-    endpoints: list[CertEndpoint] = Field(default_factory=list)
+    endpoints: list[CertEndpoint] = Field(
+        default_factory=list,
+        description="TLS endpoints whose served certificate is checked (JSON list of objects)",
+        examples=[[{"host": "127.0.0.1", "port": 443, "server_name": "api.example.com"}]],
+    )
     ca_bundle: Path | None = Field(
         default=None, description="CA bundle that validates served certificates; default: system trust"
     )
-    renew_threshold_days: int = Field(default=30, ge=1, le=3650)
+    renew_threshold_days: int = Field(
+        default=30, ge=1, le=3650, description="a certificate with fewer days left is renewed, days"
+    )
     min_days_after_renewal: int | None = Field(
         default=None,
         ge=0,
         description="days a renewed, served certificate must have left; default renew_threshold_days",
     )
-    reload_method: Literal["nginx", "compose", "kubernetes", "none"] = "nginx"
+    reload_method: Literal["nginx", "compose", "kubernetes", "none"] = Field(
+        default="nginx",
+        description="how nginx is reloaded after a renewal: `nginx`, `compose`, `kubernetes` or `none`",
+    )
     reload_argv: list[str] | None = Field(
         default=None,
-        description="reload command for 'nginx' or 'compose'; default ['nginx', '-s', 'reload'] or"
-        " ['docker', 'compose', 'exec', '-T', SERVICE, 'nginx', '-s', 'reload'] per service",
+        description="reload command for `nginx` or `compose` (JSON list); default nginx -s reload, or"
+        " docker compose exec -T <service> nginx -s reload",
     )
     reload_services: list[str] = Field(
         default_factory=lambda: ["nginx"],
         min_length=1,
-        description="Compose services or Kubernetes Deployments that run nginx",
+        description="Compose services or Kubernetes Deployments that run nginx (JSON list)",
     )
-    certbot_timeout_seconds: float = Field(default=600.0, gt=0)
-    reload_timeout_seconds: float = Field(default=120.0, gt=0)
-    handshake_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    certbot_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="time limit of each certbot run, seconds"
+    )
+    reload_timeout_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="time limit of a reload command or of the restarted nginx becoming ready, seconds",
+    )
+    handshake_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=120, description="timeout of each TLS handshake with an endpoint, seconds"
+    )
     verify_timeout_seconds: float = Field(
-        default=60.0, ge=0, description="how long to wait for a reloaded server to serve the new certificate"
+        default=60.0,
+        ge=0,
+        description="how long a reloaded server may take to serve the new certificate, seconds",
     )
 
     @field_validator("acme_server")
@@ -601,27 +858,46 @@ class DependenciesSettings(_Section):
         default=Path("./var/dependencies"), description="where working copies of the source are made"
     )
     registry_url: str | None = Field(
-        default=None, description="npm registry URL; default: the project's own .npmrc or npm's default"
+        default=None,
+        description="npm registry URL; default: the project's own .npmrc or npm's default",
+        examples=["https://registry.npmjs.org/"],
     )
-    registry_token: SecretStr | None = Field(default=None, description="auth token for registry_url")
+    registry_token: SecretStr | None = Field(default=None, description="auth token for registry_url (secret)")
     npm_cache_dir: Path | None = Field(default=None, description="npm cache; default: npm's (~/.npm)")
-    test_argv: list[str] = Field(default_factory=lambda: ["npm", "test"], min_length=1)
+    test_argv: list[str] = Field(
+        default_factory=lambda: ["npm", "test"],
+        min_length=1,
+        description="the app's test command, run in the working copy (JSON list)",
+        examples=[["npm", "run", "test:ci"]],
+    )
     build_argv: list[str] | None = Field(
         default=None,
         description=(
-            "build command; {image}, {tag}, {ref} (image:tag) and {context} are filled in, and"
-            " IMAGE_NAME / IMAGE_TAG are set, e.g. ['docker', 'compose', '-f',"
-            " 'docker-compose.production.yml', 'build']. Default: docker build -t {ref} {context}"
+            "image build command (JSON list; {image}, {tag}, {ref}, {context} filled in, IMAGE_NAME and"
+            " IMAGE_TAG set); default docker build -t {ref} {context}"
         ),
+        examples=[["docker", "compose", "-f", "docker-compose.production.yml", "build"]],
     )
     image_name: str = Field(default="swagger2mcp-backend", description="repository of the built image")
-    install_timeout_seconds: float = Field(default=600.0, gt=0)
-    audit_timeout_seconds: float = Field(default=120.0, gt=0)
-    test_timeout_seconds: float = Field(default=900.0, gt=0)
-    build_timeout_seconds: float = Field(default=1800.0, gt=0)
-    git_timeout_seconds: float = Field(default=60.0, gt=0)
-    git_author_name: str = "swagger2mcp-ops"
-    git_author_email: str = "swagger2mcp-ops@localhost"
+    install_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="time limit of each npm ci / install / update, seconds"
+    )
+    audit_timeout_seconds: float = Field(
+        default=120.0, gt=0, description="time limit of each npm audit / outdated / view, seconds"
+    )
+    test_timeout_seconds: float = Field(
+        default=900.0, gt=0, description="time limit of the test command, seconds"
+    )
+    build_timeout_seconds: float = Field(
+        default=1800.0, gt=0, description="time limit of the image build, seconds"
+    )
+    git_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="time limit of each git command, seconds"
+    )
+    git_author_name: str = Field(default="swagger2mcp-ops", description="author name of the update commits")
+    git_author_email: str = Field(
+        default="swagger2mcp-ops@localhost", description="author e-mail of the update commits"
+    )
     branch_prefix: str = Field(default="deps/", description="update branches: <prefix><scope>-<time>")
 
     @field_validator("registry_url")
@@ -643,33 +919,46 @@ class IncidentsSettings(_Section):
     """Emergency procedures: outage triage, data recovery, security incidents, Redis out of memory."""
 
     release_window_hours: float = Field(
-        default=2.0, gt=0, description="a release this recent makes outage-triage propose a rollback"
+        default=2.0, gt=0, description="a release this recent makes outage-triage propose a rollback, hours"
     )
     stop_services: list[str] | None = Field(
-        default=None, description="services recover-data scales to 0 and back; default runtime.services"
+        default=None,
+        description="services recover-data scales to 0 and back (JSON list); default runtime.services",
     )
     validation_queries: list[str] = Field(
         default_factory=list,
         description=(
             "read-only SQL run after a recovery; an error, no row, or a false/NULL/0 first column fails"
         ),
+        examples=[["SELECT count(*) > 0 FROM users"]],
     )
-    validation_timeout_seconds: float = Field(default=60.0, gt=0)
-    approval_timeout_seconds: float = Field(default=3600.0, gt=0)
+    validation_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="time limit of each validation query, seconds"
+    )
+    approval_timeout_seconds: float = Field(
+        default=3600.0, gt=0, description="how long the incident flows wait for approval, seconds"
+    )
     evidence_prefix: str = Field(default="incidents", description="storage prefix of evidence bundles")
-    evidence_log_lines: int = Field(default=5000, ge=0, le=1_000_000, description="log lines per service")
+    evidence_log_lines: int = Field(
+        default=5000, ge=0, le=1_000_000, description="log lines per service in an evidence bundle"
+    )
     rotate_roles: list[str] = Field(
-        default_factory=list, description="PostgreSQL roles whose password security-incident rotates"
+        default_factory=list,
+        description="PostgreSQL roles whose password security-incident rotates (JSON list)",
+        examples=[["swagger2mcp"]],
     )
     role_secret_keys: dict[str, list[str]] = Field(
         default_factory=dict,
         description=(
-            "app secret keys that carry a rotated role's password, e.g. {swagger2mcp = ['DATABASE_URL']}:"
-            " a URL value gets its password replaced, any other value is replaced whole"
+            "app secret keys carrying each rotated role's password (JSON map role -> keys); a URL value"
+            " gets its password replaced, any other is replaced whole"
         ),
+        examples=[{"swagger2mcp": ["DATABASE_URL"]}],
     )
     app_secrets: list[str] = Field(
-        default_factory=list, description="app secrets regenerated on rotation, e.g. ['JWT_SECRET']"
+        default_factory=list,
+        description="app secret keys regenerated with random values on rotation (JSON list)",
+        examples=[["JWT_SECRET"]],
     )
     secret_bytes: int = Field(default=32, ge=16, le=128, description="random bytes per generated secret")
     compose_env_file: Path | None = Field(
@@ -681,11 +970,15 @@ class IncidentsSettings(_Section):
         description="Kubernetes Secret (in runtime.kubernetes.namespace) holding the app secrets",
     )
     restart_services: list[str] | None = Field(
-        default=None, description="services restarted after a rotation; default runtime.services"
+        default=None, description="services restarted after a rotation (JSON list); default runtime.services"
     )
-    key_census_depth: int = Field(default=2, ge=1, le=5, description="key name segments ('a:b:...') grouped")
-    key_census_max_keys: int = Field(default=1_000_000, ge=1, description="keys SCAN reads at most")
-    scan_count: int = Field(default=1000, ge=10, le=100_000, description="SCAN COUNT hint")
+    key_census_depth: int = Field(
+        default=2, ge=1, le=5, description="flush-redis key census: name segments ('a:b:...') grouped"
+    )
+    key_census_max_keys: int = Field(
+        default=1_000_000, ge=1, description="flush-redis key census: keys SCAN reads at most"
+    )
+    scan_count: int = Field(default=1000, ge=10, le=100_000, description="SCAN COUNT hint of the key census")
 
     @field_validator("rotate_roles")
     @classmethod
@@ -739,7 +1032,10 @@ class OpsSettings(BaseSettings):
         frozen=True,
     )
 
-    stack: str = Field(default="swagger2mcp", description="name of the stack, used in events and keys")
+    stack: str = Field(
+        default="swagger2mcp",
+        description="name of the stack in reports, events and artifact keys (letters, digits, - and _)",
+    )
     postgres: PostgresSettings = Field(default_factory=PostgresSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
