@@ -26,6 +26,11 @@ def test_example_file_is_current() -> None:
     )
 
 
+def test_every_setting_is_described() -> None:
+    missing = [f.env for f in setting_fields() if not f.section and not (f.field.description or "").strip()]
+    assert missing == []
+
+
 def test_example_file_uncommented_is_a_valid_configuration(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
