@@ -188,7 +188,13 @@ class UploadsSettings(_Section):
     """The application's uploads directory."""
 
     root: Path = Path("./var/uploads")
-    expected_owner: str | None = Field(default=None, description="user that must own the uploads root")
+    expected_owner: str | None = Field(
+        default=None,
+        description=(
+            "user name or uid that must own the uploads root; the cleanup and restore refuse a root owned"
+            " by anyone else (a sign the root points at the wrong directory)"
+        ),
+    )
     expected_mode: str | None = Field(default=None, description="octal mode the root must have, e.g. '0755'")
     protect: list[str] = Field(
         default_factory=lambda: [".gitkeep", "keep/**"],
@@ -217,7 +223,14 @@ class UploadsSettings(_Section):
         default=None,
         description="quarantine (on the root's filesystem); None: <root>/../.uploads-quarantine",
     )
-    quarantine_retention_days: int = Field(default=14, ge=0, description="quarantine runs older are purged")
+    quarantine_retention_days: int = Field(
+        default=14,
+        ge=1,
+        description=(
+            "quarantine runs older are purged; at least 1, so a run's own quarantine is never purged with"
+            " it (that would make quarantine a delete)"
+        ),
+    )
     cross_filesystem: bool = Field(
         default=False, description="also scan directories mounted from another filesystem below the root"
     )

@@ -79,6 +79,26 @@ MAX_RECORDED_ERRORS = 200
 TOP_N = 20
 RUN_ID_PATTERN = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{6,32})$")
 PLAN_SUFFIX = ".jsonl"
+# Where the code of this project lives: a root that is it or holds it would put the code in the plan.
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+# Directories of the system or of many users. A root that is one of them or an ancestor of one
+# (``/`` holds them all) is refused; directories below them (/var/lib/app/uploads) stay allowed.
+SYSTEM_DIRECTORIES = tuple(
+    Path(p)
+    for group in (
+        ("/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/lost+found"),
+        ("/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/snap", "/srv", "/sys", "/usr"),
+        ("/var", "/tmp", "/dev/shm", "/var/tmp", "/run/user"),  # noqa: S108  # refused, never written
+        ("/usr/bin", "/usr/include", "/usr/lib", "/usr/lib64", "/usr/libexec", "/usr/local", "/usr/sbin"),
+        ("/usr/share", "/usr/src", "/var/backups", "/var/cache", "/var/lib", "/var/local", "/var/lock"),
+        ("/var/log", "/var/mail", "/var/opt", "/var/run", "/var/spool", "/var/www"),
+    )
+    for p in group
+)
+_ROOT_FIX = (
+    "set uploads.root (OPS_UPLOADS__ROOT) to the application's uploads directory itself,"
+    " e.g. /var/lib/app/uploads"
+)
 
 
 class UploadsError(OpsError):
@@ -87,6 +107,11 @@ class UploadsError(OpsError):
 
 class UploadsRootInvalid(UploadsError):
     """The uploads root is missing or not a directory."""
+
+
+class UploadsRootRefused(UploadsRootInvalid):
+    """The uploads root is a place the cleanup must never scan (the system, the home or project
+    directory, a symlink, the cleanup's own storage) or is owned by another than the expected user."""
 
 
 class QuarantineInvalid(UploadsError):
@@ -357,39 +382,137 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
-def check_root(settings: UploadsSettings) -> RootCheck:
-    """Resolve the uploads root and check its owner and mode against the settings.
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
 
-    A symlink given as the root itself is resolved once here; nothing below the root is ever followed.
+
+def location_refusal(path: Path, *, home: Path | None, project: Path = PROJECT_DIR) -> str | None:
+    """Why ``path`` (absolute, normalised) may not be the uploads root, or None when it may.
+
+    Refused: a system directory or an ancestor of one (``/``, ``/etc``, ``/var``, ``/tmp``...), the
+    home directory or an ancestor of it, the project's own directory or an ancestor of it. A directory
+    below any of these is allowed.
+    """
+    for system in SYSTEM_DIRECTORIES:
+        if _inside(system, path):
+            return (
+                f"it is the system directory {system}"
+                if path == system
+                else f"it is an ancestor of the system directory {system}"
+            )
+    if home is not None and _inside(home, path):
+        return f"it is the home directory {home} or an ancestor of it"
+    if _inside(project, path):
+        return f"it is the project's own directory {project} or an ancestor of it"
+    return None
+
+
+def refuse_location(root: Path) -> None:
+    """Refuse a root that :func:`location_refusal` names a rule for (plain functions call this too,
+    so a caller that skips :func:`check_root` still cannot scan the system).
 
     Raises:
+        UploadsRootRefused: the rule, and how to fix the setting.
+    """
+    try:
+        home: Path | None = Path.home()
+    except (RuntimeError, KeyError):  # no HOME and no passwd entry: no home to protect
+        home = None
+    normal = Path(os.path.abspath(root))
+    resolved = Path(os.path.realpath(root))
+    homes: list[Path | None] = [None]
+    if home is not None:
+        homes = [Path(os.path.abspath(home)), Path(os.path.realpath(home))]
+    for candidate in dict.fromkeys((normal, resolved)):
+        for protected_home in homes:
+            reason = location_refusal(candidate, home=protected_home)
+            if reason is not None:
+                raise UploadsRootRefused(f"uploads root {root} refused: {reason}; {_ROOT_FIX}")
+
+
+def _storage_refusal(root: Path, uploads: UploadsSettings, storage: StorageSettings | None) -> str | None:
+    """Why ``root`` (resolved) overlaps the cleanup's own storage, or None."""
+    places: list[tuple[str, Path, str]] = [
+        (
+            "the quarantine",
+            quarantine_directory(uploads, root),
+            "set uploads.quarantine_dir (OPS_UPLOADS__QUARANTINE_DIR) to a directory beside the root",
+        )
+    ]
+    if storage is not None:
+        parts = urlsplit(storage.url)
+        if parts.scheme == "file":
+            places.append(
+                (
+                    "the backup storage",
+                    Path(unquote(parts.netloc + parts.path)),
+                    "set storage.url (OPS_STORAGE__URL) to a directory outside the uploads root",
+                )
+            )
+    if storage is not None or uploads.plan_dir is not None:
+        places.append(
+            (
+                "the cleanup's plans",
+                plan_directory(uploads, storage or StorageSettings()),
+                "set uploads.plan_dir (OPS_UPLOADS__PLAN_DIR) to a directory outside the uploads root",
+            )
+        )
+    for what, place, fix in places:
+        place = Path(os.path.realpath(place))
+        if _inside(place, root) or _inside(root, place):
+            return f"it holds {what} {place} (or lies inside it); {fix}"
+    return None
+
+
+def check_root(settings: UploadsSettings, storage: StorageSettings | None = None) -> RootCheck:
+    """Refuse a root that could put the system or the cleanup's own data in a plan; then resolve it
+    and check its owner and mode against the settings.
+
+    Every rule is checked before anything below the root is read. Refused: a symlink as the root
+    (the configured path itself); a system directory or an ancestor of one, the home directory, the
+    project's own directory (:func:`location_refusal`); a root that holds (or lies inside) the
+    quarantine, the backup storage (``storage``, when given) or the plans; a root whose owner is not
+    ``expected_owner`` (name or uid) when that is set. A mode other than ``expected_mode`` is reported
+    in ``problems``, not refused.
+
+    Raises:
+        UploadsRootRefused: one of the rules above; the message names it and how to fix the setting.
         UploadsRootInvalid: the root does not exist or is not a directory.
     """
-    path = Path(os.path.realpath(settings.root))
+    configured = settings.root
+    if os.path.islink(configured):
+        raise UploadsRootRefused(
+            f"uploads root {configured} refused: it is a symlink (to {os.readlink(configured)}), and a"
+            f" link can be pointed anywhere; set uploads.root (OPS_UPLOADS__ROOT) to the directory itself"
+            " after checking it is the application's uploads directory"
+        )
+    refuse_location(configured)
+    path = Path(os.path.realpath(configured))
+    reason = _storage_refusal(path, settings, storage)
+    if reason is not None:
+        raise UploadsRootRefused(f"uploads root {configured} refused: {reason}")
     try:
         st = os.stat(path)
     except OSError as exc:
         raise UploadsRootInvalid(
-            f"uploads root {settings.root} cannot be examined ({exc.strerror}); fix uploads.root"
+            f"uploads root {configured} cannot be examined ({exc.strerror}); fix uploads.root"
         ) from None
     if not stat.S_ISDIR(st.st_mode):
-        raise UploadsRootInvalid(f"uploads root {settings.root} is not a directory; fix uploads.root")
+        raise UploadsRootInvalid(f"uploads root {configured} is not a directory; fix uploads.root")
     owner, group, mode = _user_name(st.st_uid), _group_name(st.st_gid), f"{stat.S_IMODE(st.st_mode):04o}"
-    problems = []
-    if settings.expected_owner and settings.expected_owner not in {owner, str(st.st_uid)}:
-        problems.append(
-            f"owned by {owner}, expected {settings.expected_owner}: uploads may fail with 'Cannot save"
-            f" file'; chown {settings.expected_owner} {path}"
+    expected = settings.expected_owner
+    if expected and expected not in {owner, str(st.st_uid)}:
+        raise UploadsRootRefused(
+            f"uploads root {path} refused: it is owned by {owner} (uid {st.st_uid}), not by"
+            f" uploads.expected_owner {expected}; if it is the application's uploads directory, chown"
+            f" {expected} {path}, otherwise {_ROOT_FIX}"
         )
+    problems = []
     if settings.expected_mode and int(settings.expected_mode, 8) != stat.S_IMODE(st.st_mode):
         problems.append(
             f"mode {mode}, expected {settings.expected_mode}: chmod {settings.expected_mode} {path}"
         )
     return RootCheck(path=path, dev=st.st_dev, owner=owner, group=group, mode=mode, problems=tuple(problems))
-
-
-def _inside(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
 
 
 def quarantine_directory(settings: UploadsSettings, root: Path) -> Path:
@@ -976,7 +1099,9 @@ def clean_uploads(
     Raises:
         ReferenceCheckFailed: the database could not be asked (nothing after that point is touched).
         PlanInvalid: ``from_plan`` is unreadable or names paths outside the root.
+        UploadsRootRefused: ``root`` is a system, home or project directory (:func:`location_refusal`).
     """
+    refuse_location(root)
     stats = ScanStats()
     writer = PlanWriter(plan_path, stats)
     with reference_checker(uploads, pg) as references:
@@ -1449,8 +1574,10 @@ def remove_planned(
     Raises:
         ParameterError: quarantine mode without a quarantine directory.
         ReferenceCheckFailed: the database re-check failed; files of that batch were not touched.
+        UploadsRootRefused: ``root`` is a system, home or project directory (:func:`location_refusal`).
     """
     _check_removal_arguments(mode, quarantine, run_id)
+    refuse_location(root)
     record = RemovalRecord(run_id=run_id, mode=mode, confirmed=confirm, root=str(root))
     entries = read_jsonl(plan) if isinstance(plan, Path) else iter(plan)
     if not confirm:
@@ -1585,19 +1712,35 @@ class PurgeRecord:
 
 
 def purge_quarantine(
-    quarantine: Path, *, retention_days: int, now: datetime | None = None, confirm: bool = False
+    quarantine: Path,
+    *,
+    retention_days: int,
+    now: datetime | None = None,
+    confirm: bool = False,
+    current_run: str | None = None,
 ) -> PurgeRecord:
     """Remove quarantine runs older than ``retention_days``; without ``confirm`` only list them.
 
     Only directories named like a run id are considered; removal does not follow symlinks
-    (``shutil.rmtree`` works through descriptors on Linux).
+    (``shutil.rmtree`` works through descriptors on Linux). The run ``current_run`` is never purged,
+    whatever its age: its report tells how to restore it.
+
+    Raises:
+        ParameterError: ``retention_days`` below 1, which would purge what was just quarantined.
     """
+    if retention_days < 1:
+        raise ParameterError(
+            f"quarantine retention must be at least 1 day, not {retention_days}: a shorter one would"
+            " purge what a run just quarantined; set uploads.quarantine_retention_days"
+        )
     now = now or datetime.now(UTC)
     record = PurgeRecord(quarantine=str(quarantine), confirmed=confirm, retention_days=retention_days)
     if not quarantine.is_dir():
         return record
     for entry in sorted(os.scandir(quarantine), key=lambda e: e.name):
         if not RUN_ID_PATTERN.match(entry.name) or not entry.is_dir(follow_symlinks=False):
+            continue
+        if entry.name == current_run:
             continue
         if (now - run_id_time(entry.name)).total_seconds() < retention_days * 86400:
             continue
@@ -1640,8 +1783,10 @@ def restore_quarantine_run(
     Raises:
         ParameterError: ``run_id`` is not a run id.
         QuarantineRunNotFound: no such run in the quarantine.
+        UploadsRootRefused: ``root`` is a system, home or project directory (:func:`location_refusal`).
     """
     run_id_time(run_id)
+    refuse_location(root)
     run_dir = quarantine / run_id
     manifest = run_dir / "manifest.jsonl"
     if not manifest.is_file():
