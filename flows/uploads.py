@@ -263,6 +263,8 @@ def cleanup_uploads(
 
     Raises:
         ParameterError: a bad parameter, before anything is read or changed.
+        UploadsRootRefused: the root is the system, a home or the project directory, a symlink, holds
+            the quarantine, backups or plans, or has another owner than expected; nothing was read.
         UploadsRootInvalid, QuarantineInvalid: preflight failed; nothing changed.
         ReferenceCheckFailed: the database could not be asked; nothing (more) was removed.
         LockBusy: another cleanup or restore of these uploads is running.
@@ -288,7 +290,7 @@ def cleanup_uploads(
         cutoff=cutoff,
     )
     try:
-        root = report.root = uploads.check_root_task(settings.uploads)
+        root = report.root = uploads.check_root_task(settings.uploads, settings.storage)
         for problem in root.problems:
             logger.warning("uploads root %s: %s", root.path, problem)
         quarantine_dir = uploads.quarantine_directory(settings.uploads, root.path)
@@ -324,6 +326,7 @@ def cleanup_uploads(
                     quarantine_dir,
                     retention_days=settings.uploads.quarantine_retention_days,
                     confirm=not dry_run,
+                    current_run=run_id,
                 )
         report.plans_pruned = prune_plans(plan_dir, settings.uploads.quarantine_retention_days)
         report.disk_after = uploads.disk_usage_task(root.path)
@@ -363,6 +366,7 @@ def restore_quarantine(run_id: str, dry_run: bool = False) -> RestoreRecord:
 
     Raises:
         ParameterError: ``run_id`` is not a run id.
+        UploadsRootRefused: the root may not be used (see ``cleanup-uploads``); nothing was moved.
         QuarantineRunNotFound: no quarantine run with that id.
         LockBusy: a cleanup of these uploads is running.
     """
@@ -372,7 +376,7 @@ def restore_quarantine(run_id: str, dry_run: bool = False) -> RestoreRecord:
     record: RestoreRecord | None = None
     error: str | None = None
     try:
-        root = uploads.check_root_task(settings.uploads)
+        root = uploads.check_root_task(settings.uploads, settings.storage)
         quarantine = uploads.quarantine_directory(settings.uploads, root.path)
         plan_dir = uploads.plan_directory(settings.uploads, settings.storage)
         with uploads.cleanup_lock(plan_dir):

@@ -284,10 +284,16 @@ class BackupSettings(_Section):
 class UploadsSettings(_Section):
     """The application's uploads directory."""
 
-    root: Path = Field(default=Path("./var/uploads"), description="the application's uploads directory")
+    root: Path = Field(
+        default=Path("./var/uploads"),
+        description=(
+            "the application's uploads directory; never /, a system directory or its ancestor, the home or"
+            " project directory, a symlink, or one holding the quarantine, backups or plans"
+        ),
+    )
     expected_owner: str | None = Field(
         default=None,
-        description="user (name or uid) that must own the uploads root; a mismatch is reported",
+        description="user (name or uid) that must own the uploads root; cleanup and restore refuse any other",
         examples=["node"],
     )
     expected_mode: str | None = Field(
@@ -324,7 +330,9 @@ class UploadsSettings(_Section):
         description="quarantine directory (on the root's filesystem); None: <root>/../.uploads-quarantine",
     )
     quarantine_retention_days: int = Field(
-        default=14, ge=0, description="days quarantine runs and plans are kept before they are purged"
+        default=14,
+        ge=1,
+        description="days quarantine runs and plans are kept before they are purged (at least 1)",
     )
     cross_filesystem: bool = Field(
         default=False, description="also scan directories mounted from another filesystem below the root"

@@ -168,3 +168,43 @@ def test_unreachable_database_fails_the_run_and_still_reports(
     assert "failed" in markdown
     assert "cannot reach the application's database" in markdown
     assert "hunter2" not in markdown
+
+
+@pytest.mark.parametrize("where", ["filesystem-root", "symlink-to-etc"])
+def test_a_root_pointing_at_the_system_is_refused_before_anything_is_scanned(
+    uploads_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    tmp: Path = uploads_env["tmp"]
+    if where == "filesystem-root":
+        root = "/"
+    else:
+        (tmp / "etc-link").symlink_to("/etc")
+        root = str(tmp / "etc-link")
+    monkeypatch.setenv("OPS_UPLOADS__ROOT", root)
+
+    state = cleanup_uploads(mode="delete", return_state=True)
+
+    assert state.is_failed()
+    assert not uploads_env["plans"].exists()  # no plan: nothing was scanned
+    markdown = artifacts(state)["uploads-cleanup-teststack"].data
+    assert "refused" in markdown
+    assert "OPS_UPLOADS__ROOT" in markdown
+
+    restored = restore_quarantine(run_id="20260101T000000Z-abcdef", return_state=True)
+
+    assert restored.is_failed()
+    assert "refused" in artifacts(restored)["uploads-restore-teststack"].data
+
+
+def test_zero_day_quarantine_retention_fails_before_anything_moves(
+    uploads_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root: Path = uploads_env["root"]
+    before = tree(root)
+    monkeypatch.setenv("OPS_UPLOADS__QUARANTINE_RETENTION_DAYS", "0")
+
+    state = cleanup_uploads(dry_run=False, return_state=True)
+
+    assert state.is_failed()
+    assert tree(root) == before
+    assert not (uploads_env["tmp"] / ".uploads-quarantine").exists()
