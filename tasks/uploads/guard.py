@@ -33,6 +33,11 @@ SYSTEM_DIRECTORIES = tuple(
     )
     for p in group
 )
+# Trees that belong to the system as a whole: nothing below them is ever an app's uploads directory
+# (a root such as /etc/ssl or /usr/lib/python3 is refused too, not only the directories themselves).
+SYSTEM_TREES = tuple(
+    Path(p) for p in ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc")
+) + tuple(Path(p) for p in ("/sbin", "/sys", "/usr", "/run"))
 _ROOT_FIX = (
     "set uploads.root (OPS_UPLOADS__ROOT) to the application's uploads directory itself,"
     " e.g. /var/lib/app/uploads"
@@ -73,9 +78,13 @@ def location_refusal(path: Path, *, home: Path | None, project: Path = PROJECT_D
     """Why ``path`` (absolute, normalised) may not be the uploads root, or None when it may.
 
     Refused: a system directory or an ancestor of one (``/``, ``/etc``, ``/var``, ``/tmp``...), the
-    home directory or an ancestor of it, the project's own directory or an ancestor of it. A directory
-    below any of these is allowed.
+    home directory or an ancestor of it, the project's own directory or an ancestor of it, and anything
+    inside a tree of the system itself (/etc, /usr, /boot, /proc...). Other directories below the
+    system directories are allowed (/var/lib/app/uploads, /srv/app/uploads).
     """
+    for tree in SYSTEM_TREES:
+        if path != tree and _inside(path, tree):
+            return f"it is inside the system tree {tree}"
     for system in SYSTEM_DIRECTORIES:
         if _inside(system, path):
             return (

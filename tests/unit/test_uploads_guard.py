@@ -36,6 +36,13 @@ def test_a_system_directory_or_an_ancestor_of_one_is_refused(root: str) -> None:
     assert "OPS_UPLOADS__ROOT" in message
 
 
+@pytest.mark.parametrize("root", ["/etc/ssl", "/usr/lib/python3", "/boot/grub", "/proc/sys", "/usr/local/a"])
+def test_anything_inside_a_system_tree_is_refused(root: str) -> None:
+    message = refused(UploadsSettings(root=Path(root)))
+    assert "inside the system tree" in message
+    assert "OPS_UPLOADS__ROOT" in message
+
+
 def test_directories_below_system_directories_stay_allowed(tmp_path: Path) -> None:
     home, project = Path("/root"), PROJECT
     for allowed in ("/var/lib/app/uploads", "/srv/app/uploads", "/home/app/uploads", "/opt/x/uploads"):
