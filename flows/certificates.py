@@ -13,54 +13,24 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from tasks import certs, reports
-from tasks.certs import (
-    DryRunResult,
-    EndpointVerdict,
-    Inventory,
+from tasks import reports
+from tasks.certificates import (
     ReloadFailed,
-    ReloadRecord,
     RenewalFailed,
-    RenewalRecord,
     RunSummary,
+    certbot_dry_run_task,
+    certbot_reason,
+    plan_renewals,
+    reload_server_task,
+    renew_lineage_task,
+    take_inventory_task,
+    verify_endpoints_task,
 )
 from tasks.errors import CheckFailed
 from tasks.runlog import run_logger
-from tasks.settings import CertificatesSettings, OpsSettings, load_settings
+from tasks.settings import load_settings
 
 EVENT_PREFIX = "swagger2mcp-ops.certificate"
-
-
-@task(name="inventory-certificates", cache_policy=NO_CACHE)
-def take_inventory(cfg: CertificatesSettings) -> Inventory:
-    """Every watched certificate from disk and every endpoint's served certificate, with findings."""
-    return certs.take_inventory(cfg)
-
-
-@task(name="certbot-dry-run", cache_policy=NO_CACHE, task_run_name="dry-run-{cert_name}")
-def dry_run_renewal(cfg: CertificatesSettings, cert_name: str) -> DryRunResult:
-    """``certbot renew --dry-run`` for one lineage against the configured ACME server."""
-    return certs.certbot_dry_run(cfg, cert_name)
-
-
-@task(name="certbot-renew", cache_policy=NO_CACHE, task_run_name="renew-{cert_name}")
-def renew_lineage(cfg: CertificatesSettings, cert_name: str) -> RenewalRecord:
-    """``certbot renew --cert-name NAME``; returns the old and new serials."""
-    return certs.renew_lineage(cfg, cert_name)
-
-
-@task(name="reload-tls-server", cache_policy=NO_CACHE)
-def reload_server(settings: OpsSettings) -> ReloadRecord:
-    """Reload nginx (local, Compose) or restart it (Kubernetes) so it serves the files on disk."""
-    return certs.reload_server(settings)
-
-
-@task(name="verify-served-certificates", cache_policy=NO_CACHE)
-def verify_served(
-    cfg: CertificatesSettings, renewed: list[str], wait_seconds: float
-) -> list[EndpointVerdict]:
-    """Read what every endpoint serves now and judge it against the certificates on disk."""
-    return certs.verify_endpoints(cfg, renewed, wait_seconds=wait_seconds)
 
 
 def _date(value: Any) -> str:
@@ -215,7 +185,7 @@ def emit_unrenewed_events(summary: RunSummary) -> int:
         reason = summary.renewal_errors.get(name)
         if reason is None:
             failed = [d for d in summary.dry_runs if d.cert_name == name and not d.passed]
-            reason = certs.certbot_reason(failed[0].output_tail) if failed else "not a certbot lineage"
+            reason = certbot_reason(failed[0].output_tail) if failed else "not a certbot lineage"
         event = emit_event(
             event=f"{EVENT_PREFIX}.renewal-failed",
             resource={
@@ -269,15 +239,15 @@ def renew_certificates(force: bool = False, dry_run: bool = False) -> dict[str, 
     logger = run_logger(__name__)
     summary = RunSummary(stack=settings.stack, force=force, dry_run=dry_run)
     try:
-        summary.inventory = take_inventory(cfg)
+        summary.inventory = take_inventory_task(cfg)
         for finding in summary.inventory.findings:
             logger.warning("%s (%s): %s", finding.subject, finding.kind, finding.text)
-        summary.plan = plan = certs.plan_renewals(summary.inventory, cfg.renew_threshold_days, force=force)
+        summary.plan = plan = plan_renewals(summary.inventory, cfg.renew_threshold_days, force=force)
         logger.info("due: %s; stale endpoints: %s", list(plan.due), list(plan.stale_endpoints))
 
         passed = []
         for name in plan.due:
-            result = dry_run_renewal(cfg, name)
+            result = certbot_dry_run_task(cfg, name)
             summary.dry_runs.append(result)
             if result.passed:
                 passed.append(name)
@@ -285,17 +255,19 @@ def renew_certificates(force: bool = False, dry_run: bool = False) -> dict[str, 
         if not dry_run:
             for name in passed:
                 try:
-                    summary.renewals.append(renew_lineage(cfg, name))
+                    summary.renewals.append(renew_lineage_task(cfg, name))
                 except RenewalFailed as exc:
                     summary.renewal_errors[name] = str(exc)
             if summary.renewals or plan.stale_endpoints:
                 try:
-                    summary.reload = reload_server(settings)
+                    summary.reload = reload_server_task(settings)
                 except ReloadFailed as exc:
                     summary.reload_error = str(exc)
             # Waiting only makes sense when the server was told to load something new.
             wait = cfg.verify_timeout_seconds if summary.reload is not None else 0.0
-            summary.verdicts = verify_served(cfg, [r.cert_name for r in summary.renewals], wait)
+            summary.verdicts = verify_endpoints_task(
+                cfg, [r.cert_name for r in summary.renewals], wait_seconds=wait
+            )
         if summary.unrenewed_due():
             summary.events_emitted = emit_unrenewed_events(summary)
     except Exception as exc:

@@ -14,7 +14,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.states import State
 
 from flows.certificates import renew_certificates
-from tasks import certs
+from tasks import certificates
 from tests.fixtures.acme import (
     DEAD_PORT,
     Lineage,
@@ -48,13 +48,13 @@ def artifacts(state: State[Any]) -> dict[str, Any]:
 
 
 def served_serial(lineage: Lineage, nginx: Nginx) -> str:
-    return certs.fetch_served_certificate(
+    return certificates.fetch_served_certificate(
         "127.0.0.1", nginx.port, nginx.server_name, ca_bundle=lineage.pebble.root_ca, timeout=3
     ).serial
 
 
 def disk_serial(lineage: Lineage) -> str:
-    return certs.read_lineage(lineage.config_dir, lineage.cert_name).info.serial
+    return certificates.read_lineage(lineage.config_dir, lineage.cert_name).info.serial
 
 
 def test_due_certificate_is_renewed_reloaded_and_served(
@@ -162,7 +162,9 @@ def test_renewed_but_not_reloaded_is_a_finding_and_is_fixed(
     set_env(monkeypatch, certificate_env(acme_lineage, lineage_nginx))
     old = served_serial(acme_lineage, lineage_nginx)
     # certbot renews the files (as a cron job would) and nobody reloads nginx.
-    record = certs.renew_lineage(certificate_settings(acme_lineage, lineage_nginx), acme_lineage.cert_name)
+    record = certificates.renew_lineage(
+        certificate_settings(acme_lineage, lineage_nginx), acme_lineage.cert_name
+    )
     assert served_serial(acme_lineage, lineage_nginx) == old
 
     state = renew_certificates(return_state=True)

@@ -6,21 +6,21 @@ from pathlib import Path
 
 import pytest
 
-from tasks import certs
+from tasks import certificates
 from tasks.settings import CertEndpoint, OpsSettings
 from tests.fixtures.acme import DEAD_PORT, Lineage, Nginx, certificate_settings
 
 pytestmark = pytest.mark.integration
 
 
-def served(nginx: Nginx, lineage: Lineage, name: str | None = None) -> certs.CertificateInfo:
-    return certs.fetch_served_certificate(
+def served(nginx: Nginx, lineage: Lineage, name: str | None = None) -> certificates.CertificateInfo:
+    return certificates.fetch_served_certificate(
         "127.0.0.1", nginx.port, name or nginx.server_name, ca_bundle=lineage.pebble.root_ca, timeout=3
     )
 
 
 def test_reads_the_lineage_issued_by_pebble(acme_lineage: Lineage) -> None:
-    cert = certs.read_lineage(acme_lineage.config_dir, acme_lineage.cert_name)
+    cert = certificates.read_lineage(acme_lineage.config_dir, acme_lineage.cert_name)
     assert cert.kind == "lineage"
     assert cert.info.sans == (acme_lineage.domain,)
     assert "Pebble Intermediate" in cert.info.issuer
@@ -31,19 +31,19 @@ def test_reads_the_lineage_issued_by_pebble(acme_lineage: Lineage) -> None:
 def test_served_certificate_is_validated_against_the_ca_bundle(
     acme_lineage: Lineage, lineage_nginx: Nginx
 ) -> None:
-    on_disk = certs.read_certificate(acme_lineage.live / "cert.pem")
+    on_disk = certificates.read_certificate(acme_lineage.live / "cert.pem")
     info = served(lineage_nginx, acme_lineage)
     assert info.serial == on_disk.serial
 
     # Wrong name: the handshake still reads the certificate, but hostname validation rejects it.
-    with pytest.raises(certs.ServedCertificateInvalid, match="Hostname mismatch") as caught:
+    with pytest.raises(certificates.ServedCertificateInvalid, match="Hostname mismatch") as caught:
         served(lineage_nginx, acme_lineage, name="other.ops.test")
     assert caught.value.certificate is not None
     assert caught.value.certificate.serial == on_disk.serial
 
     # A CA bundle that did not sign it (the ACME API's listener CA): untrusted.
-    with pytest.raises(certs.ServedCertificateInvalid, match="unable to get local issuer"):
-        certs.fetch_served_certificate(
+    with pytest.raises(certificates.ServedCertificateInvalid, match="unable to get local issuer"):
+        certificates.fetch_served_certificate(
             "127.0.0.1",
             lineage_nginx.port,
             acme_lineage.domain,
@@ -53,23 +53,23 @@ def test_served_certificate_is_validated_against_the_ca_bundle(
 
 
 def test_unreachable_endpoint_and_bad_paths_give_clear_errors(acme_lineage: Lineage, tmp_path: Path) -> None:
-    with pytest.raises(certs.EndpointUnreachable, match=rf"nothing listens on 127.0.0.1:{DEAD_PORT}"):
-        certs.fetch_served_certificate(
+    with pytest.raises(certificates.EndpointUnreachable, match=rf"nothing listens on 127.0.0.1:{DEAD_PORT}"):
+        certificates.fetch_served_certificate(
             "127.0.0.1", DEAD_PORT, acme_lineage.domain, ca_bundle=acme_lineage.pebble.root_ca, timeout=2
         )
-    with pytest.raises(certs.CertificateFileError, match="does not exist"):
-        certs.read_certificate(tmp_path / "missing.pem")
-    with pytest.raises(certs.CertificateFileError, match="no PEM certificate"):
-        certs.read_certificate(acme_lineage.live / "privkey.pem")
-    with pytest.raises(certs.CertificateFileError, match=r"no lineage 'nope'.*known lineages: shop"):
-        certs.read_lineage(acme_lineage.config_dir, "nope")
+    with pytest.raises(certificates.CertificateFileError, match="does not exist"):
+        certificates.read_certificate(tmp_path / "missing.pem")
+    with pytest.raises(certificates.CertificateFileError, match="no PEM certificate"):
+        certificates.read_certificate(acme_lineage.live / "privkey.pem")
+    with pytest.raises(certificates.CertificateFileError, match=r"no lineage 'nope'.*known lineages: shop"):
+        certificates.read_lineage(acme_lineage.config_dir, "nope")
 
     cfg = certificate_settings(
         acme_lineage,
         None,
         endpoints=[CertEndpoint(host="127.0.0.1", port=DEAD_PORT, server_name=acme_lineage.domain)],
     )
-    inventory = certs.take_inventory(cfg)
+    inventory = certificates.take_inventory(cfg)
     [finding] = inventory.findings
     assert finding.kind == "unreachable"
     assert f"127.0.0.1:{DEAD_PORT}" in finding.subject
@@ -77,12 +77,15 @@ def test_unreachable_endpoint_and_bad_paths_give_clear_errors(acme_lineage: Line
 
 
 def test_failing_dry_run_changes_nothing(acme_lineage: Lineage, lineage_nginx: Nginx) -> None:
-    before = certs.read_lineage(acme_lineage.config_dir, acme_lineage.cert_name).info
+    before = certificates.read_lineage(acme_lineage.config_dir, acme_lineage.cert_name).info
     cfg = certificate_settings(acme_lineage, lineage_nginx, acme_server=f"https://127.0.0.1:{DEAD_PORT}/dir")
-    result = certs.certbot_dry_run(cfg, acme_lineage.cert_name)
+    result = certificates.certbot_dry_run(cfg, acme_lineage.cert_name)
     assert not result.passed
-    assert "Connection refused" in certs.certbot_reason(result.output_tail)
-    assert certs.read_lineage(acme_lineage.config_dir, acme_lineage.cert_name).info.serial == before.serial
+    assert "Connection refused" in certificates.certbot_reason(result.output_tail)
+    assert (
+        certificates.read_lineage(acme_lineage.config_dir, acme_lineage.cert_name).info.serial
+        == before.serial
+    )
     assert served(lineage_nginx, acme_lineage).serial == before.serial
 
 
@@ -92,28 +95,30 @@ def test_renewal_without_reload_is_found_and_reload_fixes_it(
     cfg = certificate_settings(acme_lineage, lineage_nginx)
     old = served(lineage_nginx, acme_lineage)
 
-    dry = certs.certbot_dry_run(cfg, acme_lineage.cert_name)
+    dry = certificates.certbot_dry_run(cfg, acme_lineage.cert_name)
     assert dry.passed, dry.output_tail
     assert "--no-random-sleep-on-renew" in dry.command
-    record = certs.renew_lineage(cfg, acme_lineage.cert_name)
+    record = certificates.renew_lineage(cfg, acme_lineage.cert_name)
     assert record.changed
     assert record.old_serial == old.serial
     assert record.new_serial != old.serial
 
     # certbot replaced the files; nginx still holds the old certificate in memory.
-    inventory = certs.take_inventory(cfg)
+    inventory = certificates.take_inventory(cfg)
     [finding] = [f for f in inventory.findings if f.kind == "not-reloaded"]
     assert "renewed but not reloaded" in finding.text
     assert old.serial in finding.text
     assert record.new_serial in finding.text
-    assert certs.plan_renewals(inventory, cfg.renew_threshold_days).stale_endpoints == (finding.subject,)
-    [verdict] = certs.verify_endpoints(cfg, [acme_lineage.cert_name], wait_seconds=0)
+    assert certificates.plan_renewals(inventory, cfg.renew_threshold_days).stale_endpoints == (
+        finding.subject,
+    )
+    [verdict] = certificates.verify_endpoints(cfg, [acme_lineage.cert_name], wait_seconds=0)
     assert not verdict.ok
     assert f"still serves serial {old.serial}" in (verdict.problem or "")
 
-    reload = certs.reload_server(OpsSettings(certificates=cfg))
+    reload = certificates.reload_server(OpsSettings(certificates=cfg))
     assert reload.commands == (" ".join(lineage_nginx.reload_argv),)
-    [verdict] = certs.verify_endpoints(cfg, [acme_lineage.cert_name], wait_seconds=10)
+    [verdict] = certificates.verify_endpoints(cfg, [acme_lineage.cert_name], wait_seconds=10)
     assert verdict.ok, verdict.problem
     assert verdict.served.info is not None
     assert verdict.served.info.serial == record.new_serial
@@ -126,5 +131,5 @@ def test_reload_failure_is_a_clear_error(acme_lineage: Lineage, lineage_nginx: N
         lineage_nginx,
         reload_argv=["nginx", "-c", str(tmp_path / "missing.conf"), "-s", "reload"],
     )
-    with pytest.raises(certs.ReloadFailed, match="not served yet"):
-        certs.reload_server(OpsSettings(certificates=cfg))
+    with pytest.raises(certificates.ReloadFailed, match="not served yet"):
+        certificates.reload_server(OpsSettings(certificates=cfg))

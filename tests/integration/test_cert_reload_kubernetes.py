@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tasks import certs
+from tasks import certificates
 from tasks.settings import OpsSettings
 
 pytestmark = pytest.mark.integration
@@ -29,7 +29,7 @@ def test_kubernetes_reload_is_a_rollout_restart(kube_stack: Any) -> None:
         },
     )
 
-    record = certs.reload_server(settings)
+    record = certificates.reload_server(settings)
 
     assert record.method == "kubernetes"
     assert record.changed
@@ -51,5 +51,5 @@ def test_kubernetes_reload_of_a_missing_deployment_fails_clearly(kube_stack: Any
             "reload_timeout_seconds": 5,
         },
     )
-    with pytest.raises(certs.ReloadFailed, match="rollout restart of nginx failed"):
-        certs.reload_server(settings)
+    with pytest.raises(certificates.ReloadFailed, match="rollout restart of nginx failed"):
+        certificates.reload_server(settings)

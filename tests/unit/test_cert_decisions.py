@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flows.certificates import render_markdown, table_rows
-from tasks import certs
+from tasks import certificates
 from tasks.errors import SettingsError
 from tasks.settings import CertEndpoint, CertificatesSettings, OpsSettings, load_settings
 from tests.fixtures.acme import make_ca, make_leaf, write_pem
@@ -20,8 +20,8 @@ NOW = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
 
 def info(
     serial: str, days_left: float, sans: tuple[str, ...] = ("shop.example.com",)
-) -> certs.CertificateInfo:
-    return certs.CertificateInfo(
+) -> certificates.CertificateInfo:
+    return certificates.CertificateInfo(
         subject=f"CN={sans[0]}",
         sans=sans,
         issuer="Test CA",
@@ -32,14 +32,14 @@ def info(
     )
 
 
-def lineage(name: str, serial: str, days_left: float) -> certs.WatchedCertificate:
-    return certs.WatchedCertificate(
+def lineage(name: str, serial: str, days_left: float) -> certificates.WatchedCertificate:
+    return certificates.WatchedCertificate(
         name, "lineage", Path(f"/le/live/{name}/cert.pem"), info(serial, days_left)
     )
 
 
-def served(serial: str | None, days_left: float = 60, valid: bool = True) -> certs.ServedCertificate:
-    return certs.ServedCertificate(
+def served(serial: str | None, days_left: float = 60, valid: bool = True) -> certificates.ServedCertificate:
+    return certificates.ServedCertificate(
         endpoint="shop.example.com at 127.0.0.1:443",
         host="127.0.0.1",
         port=443,
@@ -63,7 +63,7 @@ def served(serial: str | None, days_left: float = 60, valid: bool = True) -> cer
 )
 def test_should_renew(days_left: float, threshold: int, force: bool, expected: bool) -> None:
     not_after = NOW + dt.timedelta(days=days_left)
-    assert certs.should_renew(not_after, NOW, threshold, force) is expected
+    assert certificates.should_renew(not_after, NOW, threshold, force) is expected
 
 
 def test_covers_exact_names_and_one_label_wildcards() -> None:
@@ -84,82 +84,84 @@ def test_read_certificate_from_pem_and_fullchain(tmp_path: Path) -> None:
         write_pem(tmp_path / "leaf.pem", leaf).read_bytes()
         + write_pem(tmp_path / "ca.pem", ca[0]).read_bytes()
     )
-    got = certs.read_certificate(path)
+    got = certificates.read_certificate(path)
     assert got.sans == ("shop.example.com", "10.0.0.1")
     assert got.issuer == "Unit CA"
     assert got.serial == format(leaf.serial_number, "x")
     assert 29 < got.days_left() <= 30
 
     (tmp_path / "junk.pem").write_text("not a certificate")
-    with pytest.raises(certs.CertificateFileError, match="no PEM certificate"):
-        certs.read_certificate(tmp_path / "junk.pem")
-    with pytest.raises(certs.CertificateFileError, match="cannot read certificate file"):
-        certs.read_certificate(tmp_path)
+    with pytest.raises(certificates.CertificateFileError, match="no PEM certificate"):
+        certificates.read_certificate(tmp_path / "junk.pem")
+    with pytest.raises(certificates.CertificateFileError, match="cannot read certificate file"):
+        certificates.read_certificate(tmp_path)
 
 
 def test_inventory_with_nothing_configured_says_what_to_set(tmp_path: Path) -> None:
     cfg = CertificatesSettings(config_dir=tmp_path / "none")
-    with pytest.raises(certs.CertificateFileError, match="OPS_CERTIFICATES__CONFIG_DIR"):
-        certs.take_inventory(cfg)
+    with pytest.raises(certificates.CertificateFileError, match="OPS_CERTIFICATES__CONFIG_DIR"):
+        certificates.take_inventory(cfg)
 
 
 def test_plan_renews_due_lineages_and_flags_due_files_certbot_cannot_renew() -> None:
-    pem = certs.WatchedCertificate("/etc/ssl/other.pem", "pem", Path("/etc/ssl/other.pem"), info("9", 5))
-    inventory = certs.Inventory(
+    pem = certificates.WatchedCertificate(
+        "/etc/ssl/other.pem", "pem", Path("/etc/ssl/other.pem"), info("9", 5)
+    )
+    inventory = certificates.Inventory(
         taken_at=NOW,
         certificates=(lineage("due", "1", 10), lineage("fresh", "2", 80), pem),
         endpoints=(),
         findings=(),
     )
-    plan = certs.plan_renewals(inventory, 30)
+    plan = certificates.plan_renewals(inventory, 30)
     assert plan.due == ("due",)
     assert plan.not_renewable == ("/etc/ssl/other.pem",)
     assert plan.needs_reload
-    forced = certs.plan_renewals(inventory, 30, force=True)
+    forced = certificates.plan_renewals(inventory, 30, force=True)
     assert forced.due == ("due", "fresh")
 
 
 def test_endpoint_serving_an_older_certificate_is_renewed_but_not_reloaded() -> None:
     endpoint = CertEndpoint(host="127.0.0.1", server_name="shop.example.com")
-    state = certs.EndpointState(endpoint, served("aa", days_left=20), lineage("shop", "bb", 89))
+    state = certificates.EndpointState(endpoint, served("aa", days_left=20), lineage("shop", "bb", 89))
     assert state.stale
-    [finding] = certs.endpoint_findings(state)
+    [finding] = certificates.endpoint_findings(state)
     assert finding.kind == "not-reloaded"
     assert "serves serial aa" in finding.text
     assert "holds serial bb" in finding.text
 
     # A different certificate that is not older is not "not reloaded": the server points elsewhere.
-    other = certs.EndpointState(endpoint, served("cc", days_left=95), lineage("shop", "bb", 89))
+    other = certificates.EndpointState(endpoint, served("cc", days_left=95), lineage("shop", "bb", 89))
     assert not other.stale
-    assert [f.kind for f in certs.endpoint_findings(other)] == ["unexpected-certificate"]
+    assert [f.kind for f in certificates.endpoint_findings(other)] == ["unexpected-certificate"]
 
-    same = certs.EndpointState(endpoint, served("bb", days_left=89), lineage("shop", "bb", 89))
-    assert certs.endpoint_findings(same) == []
-    down = certs.EndpointState(endpoint, served(None, valid=False), lineage("shop", "bb", 89))
-    assert [f.kind for f in certs.endpoint_findings(down)] == ["unreachable"]
+    same = certificates.EndpointState(endpoint, served("bb", days_left=89), lineage("shop", "bb", 89))
+    assert certificates.endpoint_findings(same) == []
+    down = certificates.EndpointState(endpoint, served(None, valid=False), lineage("shop", "bb", 89))
+    assert [f.kind for f in certificates.endpoint_findings(down)] == ["unreachable"]
 
 
 def test_expected_certificate_by_name_or_by_coverage() -> None:
     older, newer = lineage("old", "1", 10), lineage("new", "2", 80)
     by_name = CertEndpoint(host="h", server_name="shop.example.com", certificate="old")
-    assert certs.expected_certificate(by_name, [older, newer]) is older
+    assert certificates.expected_certificate(by_name, [older, newer]) is older
     by_cover = CertEndpoint(host="h", server_name="shop.example.com")
-    assert certs.expected_certificate(by_cover, [older, newer]) is newer
-    assert certs.expected_certificate(CertEndpoint(host="elsewhere.org"), [older]) is None
-    with pytest.raises(certs.CertificateFileError, match="not watched"):
-        certs.expected_certificate(CertEndpoint(host="h", certificate="nope"), [older])
+    assert certificates.expected_certificate(by_cover, [older, newer]) is newer
+    assert certificates.expected_certificate(CertEndpoint(host="elsewhere.org"), [older]) is None
+    with pytest.raises(certificates.CertificateFileError, match="not watched"):
+        certificates.expected_certificate(CertEndpoint(host="h", certificate="nope"), [older])
 
 
 def test_judge_endpoint_names_what_is_served() -> None:
     expected = lineage("shop", "bb", 89)
-    assert certs.judge_endpoint(served("bb", 89), expected, 60, NOW).ok
-    stale = certs.judge_endpoint(served("aa", 20), expected, 60, NOW)
+    assert certificates.judge_endpoint(served("bb", 89), expected, 60, NOW).ok
+    stale = certificates.judge_endpoint(served("aa", 20), expected, 60, NOW)
     assert not stale.ok
     assert "still serves serial aa" in (stale.problem or "")
     assert "serial bb" in (stale.problem or "")
-    short = certs.judge_endpoint(served("bb", 89), expected, 95, NOW)
+    short = certificates.judge_endpoint(served("bb", 89), expected, 95, NOW)
     assert "only" in (short.problem or "")
-    down = certs.judge_endpoint(served(None, valid=False), expected, None, NOW)
+    down = certificates.judge_endpoint(served(None, valid=False), expected, None, NOW)
     assert down.problem == "nothing listens"
 
 
@@ -171,7 +173,7 @@ def test_certbot_argv_has_server_dirs_and_no_random_sleep(tmp_path: Path) -> Non
         logs_dir=tmp_path / "l",
         acme_server="https://acme.example/dir",
     )
-    dry = certs.certbot_renew_argv(cfg, "shop", dry_run=True)
+    dry = certificates.certbot_renew_argv(cfg, "shop", dry_run=True)
     assert dry[:4] == ["/opt/certbot/bin/certbot", "renew", "--cert-name", "shop"]
     for flag, value in [
         ("--server", "https://acme.example/dir"),
@@ -183,28 +185,28 @@ def test_certbot_argv_has_server_dirs_and_no_random_sleep(tmp_path: Path) -> Non
     assert "--no-random-sleep-on-renew" in dry
     assert "--non-interactive" in dry
     assert dry[-1] == "--dry-run"
-    real = certs.certbot_renew_argv(cfg, "shop", dry_run=False)
+    real = certificates.certbot_renew_argv(cfg, "shop", dry_run=False)
     assert real[-1] == "--force-renewal"
     assert "--dry-run" not in real
-    assert certs.certbot_env(cfg) == {}
+    assert certificates.certbot_env(cfg) == {}
     with_bundle = cfg.model_copy(update={"acme_ca_bundle": Path("/ca.pem")})
-    assert certs.certbot_env(with_bundle) == {"REQUESTS_CA_BUNDLE": "/ca.pem"}
+    assert certificates.certbot_env(with_bundle) == {"REQUESTS_CA_BUNDLE": "/ca.pem"}
 
 
 def test_default_certbot_is_the_one_beside_this_python() -> None:
     beside = Path(sys.executable).parent / "certbot"
     assert beside.is_file(), "the project's venv ships certbot"
-    assert certs.certbot_program(CertificatesSettings()) == str(beside)
+    assert certificates.certbot_program(CertificatesSettings()) == str(beside)
 
 
 def test_reload_commands_per_method() -> None:
-    assert certs.reload_commands(OpsSettings()) == [["nginx", "-s", "reload"]]
+    assert certificates.reload_commands(OpsSettings()) == [["nginx", "-s", "reload"]]
     custom = OpsSettings(
         certificates={"reload_argv": ["/usr/sbin/nginx", "-c", "/etc/x.conf", "-s", "reload"]}
     )
-    assert certs.reload_commands(custom) == [["/usr/sbin/nginx", "-c", "/etc/x.conf", "-s", "reload"]]
-    assert certs.reload_commands(OpsSettings(certificates={"reload_method": "kubernetes"})) == []
-    assert certs.reload_env(custom) == {}
+    assert certificates.reload_commands(custom) == [["/usr/sbin/nginx", "-c", "/etc/x.conf", "-s", "reload"]]
+    assert certificates.reload_commands(OpsSettings(certificates={"reload_method": "kubernetes"})) == []
+    assert certificates.reload_env(custom) == {}
 
 
 def test_compose_reload_addresses_the_runtime_project() -> None:
@@ -219,11 +221,11 @@ def test_compose_reload_addresses_the_runtime_project() -> None:
         certificates={"reload_method": "compose", "reload_services": ["nginx", "edge"]},
     )
     base = ["docker", "compose", "--project-name", "shop", "--file", "/srv/shop/compose.yml", "exec", "-T"]
-    assert certs.reload_commands(settings) == [
+    assert certificates.reload_commands(settings) == [
         [*base, "nginx", "nginx", "-s", "reload"],
         [*base, "edge", "nginx", "-s", "reload"],
     ]
-    assert certs.reload_env(settings) == {"DOCKER_HOST": "unix:///run/shop-docker.sock"}
+    assert certificates.reload_env(settings) == {"DOCKER_HOST": "unix:///run/shop-docker.sock"}
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -253,22 +255,27 @@ def test_certbot_reason_picks_the_failure_line() -> None:
         "All simulated renewals failed.\n"
         "Ask for help or search for solutions at https://community.letsencrypt.org. See the logfile\n"
     )
-    assert certs.certbot_reason(output) == "Failed to renew certificate shop with error: Connection refused"
-    assert certs.certbot_reason("") == "(no output)"
+    assert (
+        certificates.certbot_reason(output)
+        == "Failed to renew certificate shop with error: Connection refused"
+    )
+    assert certificates.certbot_reason("") == "(no output)"
 
 
 def test_report_shows_every_certificate_and_endpoint_with_problems() -> None:
-    summary = certs.RunSummary(stack="s", force=False, dry_run=False)
+    summary = certificates.RunSummary(stack="s", force=False, dry_run=False)
     endpoint = CertEndpoint(host="127.0.0.1", server_name="shop.example.com")
-    summary.inventory = certs.Inventory(
+    summary.inventory = certificates.Inventory(
         taken_at=NOW,
         certificates=(lineage("shop", "bb", 10),),
-        endpoints=(certs.EndpointState(endpoint, served("bb", 10), lineage("shop", "bb", 10)),),
-        findings=(certs.Finding("due", "shop", "10.0 days left"),),
+        endpoints=(certificates.EndpointState(endpoint, served("bb", 10), lineage("shop", "bb", 10)),),
+        findings=(certificates.Finding("due", "shop", "10.0 days left"),),
     )
-    summary.plan = certs.plan_renewals(summary.inventory, 30)
+    summary.plan = certificates.plan_renewals(summary.inventory, 30)
     summary.dry_runs.append(
-        certs.DryRunResult("shop", False, "certbot renew --dry-run", "Failed to renew certificate shop", 1.0)
+        certificates.DryRunResult(
+            "shop", False, "certbot renew --dry-run", "Failed to renew certificate shop", 1.0
+        )
     )
     rows = table_rows(summary)
     assert [(r["kind"], r["status"]) for r in rows] == [("lineage", "due, not renewed"), ("endpoint", "ok")]
@@ -281,13 +288,13 @@ def test_report_shows_every_certificate_and_endpoint_with_problems() -> None:
 
 def test_endpoint_no_watched_certificate_covers_is_flagged_near_expiry() -> None:
     endpoint = CertEndpoint(host="127.0.0.1", server_name="shop.example.com")
-    near = certs.EndpointState(endpoint, served("aa", days_left=10), None)
-    [finding] = certs.endpoint_findings(near, 30)
+    near = certificates.EndpointState(endpoint, served("aa", days_left=10), None)
+    [finding] = certificates.endpoint_findings(near, 30)
     assert finding.kind == "uncovered"
     assert "no watched certificate covers shop.example.com" in finding.text
-    far = certs.EndpointState(endpoint, served("aa", days_left=60), None)
-    assert certs.endpoint_findings(far, 30) == []
+    far = certificates.EndpointState(endpoint, served("aa", days_left=60), None)
+    assert certificates.endpoint_findings(far, 30) == []
 
-    verdict = certs.judge_endpoint(served("aa", 10), None, 30)
+    verdict = certificates.judge_endpoint(served("aa", 10), None, 30)
     assert not verdict.ok
     assert "no watched certificate covers" in (verdict.problem or "")

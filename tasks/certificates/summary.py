@@ -1,0 +1,60 @@
+"""The record of one renewal run, filled as the run goes, and what makes the run fail."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tasks.certificates.certbot import DryRunResult, RenewalRecord, certbot_reason
+from tasks.certificates.decisions import Inventory, RenewalPlan
+from tasks.certificates.proof import EndpointVerdict
+from tasks.certificates.reload import ReloadRecord
+
+
+@dataclass
+class RunSummary:
+    """Everything a renewal run did, for its report (filled as the run goes)."""
+
+    stack: str
+    force: bool
+    dry_run: bool
+    inventory: Inventory | None = None
+    plan: RenewalPlan | None = None
+    dry_runs: list[DryRunResult] = field(default_factory=list)
+    renewals: list[RenewalRecord] = field(default_factory=list)
+    renewal_errors: dict[str, str] = field(default_factory=dict)
+    reload: ReloadRecord | None = None
+    reload_error: str | None = None
+    verdicts: list[EndpointVerdict] = field(default_factory=list)
+    events_emitted: int = 0
+    error: str | None = None
+
+    def unrenewed_due(self) -> list[str]:
+        """Due certificates that this run could not renew (failed dry run or renew, or not renewable)."""
+        if self.plan is None:
+            return []
+        failed_dry = [d.cert_name for d in self.dry_runs if not d.passed]
+        return sorted({*failed_dry, *self.renewal_errors, *self.plan.not_renewable})
+
+    def problems(self) -> list[str]:
+        """What makes the run fail, one line each."""
+        out = []
+        out += [
+            f"dry run of {d.cert_name} failed, so it was not renewed: {certbot_reason(d.output_tail)}"
+            for d in self.dry_runs
+            if not d.passed
+        ]
+        out += [f"renewal of {name} failed: {text}" for name, text in self.renewal_errors.items()]
+        if self.plan is not None:
+            out += [f"{name} is due and certbot does not manage it" for name in self.plan.not_renewable]
+        if self.reload_error:
+            out.append(self.reload_error)
+        out += [f"{v.endpoint}: {v.problem}" for v in self.verdicts if not v.ok]
+        if self.dry_run and self.inventory is not None:
+            out += [
+                f"{f.subject}: {f.text}"
+                for f in self.inventory.findings
+                if f.kind in {"unreachable", "invalid", "uncovered"}
+            ]
+        if self.error:
+            out.append(self.error)
+        return out
