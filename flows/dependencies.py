@@ -17,21 +17,36 @@ from typing import Any, Literal
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import builds, npm, reports
-from tasks.builds import BuildResult
-from tasks.errors import OpsError, ParameterError
-from tasks.npm import (
+from tasks import reports
+from tasks.dependencies import (
+    SCOPES,
+    SEVERITIES,
     AdvisoryDelta,
     AuditReport,
+    BuildResult,
     CommitRecord,
-    NpmEnvironment,
     OutdatedPackage,
     TestRun,
+    TestsFailed,
     UpdatePlan,
     UpdateResult,
     WorkingCopy,
+    apply_updates_task,
+    audit_task,
+    build_image_task,
+    check_source,
+    commit_update_task,
+    compare_audits,
+    create_working_copy_task,
+    ensure_tools,
+    install_task,
+    npm_environment,
+    outdated_task,
+    plan_for_scope_task,
+    run_tests_task,
+    tag_for_lockfile,
 )
-from tasks.ops_task import ops_task
+from tasks.errors import OpsError, ParameterError
 from tasks.runlog import run_logger
 from tasks.settings import OpsSettings, load_settings
 
@@ -45,31 +60,6 @@ class StagingDeployFailed(OpsError):
     def __init__(self, message: str, *, staging_restored: bool) -> None:
         super().__init__(message)
         self.staging_restored = staging_restored
-
-
-def plan_for_scope(
-    env: NpmEnvironment, wc: WorkingCopy, scope: str, report: AuditReport, stale: list[OutdatedPackage]
-) -> UpdatePlan:
-    """The scope's npm commands, from the audit, ``npm outdated`` and the published versions."""
-    return npm.plan_updates(
-        scope,
-        report,
-        stale,
-        npm.read_lockfile(wc.lockfile_path),
-        npm.read_lockfile(wc.path / "package.json"),
-        lambda name: npm.published_versions(env, wc.path, name),
-    )
-
-
-create_working_copy = ops_task(npm.create_working_copy, name="create-working-copy")
-install_locked = ops_task(npm.install, name="npm-ci", retries=1, retry_delay_seconds=5)
-audit_dependencies = ops_task(npm.audit, name="npm-audit", retries=2, retry_delay_seconds=5)
-list_outdated = ops_task(npm.outdated, name="npm-outdated", retries=2, retry_delay_seconds=5)
-plan_updates = ops_task(plan_for_scope, name="plan-updates")
-apply_updates = ops_task(npm.apply_updates, name="apply-updates")
-run_app_tests = ops_task(npm.run_tests, name="run-app-tests")
-commit_update = ops_task(npm.commit_update, name="commit-update")
-build_image = ops_task(builds.build_image, name="build-image")
 
 
 @dataclass
@@ -98,7 +88,7 @@ class DependencyRun:
     def delta(self) -> AdvisoryDelta | None:
         if self.audit_before is None or self.audit_after is None:
             return None
-        return npm.compare_audits(self.audit_before, self.audit_after)
+        return compare_audits(self.audit_before, self.audit_after)
 
     def summary(self) -> dict[str, Any]:
         delta = self.delta
@@ -202,7 +192,7 @@ def render_markdown(run: DependencyRun) -> str:
         lines.append(
             reports.markdown_table(
                 ["severity", "before", "fixed", "after"],
-                [[s, before[s], fixed[s], after.get(s, "")] for s in npm.SEVERITIES],
+                [[s, before[s], fixed[s], after.get(s, "")] for s in SEVERITIES],
             )
         )
     if run.audit_after is not None and run.audit_after.advisories:
@@ -324,8 +314,8 @@ def update_dependencies(
     """
     settings = load_settings()
     logger = run_logger(__name__)
-    if scope not in npm.SCOPES:
-        raise ParameterError(f"scope must be one of {', '.join(npm.SCOPES)}, not {scope!r}")
+    if scope not in SCOPES:
+        raise ParameterError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
     if deploy_to_staging and not build:
         raise ParameterError("deploy_to_staging needs build=true (staging runs the built image)")
     if deploy_to_staging and (settings.runtime.kind == "none" or settings.runtime.environment != STAGING):
@@ -335,8 +325,8 @@ def update_dependencies(
             f"{settings.runtime.environment!r}); pass deploy_to_staging=false to stop after the build"
         )
     source = Path(source_dir) if source_dir else settings.dependencies.source_dir
-    npm.ensure_tools()
-    npm.check_source(source)
+    ensure_tools()
+    check_source(source)
 
     run = DependencyRun(settings.stack, scope, source.resolve(), deploy_to_staging)
     try:
@@ -357,38 +347,39 @@ def _update(settings: OpsSettings, run: DependencyRun, *, build: bool) -> None:
     stamp = run.started.strftime("%Y%m%dT%H%M%SZ")
     # Two runs in the same second must not share a working copy.
     run_dir = deps.work_dir.resolve() / f"{stamp}-{run.scope}-{uuid.uuid4().hex[:6]}"
-    env = npm.npm_environment(deps, run_dir)
+    env = npm_environment(deps, run_dir)
 
-    wc = create_working_copy(env, run.source, run_dir / "src", f"{deps.branch_prefix}{run.scope}-{stamp}")
+    branch = f"{deps.branch_prefix}{run.scope}-{stamp}"
+    wc = create_working_copy_task(env, run.source, run_dir / "src", branch)
     run.working_copy = wc
-    install_locked(env, wc)
-    run.audit_before = audit_dependencies(env, wc.path)
-    run.outdated = list_outdated(env, wc.path)
+    install_task(env, wc)
+    run.audit_before = audit_task(env, wc.path)
+    run.outdated = outdated_task(env, wc.path)
 
-    run.plan = plan_updates(env, wc, run.scope, run.audit_before, run.outdated)
-    run.update = apply_updates(env, wc, run.plan)
-    run.audit_after = audit_dependencies(env, wc.path)
+    run.plan = plan_for_scope_task(env, wc, run.scope, run.audit_before, run.outdated)
+    run.update = apply_updates_task(env, wc, run.plan)
+    run.audit_after = audit_task(env, wc.path)
     if not run.update.changed:
         run.outcome = "nothing to update"
         return
 
-    run.tests = run_app_tests(env, wc)
+    run.tests = run_tests_task(env, wc)
     if not run.tests.passed:
         run.outcome = "tests failed"
-        raise npm.TestsFailed(
+        raise TestsFailed(
             f"`{run.tests.command}` failed (exit {run.tests.returncode}) on the {run.scope} update; nothing "
             f"was built or deployed. The updated tree is in {wc.path} for inspection; the output is in the "
             "report."
         )
 
     changed = ", ".join(f"{c.name} {c.before}->{c.after}" for c in run.update.changes[:10])
-    run.commit = commit_update(env, wc, f"Update dependencies ({run.scope})\n\n{changed}\n")
+    run.commit = commit_update_task(env, wc, f"Update dependencies ({run.scope})\n\n{changed}\n")
     if not build:
         run.outcome = "tested and committed"
         return
 
-    tag = builds.tag_for_lockfile(wc.lockfile_path)
-    run.build = build_image(settings, wc.path, tag)
+    tag = tag_for_lockfile(wc.lockfile_path)
+    run.build = build_image_task(settings, wc.path, tag)
     if not run.deploy_to_staging:
         run.outcome = "built"
         return

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from tasks import npm
+from tasks import dependencies as deps
 from tasks.errors import CommandError, ParameterError
 from tasks.settings import DependenciesSettings
 from tests.fixtures.npm_registry import ADVISORY_ID, PACKAGE, FixtureApp, tree_digest
@@ -20,7 +20,7 @@ from tests.fixtures.npm_registry import ADVISORY_ID, PACKAGE, FixtureApp, tree_d
 pytestmark = pytest.mark.integration
 
 
-def _env(app: FixtureApp, tmp_path: Path) -> npm.NpmEnvironment:
+def _env(app: FixtureApp, tmp_path: Path) -> deps.NpmEnvironment:
     settings = DependenciesSettings(
         registry_url=app.registry.url,
         registry_token=SecretStr(app.registry.token),
@@ -29,28 +29,30 @@ def _env(app: FixtureApp, tmp_path: Path) -> npm.NpmEnvironment:
         audit_timeout_seconds=60,
         test_timeout_seconds=60,
     )
-    return npm.npm_environment(settings, tmp_path / "run")
+    return deps.npm_environment(settings, tmp_path / "run")
 
 
 def _prepared(
     app: FixtureApp, tmp_path: Path, branch: str
-) -> tuple[npm.NpmEnvironment, npm.WorkingCopy, Path]:
+) -> tuple[deps.NpmEnvironment, deps.WorkingCopy, Path]:
     live = app.copy_to(tmp_path / "live")
     env = _env(app, tmp_path)
-    wc = npm.create_working_copy(env, live, tmp_path / "run" / "src", branch)
-    npm.install(env, wc)
+    wc = deps.create_working_copy(env, live, tmp_path / "run" / "src", branch)
+    deps.install(env, wc)
     return env, wc, live
 
 
-def _plan(env: npm.NpmEnvironment, wc: npm.WorkingCopy, scope: str) -> tuple[npm.AuditReport, npm.UpdatePlan]:
-    report = npm.audit(env, wc.path)
-    plan = npm.plan_updates(
+def _plan(
+    env: deps.NpmEnvironment, wc: deps.WorkingCopy, scope: str
+) -> tuple[deps.AuditReport, deps.UpdatePlan]:
+    report = deps.audit(env, wc.path)
+    plan = deps.plan_updates(
         scope,
         report,
-        npm.outdated(env, wc.path),
-        npm.read_lockfile(wc.lockfile_path),
-        npm.read_lockfile(wc.path / "package.json"),
-        lambda name: npm.published_versions(env, wc.path, name),
+        deps.outdated(env, wc.path),
+        deps.read_lockfile(wc.lockfile_path),
+        deps.read_lockfile(wc.path / "package.json"),
+        lambda name: deps.published_versions(env, wc.path, name),
     )
     return report, plan
 
@@ -69,21 +71,21 @@ def test_security_update_in_a_working_copy_fixes_the_advisory(
     assert [(a.package, a.id, a.severity) for a in report.advisories] == [(PACKAGE, str(ADVISORY_ID), "high")]
     assert [a.args for a in plan.actions] == [("install", f"{PACKAGE}@1.0.1")]  # lowest fix, not 1.1.0
 
-    result = npm.apply_updates(env, wc, plan)
+    result = deps.apply_updates(env, wc, plan)
     assert result.changed
     assert [(c.name, c.before, c.after) for c in result.changes] == [(PACKAGE, "1.0.0", "1.0.1")]
     assert all(registry.token not in command for command in result.commands)
 
-    after = npm.audit(env, wc.path)
-    delta = npm.compare_audits(report, after)
+    after = deps.audit(env, wc.path)
+    delta = deps.compare_audits(report, after)
     assert after.advisories == []
     assert delta.fixed_by_severity()["high"] == 1
 
-    tests = npm.run_tests(env, wc)
+    tests = deps.run_tests(env, wc)
     assert tests.passed, tests.output
     assert "fixture-app tests passed" in tests.output
 
-    commit = npm.commit_update(env, wc, "Update dependencies (security)")
+    commit = deps.commit_update(env, wc, "Update dependencies (security)")
     assert commit.changed
     assert set(commit.files) == {"package.json", "package-lock.json"}
     branch = env.git(["rev-parse", "--abbrev-ref", "HEAD"], wc.path).stdout.strip()
@@ -95,28 +97,28 @@ def test_security_update_in_a_working_copy_fixes_the_advisory(
     # The live checkout (and the session's template) are exactly as before.
     assert tree_digest(live) == live_copy_digest
     assert tree_digest(npm_fixture_app.path) == live_digest
-    assert npm.installed_version(npm.read_lockfile(live / "package-lock.json"), PACKAGE) == "1.0.0"
+    assert deps.installed_version(deps.read_lockfile(live / "package-lock.json"), PACKAGE) == "1.0.0"
 
 
 def test_minor_moves_within_range_and_latest_breaks_the_tests(
     npm_fixture_app: FixtureApp, tmp_path: Path
 ) -> None:
-    no_advisories = npm.AuditReport((), {})
+    no_advisories = deps.AuditReport((), {})
     env, wc, _ = _prepared(npm_fixture_app, tmp_path / "minor", "deps/minor-test")
-    plan = npm.plan_updates("minor", no_advisories, [], {}, {}, lambda _: [])
-    result = npm.apply_updates(env, wc, plan)
+    plan = deps.plan_updates("minor", no_advisories, [], {}, {}, lambda _: [])
+    result = deps.apply_updates(env, wc, plan)
     assert [(c.name, c.before, c.after) for c in result.changes] == [(PACKAGE, "1.0.0", "1.1.0")]
-    assert npm.run_tests(env, wc).passed
+    assert deps.run_tests(env, wc).passed
 
     env, wc, _ = _prepared(npm_fixture_app, tmp_path / "latest", "deps/latest-test")
-    package_json = npm.read_lockfile(wc.path / "package.json")
-    plan = npm.plan_updates(
-        "latest", no_advisories, npm.outdated(env, wc.path), {}, package_json, lambda _: []
+    package_json = deps.read_lockfile(wc.path / "package.json")
+    plan = deps.plan_updates(
+        "latest", no_advisories, deps.outdated(env, wc.path), {}, package_json, lambda _: []
     )
     assert [a.args for a in plan.actions] == [("install", f"{PACKAGE}@2.0.0")]
-    result = npm.apply_updates(env, wc, plan)
+    result = deps.apply_updates(env, wc, plan)
     assert [(c.name, c.before, c.after) for c in result.changes] == [(PACKAGE, "1.0.0", "2.0.0")]
-    tests = npm.run_tests(env, wc)
+    tests = deps.run_tests(env, wc)
     assert not tests.passed
     assert "leftpad-ops must export a function" in tests.output
 
@@ -128,11 +130,11 @@ def test_source_without_git_is_copied_and_committed_as_baseline(
     shutil.rmtree(live / ".git")
     digest = tree_digest(live)
     env = _env(npm_fixture_app, tmp_path)
-    wc = npm.create_working_copy(env, live, tmp_path / "run" / "src", "deps/copy")
+    wc = deps.create_working_copy(env, live, tmp_path / "run" / "src", "deps/copy")
     assert wc.source_commit is None
     assert not (wc.path / "node_modules").exists()  # copied without the live install
     assert env.git(["log", "--format=%s"], wc.path).stdout.startswith("Baseline: copy of")
-    npm.install(env, wc)
+    deps.install(env, wc)
     assert (wc.path / "node_modules" / PACKAGE / "package.json").is_file()
     assert tree_digest(live) == digest
 
@@ -140,9 +142,9 @@ def test_source_without_git_is_copied_and_committed_as_baseline(
 def test_a_source_without_lockfile_fails_before_anything(tmp_path: Path) -> None:
     (tmp_path / "package.json").write_text("{}")
     with pytest.raises(ParameterError, match=r"package-lock\.json"):
-        npm.check_source(tmp_path)
+        deps.check_source(tmp_path)
     with pytest.raises(ParameterError, match=r"no package\.json"):
-        npm.check_source(tmp_path / "missing")
+        deps.check_source(tmp_path / "missing")
 
 
 def test_registry_token_is_required_and_masked(npm_fixture_app: FixtureApp, tmp_path: Path) -> None:
@@ -154,8 +156,8 @@ def test_registry_token_is_required_and_masked(npm_fixture_app: FixtureApp, tmp_
         npm_cache_dir=tmp_path / "npm-cache",
         install_timeout_seconds=60,
     )
-    env = npm.npm_environment(bad, tmp_path / "run")
-    wc = npm.create_working_copy(env, live, tmp_path / "run" / "src", "deps/bad-token")
+    env = deps.npm_environment(bad, tmp_path / "run")
+    wc = deps.create_working_copy(env, live, tmp_path / "run" / "src", "deps/bad-token")
     with pytest.raises(CommandError) as failure:
-        npm.install(env, wc)
+        deps.install(env, wc)
     assert "wrong-token-value-123" not in str(failure.value)

@@ -9,7 +9,7 @@ import pytest
 from pydantic import SecretStr
 
 from flows.dependencies import DependencyRun, change_rows, lockfile_markdown, render_markdown
-from tasks import builds, npm
+from tasks import dependencies as deps
 from tasks.errors import ParameterError
 from tasks.settings import DependenciesSettings, load_settings
 
@@ -113,18 +113,18 @@ PACKAGE_JSON = {"dependencies": {"leftpad-ops": "^1.0.0", "wrapper-ops": "^2.0.0
     ],
 )
 def test_satisfies_reads_advisory_and_package_ranges(version: str, range_text: str, expected: bool) -> None:
-    assert npm.satisfies(version, range_text) is expected
+    assert deps.satisfies(version, range_text) is expected
 
 
 def test_lowest_fixed_version_skips_vulnerable_prerelease_and_older() -> None:
     versions = ["0.9.0", "1.0.0", "1.0.1-rc.1", "1.0.1", "1.1.0", "2.0.0"]
-    assert npm.lowest_fixed_version("1.0.0", versions, ["<1.0.1"]) == "1.0.1"
-    assert npm.lowest_fixed_version("1.0.0", versions, ["<1.0.1", ">=1.0.1 <1.1.0"]) == "1.1.0"
-    assert npm.lowest_fixed_version("1.0.0", versions, ["*"]) is None
+    assert deps.lowest_fixed_version("1.0.0", versions, ["<1.0.1"]) == "1.0.1"
+    assert deps.lowest_fixed_version("1.0.0", versions, ["<1.0.1", ">=1.0.1 <1.1.0"]) == "1.1.0"
+    assert deps.lowest_fixed_version("1.0.0", versions, ["*"]) is None
 
 
 def test_parse_audit_groups_advisories_by_package_and_severity() -> None:
-    report = npm.parse_audit(AUDIT)
+    report = deps.parse_audit(AUDIT)
     assert [p.name for p in report.packages] == ["deep-ops", "leftpad-ops", "wrapper-ops"]
     assert [(a.package, a.id, a.severity) for a in report.advisories] == [
         ("leftpad-ops", "1099001", "high"),
@@ -139,16 +139,16 @@ def test_parse_audit_groups_advisories_by_package_and_severity() -> None:
 
 
 def test_parse_audit_error_says_what_to_check() -> None:
-    with pytest.raises(npm.DependencyError, match="advisories/bulk"):
-        npm.parse_audit(
+    with pytest.raises(deps.DependencyError, match="advisories/bulk"):
+        deps.parse_audit(
             {"error": {"code": "ENOAUDIT", "summary": "Your configured registry does not support audit"}}
         )
 
 
 def test_plan_security_installs_lowest_fix_for_direct_and_updates_transitive() -> None:
     versions = {"leftpad-ops": ["1.0.0", "1.0.1", "1.1.0", "2.0.0"]}
-    plan = npm.plan_updates(
-        "security", npm.parse_audit(AUDIT), [], LOCK_BEFORE, PACKAGE_JSON, versions.__getitem__
+    plan = deps.plan_updates(
+        "security", deps.parse_audit(AUDIT), [], LOCK_BEFORE, PACKAGE_JSON, versions.__getitem__
     )
     assert [a.args for a in plan.actions] == [("install", "leftpad-ops@1.0.1"), ("update", "deep-ops")]
     assert "1099001" in plan.actions[0].reason
@@ -156,9 +156,9 @@ def test_plan_security_installs_lowest_fix_for_direct_and_updates_transitive() -
 
 
 def test_plan_security_reports_unfixable() -> None:
-    plan = npm.plan_updates(
+    plan = deps.plan_updates(
         "security",
-        npm.parse_audit(AUDIT),
+        deps.parse_audit(AUDIT),
         [],
         LOCK_BEFORE,
         {"dependencies": {"leftpad-ops": "1"}},
@@ -169,20 +169,20 @@ def test_plan_security_reports_unfixable() -> None:
 
 def test_plan_minor_and_latest() -> None:
     stale = [
-        npm.OutdatedPackage("leftpad-ops", "1.0.0", "1.1.0", "2.0.0"),
-        npm.OutdatedPackage("deep-ops", "2.0.3", "2.1.0", "2.1.0"),  # transitive: not moved by latest
+        deps.OutdatedPackage("leftpad-ops", "1.0.0", "1.1.0", "2.0.0"),
+        deps.OutdatedPackage("deep-ops", "2.0.3", "2.1.0", "2.1.0"),  # transitive: not moved by latest
     ]
-    report = npm.parse_audit(AUDIT)
-    minor = npm.plan_updates("minor", report, stale, LOCK_BEFORE, PACKAGE_JSON, lambda _: [])
+    report = deps.parse_audit(AUDIT)
+    minor = deps.plan_updates("minor", report, stale, LOCK_BEFORE, PACKAGE_JSON, lambda _: [])
     assert [a.args for a in minor.actions] == [("update",)]
-    latest = npm.plan_updates("latest", report, stale, LOCK_BEFORE, PACKAGE_JSON, lambda _: [])
+    latest = deps.plan_updates("latest", report, stale, LOCK_BEFORE, PACKAGE_JSON, lambda _: [])
     assert [a.args for a in latest.actions] == [("install", "leftpad-ops@2.0.0")]
     with pytest.raises(ParameterError, match="scope"):
-        npm.plan_updates("everything", report, stale, LOCK_BEFORE, PACKAGE_JSON, lambda _: [])
+        deps.plan_updates("everything", report, stale, LOCK_BEFORE, PACKAGE_JSON, lambda _: [])
 
 
 def test_parse_outdated_accepts_dicts_and_lists() -> None:
-    rows = npm.parse_outdated(
+    rows = deps.parse_outdated(
         {
             "b": {"current": "1.0.0", "wanted": "1.1.0", "latest": "2.0.0"},
             "a": [{"current": "1.0.0", "wanted": "1.0.0", "latest": "3.0.0", "dependent": "ws"}],
@@ -192,7 +192,7 @@ def test_parse_outdated_accepts_dicts_and_lists() -> None:
 
 
 def test_diff_lockfiles_v3() -> None:
-    changes = npm.diff_lockfiles(LOCK_BEFORE, LOCK_AFTER)
+    changes = deps.diff_lockfiles(LOCK_BEFORE, LOCK_AFTER)
     assert [(c.path, c.name, c.before, c.after, c.kind) for c in changes] == [
         ("node_modules/@scope/new", "@scope/new", None, "1.0.0", "added"),
         ("node_modules/deep-ops", "deep-ops", "2.0.3", "2.1.0", "changed"),
@@ -210,13 +210,13 @@ def test_diff_lockfiles_v1_nested_dependencies() -> None:
         "lockfileVersion": 1,
         "dependencies": {"a": {"version": "1.0.0", "dependencies": {"b": {"version": "1.2.0"}}}},
     }
-    assert [(c.path, c.before, c.after) for c in npm.diff_lockfiles(before, after)] == [
+    assert [(c.path, c.before, c.after) for c in deps.diff_lockfiles(before, after)] == [
         ("node_modules/a/node_modules/b", "1.0.0", "1.2.0")
     ]
 
 
 def test_compare_audits_fixed_remaining_introduced() -> None:
-    before = npm.parse_audit(AUDIT)
+    before = deps.parse_audit(AUDIT)
     after_data = json.loads(json.dumps(AUDIT))
     del after_data["vulnerabilities"]["leftpad-ops"]
     after_data["vulnerabilities"]["new-ops"] = {
@@ -224,7 +224,7 @@ def test_compare_audits_fixed_remaining_introduced() -> None:
         "severity": "low",
         "via": [{"source": 9, "name": "new-ops", "title": "x", "severity": "low", "range": "*"}],
     }
-    delta = npm.compare_audits(before, npm.parse_audit(after_data))
+    delta = deps.compare_audits(before, deps.parse_audit(after_data))
     assert [a.id for a in delta.fixed] == ["1099001"]
     assert [a.id for a in delta.remaining] == ["7"]
     assert [a.id for a in delta.introduced] == ["9"]
@@ -235,7 +235,7 @@ def test_npm_environment_keeps_the_token_out_of_files(tmp_path: Path) -> None:
     settings = DependenciesSettings(
         registry_url="http://127.0.0.1:15570", registry_token=SecretStr("s3cr3t-token-value")
     )
-    env = npm.npm_environment(settings, tmp_path)
+    env = deps.npm_environment(settings, tmp_path)
     npmrc = (tmp_path / "npmrc").read_text()
     assert "s3cr3t-token-value" not in npmrc
     assert "//127.0.0.1:15570/:_authToken=${NPM_REGISTRY_TOKEN}" in npmrc
@@ -247,14 +247,14 @@ def test_npm_environment_keeps_the_token_out_of_files(tmp_path: Path) -> None:
 def test_tag_and_build_command(tmp_path: Path) -> None:
     lock = tmp_path / "package-lock.json"
     lock.write_text('{"lockfileVersion": 3}')
-    tag = builds.tag_for_lockfile(lock)
+    tag = deps.tag_for_lockfile(lock)
     assert tag.startswith("deps-")
     assert len(tag) == len("deps-") + 12
-    assert builds.tag_for_lockfile(lock) == tag
+    assert deps.tag_for_lockfile(lock) == tag
     lock.write_text('{"lockfileVersion": 3, "packages": {}}')
-    assert builds.tag_for_lockfile(lock) != tag
+    assert deps.tag_for_lockfile(lock) != tag
     settings = load_settings(dependencies={"image_name": "app"})
-    assert builds.build_command(settings, tmp_path, "deps-1") == [
+    assert deps.build_command(settings, tmp_path, "deps-1") == [
         "docker",
         "build",
         "-t",
@@ -264,14 +264,14 @@ def test_tag_and_build_command(tmp_path: Path) -> None:
     custom = load_settings(
         dependencies={"image_name": "app", "build_argv": ["make", "image", "TAG={tag}", "REF={ref}"]}
     )
-    assert builds.build_command(custom, tmp_path, "deps-1") == [
+    assert deps.build_command(custom, tmp_path, "deps-1") == [
         "make",
         "image",
         "TAG=deps-1",
         "REF=app:deps-1",
     ]
     with pytest.raises(ValueError, match="tag"):
-        builds.build_command(settings, tmp_path, "bad tag")
+        deps.build_command(settings, tmp_path, "bad tag")
 
 
 def test_settings_reject_a_bad_registry_and_empty_build_argv() -> None:
@@ -285,16 +285,16 @@ def test_settings_reject_a_bad_registry_and_empty_build_argv() -> None:
 
 def test_report_of_failed_tests_shows_output_and_changes(tmp_path: Path) -> None:
     run = DependencyRun("stack", "latest", tmp_path, deploy_to_staging=True)
-    run.audit_before = npm.parse_audit(AUDIT)
-    run.audit_after = npm.parse_audit({**AUDIT, "vulnerabilities": {}})
-    run.update = npm.UpdateResult(
+    run.audit_before = deps.parse_audit(AUDIT)
+    run.audit_after = deps.parse_audit({**AUDIT, "vulnerabilities": {}})
+    run.update = deps.UpdateResult(
         "latest",
         ("npm install leftpad-ops@2.0.0",),
-        tuple(npm.diff_lockfiles(LOCK_BEFORE, LOCK_AFTER)),
+        tuple(deps.diff_lockfiles(LOCK_BEFORE, LOCK_AFTER)),
         "a" * 64,
         "b" * 64,
     )
-    run.tests = npm.TestRun("npm test", 1, "AssertionError: leftpad-ops must export a function", 0.4)
+    run.tests = deps.TestRun("npm test", 1, "AssertionError: leftpad-ops must export a function", 0.4)
     run.outcome = "tests failed"
     text = render_markdown(run)
     assert "**tests failed**" in text
@@ -313,9 +313,9 @@ def test_report_of_failed_tests_shows_output_and_changes(tmp_path: Path) -> None
 
 def test_nothing_to_do_when_clean() -> None:
     """A second security run after the fix plans nothing (so the flow ends before tests and build)."""
-    clean = npm.parse_audit({"auditReportVersion": 2, "vulnerabilities": {}, "metadata": {}})
-    plan = npm.plan_updates(
+    clean = deps.parse_audit({"auditReportVersion": 2, "vulnerabilities": {}, "metadata": {}})
+    plan = deps.plan_updates(
         "security", clean, [], LOCK_AFTER, PACKAGE_JSON, lambda _: pytest.fail("no lookup")
     )
     assert plan.actions == ()
-    assert npm.plan_updates("latest", clean, [], LOCK_AFTER, PACKAGE_JSON, lambda _: []).actions == ()
+    assert deps.plan_updates("latest", clean, [], LOCK_AFTER, PACKAGE_JSON, lambda _: []).actions == ()
