@@ -48,7 +48,7 @@ from tasks.reports import Progress
 from tasks.runlog import run_logger
 from tasks.secrets import mask_text, mask_url
 from tasks.settings import OpsSettings
-from tasks.storage import ObjectNotFound, Storage, UnfinishedObject, open_storage
+from tasks.storage import ObjectNotFound, Storage, UnfinishedObject, open_storage, update_object
 
 VerifyLevel = Literal["checksum", "catalog", "restore"]
 VERIFY_RANK: dict[str, int] = {"checksum": 1, "catalog": 2, "restore": 3}
@@ -1096,10 +1096,27 @@ def _of(database: str | None) -> str:
 
 
 def _record(storage: Storage, backup_id: str, verification: Verification) -> None:
-    # Re-read right before writing, so a concurrent verification's entry is not lost.
-    manifest = read_manifest(storage, backup_id)
-    manifest.verifications.append(verification)
-    write_manifest(storage, manifest)
+    """Append ``verification`` to the manifest with a conditional write, retried on a conflict, so a
+    concurrent verification's entry is never lost.
+
+    Raises:
+        BackupNotFound: the backup was deleted meanwhile (nothing is written).
+        ManifestUnreadable: the manifest no longer parses (nothing is written).
+    """
+    key = manifest_key(backup_id)
+
+    def add(raw: bytes) -> bytes:
+        manifest = parse_manifest(raw, key)
+        manifest.verifications.append(verification)
+        return manifest.model_dump_json(indent=2).encode()
+
+    try:
+        update_object(storage, key, add)
+    except ObjectNotFound:
+        raise BackupNotFound(
+            f"backup {backup_id} was deleted while it was verified; its {verification.level} result"
+            f" ({'ok' if verification.ok else 'failed'}) was not recorded"
+        ) from None
 
 
 def checksum_backup(storage: Storage, manifest: BackupManifest) -> str:

@@ -4,6 +4,9 @@ credentials, and retention on both backends."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +16,7 @@ import psycopg
 import pytest
 
 from tasks import backups
-from tasks.storage import StorageError
+from tasks.storage import Storage, StorageError, WriteConflict, open_storage
 from tests.fixtures.s3 import (
     SECRET_KEY,
     FaultProxy,
@@ -277,3 +280,103 @@ def test_orphan_data_without_a_manifest_is_removed_only_past_the_grace(
     assert storage.exists(finishing)
     assert storage.exists(young)
     assert storage.exists(backups.data_key(backup.id))
+
+
+@pytest.fixture(params=["file", "s3"])
+def any_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    from tasks.settings import StorageSettings
+
+    if request.param == "file":
+        return open_storage(StorageSettings(url=f"file://{tmp_path}"))
+    endpoint = request.getfixturevalue("moto_endpoint")
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_storage(StorageSettings(url=f"s3://{bucket}/cas", **s3_storage_section(endpoint)))
+
+
+def test_conditional_put_writes_only_over_the_version_it_read(any_storage: Storage) -> None:
+    key = "manifests/x.json"
+    first = any_storage.put_if_version(key, b"one", None)  # create only when absent
+    with pytest.raises(WriteConflict):
+        any_storage.put_if_version(key, b"again", None)
+    current = any_storage.get_versioned(key)
+    assert (current.data, current.version) == (b"one", first)
+
+    second = any_storage.put_if_version(key, b"two", current.version)
+    assert second != first
+    with pytest.raises(WriteConflict):
+        any_storage.put_if_version(key, b"stale", first)
+    assert any_storage.get_bytes(key) == b"two"
+    assert any_storage.get_versioned(key).version == second
+    assert [o.key for o in any_storage.list("manifests")] == [key]  # no lock or temporary objects shown
+
+
+_VERIFY_CHILD = """
+import json, pathlib, sys, time
+from tasks import backups
+from tests.fixtures.s3 import backup_settings
+args = json.loads(sys.argv[1])
+settings = backup_settings(args["dsn"], args["url"], storage=args["storage"])
+pathlib.Path(args["ready"]).touch()
+while not pathlib.Path(args["go"]).exists():
+    time.sleep(0.005)
+for _ in range(args["rounds"]):
+    assert backups.verify_backup(settings, args["id"], "checksum").ok
+"""
+
+
+@pytest.fixture(params=["file", "s3"])
+def verify_target(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> tuple[str, dict[str, Any], FaultProxy | None]:
+    """Storage url and section for concurrent verifications: local files, or S3 through the proxy that
+    makes both verifications read the manifest at the same version before either writes."""
+    if request.param == "file":
+        return f"file://{tmp_path / 'store'}", {}, None
+    proxy: FaultProxy = request.getfixturevalue("fault_proxy")
+    bucket = request.getfixturevalue("s3_bucket")
+    proxy.meet_reads = "/manifests/"
+    return f"s3://{bucket}/verify", s3_storage_section(proxy.endpoint), proxy
+
+
+def test_concurrent_verifications_of_one_backup_are_all_recorded(
+    pg_database: tuple[str, str], verify_target: tuple[str, dict[str, Any], FaultProxy | None], tmp_path: Path
+) -> None:
+    _name, dsn = pg_database
+    populate_backup_source(dsn, rows=20)
+    url, storage_section, proxy = verify_target
+    settings = backup_settings(dsn, url, storage=storage_section)
+    manifest = backups.create_backup(settings, verify="none")
+    root = Path(__file__).resolve().parents[2]
+    rounds, children = 3, []
+    for n in range(2):
+        args = {
+            "dsn": dsn,
+            "url": url,
+            "storage": storage_section,
+            "id": manifest.id,
+            "rounds": rounds,
+            "ready": str(tmp_path / f"ready-{n}"),
+            "go": str(tmp_path / "go"),
+        }
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _VERIFY_CHILD, json.dumps(args)],
+                cwd=root,
+                env={**os.environ, "PYTHONPATH": str(root)},
+            )
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready-{n}").exists() for n in range(2)):
+            assert time.monotonic() < deadline, "the verifying processes did not start"
+            assert all(c.poll() is None for c in children), "a verifying process died while starting"
+            time.sleep(0.05)
+        (tmp_path / "go").touch()
+    finally:
+        codes = [c.wait(timeout=300) for c in children]
+    assert codes == [0, 0]
+    recorded = backups.read_manifest(backups._storage(settings), manifest.id).verifications
+    assert len(recorded) == 2 * rounds
+    assert all(v.level == "checksum" and v.ok for v in recorded)
+    if proxy is not None:
+        assert proxy.met >= 1  # the two verifications did read the same version at least once
