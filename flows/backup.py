@@ -108,6 +108,17 @@ def render_prune(result: PruneResult) -> str:
     unfinished = [u.key for u in result.plan.unfinished] + result.plan.orphans
     if unfinished:
         lines += ["", f"Unfinished or orphaned objects ({verb}):", *[f"- `{k}`" for k in unfinished]]
+    if result.plan.unknown:
+        lines += [
+            "",
+            f"**Unknown: {len(result.plan.unknown)} backup(s) with an unreadable manifest, kept untouched;"
+            " repair or remove them by hand:**",
+            "",
+            reports.markdown_table(
+                ["backup", "database", "manifest", "error"],
+                [[u.backup_id, u.database or "?", u.key, u.error] for u in result.plan.unknown],
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -277,6 +288,10 @@ def prune_backups(database: str | None = None, confirm: bool = False) -> dict[st
 
     Returns:
         What was (or would be) deleted.
+
+    Raises:
+        ManifestUnreadable: some manifests do not parse; those backups were kept and are listed in the
+            report (the rest of the plan was applied).
     """
     settings = load_settings()
     key = f"prune-backups-{settings.stack}"
@@ -288,6 +303,13 @@ def prune_backups(database: str | None = None, confirm: bool = False) -> dict[st
             "# Backup retention" + (" (dry run)" if result.dry_run else "") + "\n\n" + render_prune(result),
             "Backup retention" + (" dry run" if result.dry_run else ""),
         )
+        if plan.unknown:
+            # Fail the run so someone looks: these backups can be neither used nor pruned.
+            raise backups.ManifestUnreadable(
+                f"{len(plan.unknown)} backup(s) have an unreadable manifest and were kept:"
+                f" {', '.join(u.backup_id for u in plan.unknown)}; see the prune report, repair or"
+                " remove each manifest by hand"
+            )
         return {
             "dry_run": result.dry_run,
             "keep": [d.backup_id for d in plan.to_keep],
@@ -296,7 +318,8 @@ def prune_backups(database: str | None = None, confirm: bool = False) -> dict[st
             "unfinished": [u.key for u in plan.unfinished] + plan.orphans,
         }
     except BaseException as exc:
-        _publish_failure(key, "Backup retention", exc)
+        if not isinstance(exc, backups.ManifestUnreadable):
+            _publish_failure(key, "Backup retention", exc)
         raise
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import re
 import secrets
 import tempfile
@@ -38,7 +39,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 from psycopg import sql
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from tasks import postgres
 from tasks.commands import StreamingCommand, run_command, stream_command
@@ -47,7 +48,7 @@ from tasks.reports import Progress
 from tasks.runlog import run_logger
 from tasks.secrets import mask_text, mask_url
 from tasks.settings import OpsSettings
-from tasks.storage import ObjectNotFound, Storage, UnfinishedObject, open_storage
+from tasks.storage import ObjectNotFound, Storage, UnfinishedObject, open_storage, update_object
 
 VerifyLevel = Literal["checksum", "catalog", "restore"]
 VERIFY_RANK: dict[str, int] = {"checksum": 1, "catalog": 2, "restore": 3}
@@ -88,6 +89,10 @@ class BackupNotFound(BackupError):
 
 class BackupNotVerified(BackupError):
     """No backup has passed the verification level asked for."""
+
+
+class ManifestUnreadable(BackupError):
+    """A manifest exists but does not parse (cut short, or written by a newer version)."""
 
 
 class BackupCorrupt(CheckFailed):
@@ -290,12 +295,26 @@ class RetentionDecision:
 
 
 @dataclass(frozen=True)
+class UnreadableManifest:
+    """A backup whose manifest exists but does not parse: its state is unknown, so it is never deleted."""
+
+    backup_id: str
+    key: str
+    error: str
+    database: str | None = None
+
+
+@dataclass(frozen=True)
 class RetentionPlan:
-    """What a prune would delete: backups outside every tier, and unfinished objects past the grace."""
+    """What a prune would delete: backups outside every tier, and unfinished objects past the grace.
+
+    ``unknown`` lists backups whose manifest could not be read: kept, and reported for a person to look.
+    """
 
     decisions: list[RetentionDecision]
     unfinished: list[UnfinishedObject] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
+    unknown: list[UnreadableManifest] = field(default_factory=list)
 
     @property
     def to_delete(self) -> list[RetentionDecision]:
@@ -930,16 +949,47 @@ def write_manifest(storage: Storage, manifest: BackupManifest) -> None:
     storage.put_bytes(manifest_key(manifest.id), manifest.model_dump_json(indent=2).encode())
 
 
+def _parse_error(exc: ValueError) -> str:
+    """A short, one-line reason a manifest does not parse (which field, what was found)."""
+    if not isinstance(exc, ValidationError):
+        return str(exc).splitlines()[0]
+    parts = []
+    for error in exc.errors()[:3]:
+        where = ".".join(str(p) for p in error["loc"]) or "document"
+        found = error.get("input")
+        shown = f" (found {found!r})" if isinstance(found, str | int | float) and len(str(found)) < 80 else ""
+        parts.append(f"{where}: {error['msg']}{shown}")
+    more = f" (+{exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
+    return "; ".join(parts) + more
+
+
+def parse_manifest(raw: bytes, key: str) -> BackupManifest:
+    """Parse a stored manifest.
+
+    Raises:
+        ManifestUnreadable: the bytes are not a manifest this version understands.
+    """
+    try:
+        return BackupManifest.model_validate_json(raw)
+    except ValueError as exc:
+        raise ManifestUnreadable(
+            f"manifest {key} is unreadable: {_parse_error(exc)}. It may be cut short or written by a newer"
+            " version; its backup is kept and not used until the manifest is repaired"
+        ) from None
+
+
 def read_manifest(storage: Storage, backup_id: str) -> BackupManifest:
     """The manifest of ``backup_id``.
 
     Raises:
         BackupNotFound: no such (finished) backup.
+        ManifestUnreadable: the manifest exists but does not parse.
     """
     if not _valid_backup_id(backup_id):
         raise BackupNotFound(f"{backup_id!r} is not a backup id; list backups with the verify-backup flow")
+    key = manifest_key(backup_id)
     try:
-        return BackupManifest.model_validate_json(storage.get_bytes(manifest_key(backup_id)))
+        return parse_manifest(storage.get_bytes(key), key)
     except ObjectNotFound:
         raise BackupNotFound(
             f"no backup {backup_id!r} in {storage.location}; nothing was done. Pass an existing id,"
@@ -950,21 +1000,53 @@ def read_manifest(storage: Storage, backup_id: str) -> BackupManifest:
 # --- listing and resolving ------------------------------------------------------------------------
 
 
-def list_backups(settings: OpsSettings, database: str | None = None) -> list[BackupManifest]:
-    """Finished backups (those with a manifest), newest first; all databases when ``database`` is None."""
-    storage = _storage(settings)
-    manifests = []
+def _named_database(raw: bytes) -> str | None:
+    """The database an unreadable manifest names, when its JSON is intact enough to say."""
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    name = doc.get("database") if isinstance(doc, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def scan_backups(
+    storage: Storage, database: str | None = None
+) -> tuple[list[BackupManifest], list[UnreadableManifest]]:
+    """Every manifest, read: the finished backups (newest first) and those whose manifest does not parse.
+
+    An unreadable manifest whose database cannot be told is listed whatever ``database`` is.
+    """
+    manifests: list[BackupManifest] = []
+    unreadable: list[UnreadableManifest] = []
     for item in storage.list(MANIFEST_DIR):
         if not item.key.endswith(".json"):
             continue
         try:
-            manifest = BackupManifest.model_validate_json(storage.get_bytes(item.key))
-        except (ObjectNotFound, ValueError):
-            run_logger(__name__).warning("skipping unreadable manifest %s", item.key)
+            raw = storage.get_bytes(item.key)
+        except ObjectNotFound:  # deleted since the listing: the backup is gone
+            continue
+        try:
+            manifest = parse_manifest(raw, item.key)
+        except ManifestUnreadable as exc:
+            named = _named_database(raw)
+            if database is None or named in (None, database):
+                backup_id = item.key.removeprefix(f"{MANIFEST_DIR}/").removesuffix(".json")
+                unreadable.append(UnreadableManifest(backup_id, item.key, str(exc), named))
             continue
         if database is None or manifest.database == database:
             manifests.append(manifest)
-    return sorted(manifests, key=lambda m: (m.finished_at, m.id), reverse=True)
+    manifests.sort(key=lambda m: (m.finished_at, m.id), reverse=True)
+    return manifests, unreadable
+
+
+def list_backups(settings: OpsSettings, database: str | None = None) -> list[BackupManifest]:
+    """Finished backups (those with a readable manifest), newest first; all databases when ``database``
+    is None. Unreadable manifests are logged as warnings (``prune-backups`` reports them)."""
+    manifests, unreadable = scan_backups(_storage(settings), database)
+    for item in unreadable:
+        run_logger(__name__).warning("skipping backup %s: %s", item.backup_id, item.error)
+    return manifests
 
 
 def latest_verified(
@@ -1014,10 +1096,27 @@ def _of(database: str | None) -> str:
 
 
 def _record(storage: Storage, backup_id: str, verification: Verification) -> None:
-    # Re-read right before writing, so a concurrent verification's entry is not lost.
-    manifest = read_manifest(storage, backup_id)
-    manifest.verifications.append(verification)
-    write_manifest(storage, manifest)
+    """Append ``verification`` to the manifest with a conditional write, retried on a conflict, so a
+    concurrent verification's entry is never lost.
+
+    Raises:
+        BackupNotFound: the backup was deleted meanwhile (nothing is written).
+        ManifestUnreadable: the manifest no longer parses (nothing is written).
+    """
+    key = manifest_key(backup_id)
+
+    def add(raw: bytes) -> bytes:
+        manifest = parse_manifest(raw, key)
+        manifest.verifications.append(verification)
+        return manifest.model_dump_json(indent=2).encode()
+
+    try:
+        update_object(storage, key, add)
+    except ObjectNotFound:
+        raise BackupNotFound(
+            f"backup {backup_id} was deleted while it was verified; its {verification.level} result"
+            f" ({'ok' if verification.ok else 'failed'}) was not recorded"
+        ) from None
 
 
 def checksum_backup(storage: Storage, manifest: BackupManifest) -> str:
@@ -1958,10 +2057,17 @@ def plan_retention(
 def retention_plan(
     settings: OpsSettings, database: str | None = None, *, now: datetime | None = None
 ) -> RetentionPlan:
-    """The retention plan for every database's backups (or one's), plus stale unfinished objects."""
+    """The retention plan for every database's backups (or one's), plus stale unfinished objects.
+
+    A backup whose manifest does not parse is ``unknown``: listed with the parse error, never a
+    candidate for deletion and never an orphan. Orphans are data objects with no manifest at all, older
+    than ``backup.orphan_grace_hours`` (looked for only when planning every database).
+    """
     cfg = settings.backup
     storage = _storage(settings)
-    manifests = list_backups(settings, database)
+    manifests, unknown = scan_backups(storage, database)
+    for entry in unknown:
+        run_logger(__name__).error("backup %s is kept as unknown: %s", entry.backup_id, entry.error)
     decisions: list[RetentionDecision] = []
     for db in sorted({m.database for m in manifests}):
         mine = [m for m in manifests if m.database == db]
@@ -1983,19 +2089,20 @@ def retention_plan(
     unfinished = [u for u in storage.list_unfinished(DATA_DIR) if u.started < cutoff]
     orphans: list[str] = []
     if database is None:
-        known = {m.id for m in manifests}
+        known = {m.id for m in manifests} | {u.backup_id for u in unknown}
         for item in storage.list(DATA_DIR):
             backup_id = item.key.removeprefix(f"{DATA_DIR}/").removesuffix(".dump.zst")
             if backup_id not in known and item.modified < cutoff:
                 orphans.append(item.key)
-    return RetentionPlan(decisions=decisions, unfinished=unfinished, orphans=orphans)
+    return RetentionPlan(decisions=decisions, unfinished=unfinished, orphans=orphans, unknown=unknown)
 
 
 def delete_backups(settings: OpsSettings, plan: RetentionPlan, *, confirm: bool = False) -> PruneResult:
     """The one function that deletes backups: without ``confirm`` it only reports what it would delete.
 
     The manifest goes first (the backup leaves every listing at once), then the data object. A backup
-    the plan keeps is never touched, whatever else is passed.
+    the plan keeps, or whose manifest it could not read, is never touched, whatever else is passed; an
+    orphan whose manifest has appeared since the plan (a backup that finished) is left alone.
     """
     logger = run_logger(__name__)
     doomed = [d for d in plan.to_delete if "newest verified" not in d.reasons]
@@ -2010,7 +2117,12 @@ def delete_backups(settings: OpsSettings, plan: RetentionPlan, *, confirm: bool 
         storage.delete(data_key(d.backup_id))
         deleted.append(d.backup_id)
         logger.info("deleted backup %s (%s)", d.backup_id, d.database)
+    unknown = {u.backup_id for u in plan.unknown}
     for key in plan.orphans:
+        backup_id = key.removeprefix(f"{DATA_DIR}/").removesuffix(".dump.zst")
+        if backup_id in unknown or storage.exists(manifest_key(backup_id)):
+            logger.info("kept %s: its backup has a manifest now", key)
+            continue
         if storage.delete(key):
             objects.append(key)
     for item in plan.unfinished:
@@ -2036,6 +2148,7 @@ def _transient(task: object, task_run: object, state: State) -> bool:
     except (
         BackupNotFound,
         BackupNotVerified,
+        ManifestUnreadable,
         DatabaseNotFound,
         BackupCorrupt,
         RestoreFailed,
@@ -2083,6 +2196,7 @@ __all__ = [
     "BackupNotFound",
     "BackupNotVerified",
     "DatabaseNotFound",
+    "ManifestUnreadable",
     "PruneResult",
     "RestoreFailed",
     "RestorePreflight",
@@ -2090,6 +2204,7 @@ __all__ = [
     "RetentionPlan",
     "TableComparison",
     "TableStats",
+    "UnreadableManifest",
     "Verification",
     "compare_database_to_manifest",
     "create_backup",

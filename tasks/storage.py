@@ -6,15 +6,25 @@ renames it, the S3 backend uploads parts of a multipart upload and completes it.
 write leaves at most an unfinished object (a ``.partial`` file or an incomplete multipart upload) that
 :meth:`Storage.list_unfinished` finds and :meth:`Storage.discard_unfinished` removes.
 
+Small records that several runs update (backup manifests) are changed with a conditional write:
+:meth:`Storage.get_versioned` returns the bytes and an opaque version, :meth:`Storage.put_if_version`
+writes only if the object is still at that version (S3: ``If-Match`` on the ETag; local files: an
+``flock`` on a ``<key>.lock`` sidecar, a re-read and a rename), and :func:`update_object` retries the
+read-modify-write on a conflict, so concurrent updates all land.
+
 boto3 is imported only when an S3 storage is opened.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
+import random
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +38,8 @@ from tasks.settings import StorageSettings
 
 READ_CHUNK = 1 << 20
 _PARTIAL_SUFFIX = ".partial"
+# The sidecar a local conditional write locks; never listed as an object.
+_LOCK_SUFFIX = ".lock"
 
 
 class StorageError(OpsError):
@@ -36,6 +48,18 @@ class StorageError(OpsError):
 
 class ObjectNotFound(StorageError):
     """The object does not exist in the storage."""
+
+
+class WriteConflict(StorageError):
+    """A conditional write found the object changed (or already there) since it was read."""
+
+
+@dataclass(frozen=True)
+class VersionedBytes:
+    """An object's bytes and the version they were read at (an S3 ETag, a local content digest)."""
+
+    data: bytes
+    version: str
 
 
 @dataclass(frozen=True)
@@ -76,6 +100,26 @@ class Storage(Protocol):
     def put_bytes(self, key: str, data: bytes) -> None: ...
 
     def get_bytes(self, key: str) -> bytes: ...
+
+    def get_versioned(self, key: str) -> VersionedBytes:
+        """The object's bytes and their version, for a later :meth:`put_if_version`.
+
+        Raises:
+            ObjectNotFound: no such object.
+        """
+        ...
+
+    def put_if_version(self, key: str, data: bytes, version: str | None) -> str:
+        """Write ``data`` only if the object is still at ``version`` (``None``: only if it does not exist).
+
+        Returns:
+            The new version.
+
+        Raises:
+            WriteConflict: the object changed (or exists) since that version was read; nothing written.
+            ObjectNotFound: a version was given and the object no longer exists; nothing written.
+        """
+        ...
 
     def iter_chunks(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]: ...
 
@@ -143,6 +187,55 @@ class LocalStorage:
         except FileNotFoundError:
             raise ObjectNotFound(f"{key} not found in {self.location}") from None
 
+    @contextlib.contextmanager
+    def _locked(self, path: Path) -> Iterator[None]:
+        """Hold an exclusive ``flock`` on ``<path>.lock`` (one holder across processes and threads)."""
+        lock_path = path.with_name(path.name + _LOCK_SUFFIX)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create {path.parent}: {exc.strerror}; check the storage url"
+            ) from None
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                # A delete removes the sidecar under the lock: a waiter that got the lock of a removed
+                # sidecar locks the current one instead.
+                try:
+                    held = os.fstat(fd)
+                    current = os.stat(lock_path)
+                    same = (held.st_dev, held.st_ino) == (current.st_dev, current.st_ino)
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    yield
+                    return
+            finally:
+                os.close(fd)
+
+    def get_versioned(self, key: str) -> VersionedBytes:
+        data = self.get_bytes(key)
+        return VersionedBytes(data, hashlib.sha256(data).hexdigest())
+
+    def put_if_version(self, key: str, data: bytes, version: str | None) -> str:
+        path = self._path(key)
+        with self._locked(path):
+            # Every conditional writer of this key holds the lock from this read to the rename.
+            try:
+                current: str | None = hashlib.sha256(path.read_bytes()).hexdigest()
+            except FileNotFoundError:
+                current = None
+            if current != version:
+                if current is None:
+                    raise ObjectNotFound(f"{key} no longer exists in {self.location}; nothing was written")
+                raise WriteConflict(
+                    f"{key} in {self.location} changed since it was read; read it again and retry"
+                )
+            self.put_bytes(key, data)
+        return hashlib.sha256(data).hexdigest()
+
     def iter_chunks(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
         try:
             handle = self._path(key).open("rb")
@@ -167,7 +260,7 @@ class LocalStorage:
             return []
         found = []
         for path in sorted(base.rglob("*")):
-            if path.is_file() and not path.name.endswith(_PARTIAL_SUFFIX):
+            if path.is_file() and not path.name.endswith((_PARTIAL_SUFFIX, _LOCK_SUFFIX)):
                 stat = path.stat()
                 found.append(
                     ObjectInfo(
@@ -180,8 +273,14 @@ class LocalStorage:
 
     def delete(self, key: str) -> bool:
         path = self._path(key)
-        existed = path.is_file()
-        path.unlink(missing_ok=True)
+        if not path.parent.is_dir():
+            return False
+        # Under the lock, so a conditional write in progress finishes first and one that follows finds
+        # the object gone; the sidecar goes too (a waiter on it re-locks, see _locked).
+        with self._locked(path):
+            existed = path.is_file()
+            path.unlink(missing_ok=True)
+            path.with_name(path.name + _LOCK_SUFFIX).unlink(missing_ok=True)
         return existed
 
     def list_unfinished(self, prefix: str) -> list[UnfinishedObject]:
@@ -359,6 +458,36 @@ class S3Storage:
     def get_bytes(self, key: str) -> bytes:
         return b"".join(self.iter_chunks(key))
 
+    def get_versioned(self, key: str) -> VersionedBytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = self._key(key)
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=full)
+            with contextlib.closing(response["Body"]) as body:
+                return VersionedBytes(body.read(), str(response["ETag"]))
+        except (BotoCoreError, ClientError) as exc:
+            raise self._error("get", full, exc) from None
+
+    def put_if_version(self, key: str, data: bytes, version: str | None) -> str:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = self._key(key)
+        condition = {"IfMatch": version} if version is not None else {"IfNoneMatch": "*"}
+        try:
+            response = self._client.put_object(Bucket=self.bucket, Key=full, Body=data, **condition)
+        except ClientError as exc:
+            # 412 when the ETag moved on; 409 when S3 saw a concurrent conditional write to the key.
+            code = str(exc.response.get("Error", {}).get("Code"))
+            if code in {"PreconditionFailed", "ConditionalRequestConflict"}:
+                raise WriteConflict(
+                    f"{full} in {self.location} changed since it was read; read it again and retry"
+                ) from None
+            raise self._error("conditional put", full, exc) from None
+        except BotoCoreError as exc:
+            raise self._error("conditional put", full, exc) from None
+        return str(response["ETag"])
+
     def iter_chunks(self, key: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -440,6 +569,38 @@ class S3Storage:
             self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=item.handle)
         except (BotoCoreError, ClientError) as exc:
             raise self._error("abort multipart upload", full, exc) from None
+
+
+def update_object(
+    storage: Storage, key: str, change: Callable[[bytes], bytes], *, attempts: int = 20
+) -> bytes:
+    """Read-modify-write one object so that concurrent updates all land.
+
+    ``change`` gets the current bytes and returns the new ones; the write is conditional on the version
+    read, and on a conflict the object is read again and ``change`` applied again (after a short,
+    growing, random pause).
+
+    Returns:
+        The bytes written.
+
+    Raises:
+        WriteConflict: the object changed under every one of ``attempts`` tries.
+        ObjectNotFound: the object does not exist (or was deleted meanwhile).
+    """
+    jitter = random.SystemRandom()
+    for attempt in range(attempts):
+        current = storage.get_versioned(key)
+        new = change(current.data)
+        try:
+            storage.put_if_version(key, new, current.version)
+        except WriteConflict:
+            time.sleep(jitter.uniform(0, min(1.0, 0.01 * 2**attempt)))
+            continue
+        return new
+    raise WriteConflict(
+        f"{key} in {storage.location} changed under each of {attempts} attempts to update it; nothing"
+        " was written, run the update again"
+    )
 
 
 def local_root(url: str) -> Path:

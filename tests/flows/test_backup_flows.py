@@ -164,3 +164,23 @@ def test_latest_verified_skips_a_newer_unverified_backup(backup_env: dict[str, A
     settings = load_settings()
     assert backups.resolve_backup_id(settings, "latest").id == second["id"]
     assert backups.resolve_backup_id(settings, "latest-verified").id == first["id"]
+
+
+def test_prune_flow_keeps_an_unreadable_backup_reports_it_and_fails(backup_env: dict[str, Any]) -> None:
+    unreadable = backup_database(verify="checksum", prune=False)
+    kept = backup_database(verify="none", prune=False)
+    root = backup_env["tmp"] / "backups"
+    manifest_file = root / "manifests" / f"{unreadable['id']}.json"
+    broken = manifest_file.read_bytes()[:100]
+    manifest_file.write_bytes(broken)
+
+    state = prune_backups(confirm=True, return_state=True)
+    assert state.is_failed()
+    assert unreadable["id"] in (state.message or "")
+    assert "unreadable" in (state.message or "")
+    report = asyncio.run(_artifact("prune-backups-teststack")).data
+    assert unreadable["id"] in report
+    assert "Invalid JSON" in report
+    assert manifest_file.read_bytes() == broken
+    assert (root / "data" / f"{unreadable['id']}.dump.zst").exists()
+    assert (root / "data" / f"{kept['id']}.dump.zst").exists()

@@ -3,6 +3,11 @@ credentials, and retention on both backends."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,7 +16,7 @@ import psycopg
 import pytest
 
 from tasks import backups
-from tasks.storage import StorageError
+from tasks.storage import Storage, StorageError, WriteConflict, open_storage
 from tests.fixtures.s3 import (
     SECRET_KEY,
     FaultProxy,
@@ -131,20 +136,16 @@ def test_wrong_s3_credentials_fail_clearly_with_the_secret_masked(
 
 
 @pytest.fixture(params=["file", "s3"])
-def storage_for_retention(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str], Any]:
+def storage_for_retention(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Any]:
+    """Settings for this test's database on local files or on the S3 emulator; keyword arguments
+    override the backup section."""
+    tiers = {"keep_last": 1, "keep_daily": 1, "keep_weekly": 0, "keep_monthly": 0}
     if request.param == "file":
-        return lambda dsn: backup_settings(
-            dsn,
-            f"file://{tmp_path}",
-            backup={"keep_last": 1, "keep_daily": 1, "keep_weekly": 0, "keep_monthly": 0},
-        )
+        return lambda dsn, **backup: backup_settings(dsn, f"file://{tmp_path}", backup={**tiers, **backup})
     endpoint = request.getfixturevalue("moto_endpoint")
     bucket = request.getfixturevalue("s3_bucket")
-    return lambda dsn: backup_settings(
-        dsn,
-        f"s3://{bucket}/keep",
-        storage=s3_storage_section(endpoint),
-        backup={"keep_last": 1, "keep_daily": 1, "keep_weekly": 0, "keep_monthly": 0},
+    return lambda dsn, **backup: backup_settings(
+        dsn, f"s3://{bucket}/keep", storage=s3_storage_section(endpoint), backup={**tiers, **backup}
     )
 
 
@@ -176,3 +177,206 @@ def test_retention_dry_run_lists_and_confirm_deletes_keeping_newest_verified(
 
     again = backups.prune_backups(settings, confirm=True)
     assert not again.changed
+
+
+def _break_manifest(settings: Any, backup_id: str, how: str) -> bytes:
+    """Make a manifest unreadable the way it happens: cut short, or written by a newer version."""
+    storage = backups._storage(settings)
+    key = backups.manifest_key(backup_id)
+    raw = storage.get_bytes(key)
+    if how == "truncated":
+        broken = raw[: len(raw) // 2]
+    else:
+        doc = json.loads(raw)
+        doc["verifications"].append(
+            {"level": "restore-pitr", "ok": True, "at": "2026-01-01T00:00:00Z", "detail": "newer level"}
+        )
+        broken = json.dumps(doc).encode()
+    storage.put_bytes(key, broken)
+    return broken
+
+
+@pytest.mark.parametrize("how", ["truncated", "newer-level"])
+def test_prune_never_deletes_a_backup_whose_manifest_it_cannot_read(
+    pg_database: tuple[str, str], storage_for_retention: Callable[..., Any], how: str
+) -> None:
+    _name, dsn = pg_database
+    populate_backup_source(dsn, rows=20)
+    # A grace shorter than the test: without the fix the unreadable backup's data counts as an orphan.
+    settings = storage_for_retention(dsn, orphan_grace_hours=0.0001)
+    only_verified = backups.create_backup(settings, verify="checksum")
+    older = backups.create_backup(settings, verify="none")
+    newest = backups.create_backup(settings, verify="none")
+    broken = _break_manifest(settings, only_verified.id, how)
+    time.sleep(0.5)
+
+    dry = backups.prune_backups(settings)
+    assert [u.backup_id for u in dry.plan.unknown] == [only_verified.id]
+    error = dry.plan.unknown[0].error
+    assert ("JSON" in error) if how == "truncated" else ("restore-pitr" in error), error
+    assert dry.plan.orphans == []
+    assert only_verified.id not in [d.backup_id for d in dry.plan.decisions]
+
+    done = backups.prune_backups(settings, confirm=True)
+    assert done.deleted_backups == [older.id]
+    assert done.deleted_objects == []
+    storage = backups._storage(settings)
+    assert storage.exists(backups.data_key(only_verified.id))
+    assert storage.get_bytes(backups.manifest_key(only_verified.id)) == broken
+    assert [m.id for m in backups.list_backups(settings)] == [newest.id]
+
+
+def test_the_only_verified_backup_and_its_unreadable_sibling_are_both_kept(
+    pg_database: tuple[str, str], storage_for_retention: Callable[..., Any]
+) -> None:
+    _name, dsn = pg_database
+    populate_backup_source(dsn, rows=20)
+    settings = storage_for_retention(dsn, orphan_grace_hours=0.0001)
+    verified = backups.create_backup(settings, verify="checksum")
+    sibling = backups.create_backup(settings, verify="none")
+    newest = backups.create_backup(settings, verify="none")
+    _break_manifest(settings, sibling.id, "truncated")
+    time.sleep(0.5)
+
+    done = backups.prune_backups(settings, confirm=True)
+    assert {d.backup_id: d.reasons for d in done.plan.to_keep} == {
+        newest.id: ["keep-last", "daily"],
+        verified.id: ["newest verified"],
+    }
+    assert [u.backup_id for u in done.plan.unknown] == [sibling.id]
+    assert not done.changed
+    storage = backups._storage(settings)
+    for backup in (verified, sibling, newest):
+        assert storage.exists(backups.data_key(backup.id))
+        assert storage.exists(backups.manifest_key(backup.id))
+
+
+def test_orphan_data_without_a_manifest_is_removed_only_past_the_grace(
+    pg_database: tuple[str, str], storage_for_retention: Callable[..., Any]
+) -> None:
+    _name, dsn = pg_database
+    populate_backup_source(dsn, rows=20)
+    settings = storage_for_retention(dsn, orphan_grace_hours=0.001)  # 3.6 s
+    backup = backups.create_backup(settings, verify="checksum")
+    storage = backups._storage(settings)
+    old = backups.data_key("20200101T000000Z-gone-aaaaaa")
+    finishing = backups.data_key("20200101T000000Z-finishing-bbbbbb")
+    young = backups.data_key("20200101T000000Z-young-cccccc")
+    storage.put_bytes(old, b"old orphan")
+    storage.put_bytes(finishing, b"a backup whose manifest lands after the plan")
+    time.sleep(5)
+    storage.put_bytes(young, b"young orphan")
+
+    plan = backups.retention_plan(settings)
+    assert sorted(plan.orphans) == sorted([old, finishing])
+    assert plan.unknown == []
+    # The manifest is written last: a backup that finishes between the plan and the deletion keeps
+    # its data.
+    late = backup.model_copy(update={"id": "20200101T000000Z-finishing-bbbbbb"})
+    backups.write_manifest(storage, late)
+    done = backups.delete_backups(settings, plan, confirm=True)
+    assert done.deleted_objects == [old]
+    assert not storage.exists(old)
+    assert storage.exists(finishing)
+    assert storage.exists(young)
+    assert storage.exists(backups.data_key(backup.id))
+
+
+@pytest.fixture(params=["file", "s3"])
+def any_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    from tasks.settings import StorageSettings
+
+    if request.param == "file":
+        return open_storage(StorageSettings(url=f"file://{tmp_path}"))
+    endpoint = request.getfixturevalue("moto_endpoint")
+    bucket = request.getfixturevalue("s3_bucket")
+    return open_storage(StorageSettings(url=f"s3://{bucket}/cas", **s3_storage_section(endpoint)))
+
+
+def test_conditional_put_writes_only_over_the_version_it_read(any_storage: Storage) -> None:
+    key = "manifests/x.json"
+    first = any_storage.put_if_version(key, b"one", None)  # create only when absent
+    with pytest.raises(WriteConflict):
+        any_storage.put_if_version(key, b"again", None)
+    current = any_storage.get_versioned(key)
+    assert (current.data, current.version) == (b"one", first)
+
+    second = any_storage.put_if_version(key, b"two", current.version)
+    assert second != first
+    with pytest.raises(WriteConflict):
+        any_storage.put_if_version(key, b"stale", first)
+    assert any_storage.get_bytes(key) == b"two"
+    assert any_storage.get_versioned(key).version == second
+    assert [o.key for o in any_storage.list("manifests")] == [key]  # no lock or temporary objects shown
+
+
+_VERIFY_CHILD = """
+import json, pathlib, sys, time
+from tasks import backups
+from tests.fixtures.s3 import backup_settings
+args = json.loads(sys.argv[1])
+settings = backup_settings(args["dsn"], args["url"], storage=args["storage"])
+pathlib.Path(args["ready"]).touch()
+while not pathlib.Path(args["go"]).exists():
+    time.sleep(0.005)
+for _ in range(args["rounds"]):
+    assert backups.verify_backup(settings, args["id"], "checksum").ok
+"""
+
+
+@pytest.fixture(params=["file", "s3"])
+def verify_target(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> tuple[str, dict[str, Any], FaultProxy | None]:
+    """Storage url and section for concurrent verifications: local files, or S3 through the proxy that
+    makes both verifications read the manifest at the same version before either writes."""
+    if request.param == "file":
+        return f"file://{tmp_path / 'store'}", {}, None
+    proxy: FaultProxy = request.getfixturevalue("fault_proxy")
+    bucket = request.getfixturevalue("s3_bucket")
+    proxy.meet_reads = "/manifests/"
+    return f"s3://{bucket}/verify", s3_storage_section(proxy.endpoint), proxy
+
+
+def test_concurrent_verifications_of_one_backup_are_all_recorded(
+    pg_database: tuple[str, str], verify_target: tuple[str, dict[str, Any], FaultProxy | None], tmp_path: Path
+) -> None:
+    _name, dsn = pg_database
+    populate_backup_source(dsn, rows=20)
+    url, storage_section, proxy = verify_target
+    settings = backup_settings(dsn, url, storage=storage_section)
+    manifest = backups.create_backup(settings, verify="none")
+    root = Path(__file__).resolve().parents[2]
+    rounds, children = 3, []
+    for n in range(2):
+        args = {
+            "dsn": dsn,
+            "url": url,
+            "storage": storage_section,
+            "id": manifest.id,
+            "rounds": rounds,
+            "ready": str(tmp_path / f"ready-{n}"),
+            "go": str(tmp_path / "go"),
+        }
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _VERIFY_CHILD, json.dumps(args)],
+                cwd=root,
+                env={**os.environ, "PYTHONPATH": str(root)},
+            )
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready-{n}").exists() for n in range(2)):
+            assert time.monotonic() < deadline, "the verifying processes did not start"
+            assert all(c.poll() is None for c in children), "a verifying process died while starting"
+            time.sleep(0.05)
+        (tmp_path / "go").touch()
+    finally:
+        codes = [c.wait(timeout=300) for c in children]
+    assert codes == [0, 0]
+    recorded = backups.read_manifest(backups._storage(settings), manifest.id).verifications
+    assert len(recorded) == 2 * rounds
+    assert all(v.level == "checksum" and v.ok for v in recorded)
+    if proxy is not None:
+        assert proxy.met >= 1  # the two verifications did read the same version at least once
