@@ -1030,6 +1030,18 @@ class IncidentsSettings(_Section):
         return self
 
 
+class ApprovalSettings(_Section):
+    """Who may skip the approval form of destructive flows."""
+
+    allow_preapproved: bool | None = Field(
+        default=None,
+        description=(
+            "whether approved=true may replace the approval form; unset: allowed unless"
+            " runtime.environment is `production`"
+        ),
+    )
+
+
 class OpsSettings(BaseSettings):
     """All settings of swagger2mcp-ops. Load with :func:`load_settings`."""
 
@@ -1057,6 +1069,7 @@ class OpsSettings(BaseSettings):
     diagnose: DiagnoseSettings = Field(default_factory=DiagnoseSettings)
     migrations: MigrationsSettings = Field(default_factory=MigrationsSettings)
     incidents: IncidentsSettings = Field(default_factory=IncidentsSettings)
+    approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
 
     @model_validator(mode="after")
     def _valid_stack(self) -> OpsSettings:
