@@ -43,6 +43,20 @@ from tasks.secrets import mask_url
 ENV_PREFIX = "OPS_"
 CONFIG_ENV = "OPS_CONFIG"
 DEFAULT_CONFIG_FILE = "ops.toml"
+# The checkout's own var/ directory, absolute: `make run` from a checkout keeps its state where it
+# always was, and a run started from another working directory finds the same release history.
+DEFAULT_STATE_DIR = Path(__file__).resolve().parent.parent / "var"
+
+
+def _absolute_state_path(value: Path | None) -> Path | None:
+    """Shared state must not depend on a worker's working directory: a relative path is refused."""
+    if value is not None and not value.is_absolute():
+        raise ValueError(
+            "must be an absolute path: it holds state every worker shares (release history, image pins),"
+            " and a relative path would point somewhere else for each working directory; give e.g."
+            " /var/lib/swagger2mcp-ops (a directory every worker mounts at the same path)"
+        )
+    return value
 
 
 class _Section(BaseModel):
@@ -248,11 +262,16 @@ class ComposeRuntimeSettings(_Section):
     docker_config: Path | None = Field(default=None, description="DOCKER_CONFIG (where cli-plugins live)")
     images_file: Path | None = Field(
         default=None,
-        description="Compose override file that pins each service's image; default beside the release store",
+        description=(
+            "Compose override file that pins each service's image (absolute); default beside the release"
+            " records"
+        ),
     )
     pull: Literal["missing", "never", "always"] = "missing"
     stop_timeout_seconds: int = Field(default=10, ge=0, le=600)
     command_timeout_seconds: float = Field(default=300.0, gt=0)
+
+    _absolute_images_file = field_validator("images_file")(_absolute_state_path)
 
 
 class KubernetesRuntimeSettings(_Section):
@@ -277,8 +296,17 @@ class RuntimeSettings(_Section):
     )
     compose: ComposeRuntimeSettings = Field(default_factory=ComposeRuntimeSettings)
     kubernetes: KubernetesRuntimeSettings = Field(default_factory=KubernetesRuntimeSettings)
-    release_store: Path = Field(
-        default=Path("./var/releases"), description="directory of the durable release records"
+    state_dir: Path = Field(
+        default=DEFAULT_STATE_DIR,
+        description=(
+            "absolute directory of the state every worker shares (release records, Compose image pins);"
+            " default: the checkout's var/ directory. With several workers, a directory each of them"
+            " mounts at the same path"
+        ),
+    )
+    release_store: Path | None = Field(
+        default=None,
+        description="absolute directory of the durable release records; None: <state_dir>/releases",
     )
     migration_query: str | None = Field(
         default=None,
@@ -287,6 +315,16 @@ class RuntimeSettings(_Section):
     ready_timeout_seconds: float = Field(default=300.0, gt=0)
     poll_interval_seconds: float = Field(default=2.0, gt=0, le=60)
     smoke_urls: list[str] = Field(default_factory=list, description="URLs a release must answer 2xx on")
+    lock_timeout_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "how long a deploy, rollback, uploads cleanup, FLUSHDB, secret rotation waits for another run"
+            " of the same target before refusing (naming it); 0: refuse at once"
+        ),
+    )
+
+    _absolute_state = field_validator("state_dir", "release_store")(_absolute_state_path)
 
     @field_validator("smoke_urls")
     @classmethod
@@ -295,6 +333,11 @@ class RuntimeSettings(_Section):
             if urlsplit(url).scheme not in {"http", "https"}:
                 raise ValueError(f"{url!r} is not an http(s) URL")
         return value
+
+    @property
+    def releases_dir(self) -> Path:
+        """Where the release records (and by default the Compose image pins) live."""
+        return self.release_store or self.state_dir / "releases"
 
 
 class HealthSettings(_Section):
