@@ -465,6 +465,8 @@ def recover_data(
 
     Raises:
         ApprovalRejected: declined or timed out; nothing was changed.
+        LockBusy: another run recovers, restores or migrates the database (on any worker; it is named);
+            nothing was changed.
         CheckFailed: a validation query failed, or the stack is unhealthy afterwards (services were scaled
             back either way).
     """
@@ -755,6 +757,7 @@ def security_incident(
         EvidenceTampered: the bundle did not verify right after it was written.
         RotationRefused: the plan has problems; nothing was rotated (evidence is kept).
         ApprovalRejected: the rotation was declined or timed out (evidence is kept).
+        LockBusy: another run rotates this stack's secrets (on any worker; it is named); nothing was rotated.
     """
     settings = load_settings()
     timeout = _timeout(settings, approval_timeout_seconds)
@@ -957,6 +960,7 @@ def flush_redis(
 
     Raises:
         ApprovalRejected: declined or timed out; nothing was deleted.
+        LockBusy: another run flushes this Redis db (on any worker; it is named); nothing was deleted.
     """
     settings = load_settings()
     timeout = _timeout(settings, approval_timeout_seconds)

@@ -208,6 +208,8 @@ def deploy_release(
     Raises:
         ParameterError: bad input; nothing was changed.
         DeployFailed: the deploy failed; the message says why and whether the rollback restored health.
+        LockBusy: another deploy or rollback of the environment runs (on any worker; it is named);
+            nothing was changed.
     """
     settings = load_settings()
     logger = run_logger(__name__)
@@ -428,6 +430,8 @@ def rollback_release(
         MigrationGuard: a migration was applied since the target release; nothing changed.
         ApprovalRejected: the approval was refused or timed out; nothing changed.
         CheckFailed: the services are not ready or not healthy after the rollback.
+        LockBusy: another deploy or rollback of the environment runs (on any worker; it is named);
+            nothing was changed.
     """
     settings = load_settings()
     logger = run_logger(__name__)

@@ -277,7 +277,8 @@ def cleanup_uploads(
         ParameterError: a bad parameter, before anything is read or changed.
         UploadsRootInvalid, QuarantineInvalid: preflight failed; nothing changed.
         ReferenceCheckFailed: the database could not be asked; nothing (more) was removed.
-        LockBusy: another cleanup or restore of these uploads is running.
+        LockBusy: another cleanup or restore of this uploads root is running (on any worker; it is
+            named); nothing was changed.
     """
     if not 1 <= older_than_days <= MAX_OLDER_THAN_DAYS:
         raise ParameterError(
@@ -376,7 +377,7 @@ def restore_quarantine(run_id: str, dry_run: bool = False) -> RestoreRecord:
     Raises:
         ParameterError: ``run_id`` is not a run id.
         QuarantineRunNotFound: no quarantine run with that id.
-        LockBusy: a cleanup of these uploads is running.
+        LockBusy: a cleanup or restore of this uploads root is running (on any worker; it is named).
     """
     uploads.run_id_time(run_id)
     settings = load_settings()

@@ -6,7 +6,9 @@ Sources, highest priority first:
    (``OPS_POSTGRES__DSN``, ``OPS_QUEUE__NAMES='["default","emails"]'``);
 2. a TOML file named by ``OPS_CONFIG`` (default: ``ops.toml`` in the working directory when present);
 3. the embedded defaults, which serve a local machine with no file at all: PostgreSQL and Redis on
-   localhost, backups under ``./var/backups``, runtime ``none``.
+   localhost, backups under ``./var/backups``, runtime ``none``; the state every worker shares (release
+   records, Compose image pins) under ``runtime.state_dir``, the checkout's ``var/`` made absolute at
+   load. A relative state path given by the operator is refused (it would differ per working directory).
 
 Settings are loaded once per flow run with :func:`load_settings`. A bad value fails at load with a
 :class:`SettingsError` that names the field, the bad value (masked when secret) and where it came from,
