@@ -163,9 +163,10 @@ def exclusive(
         )
     except psycopg.Error as exc:
         raise LockUnavailable(
-            f"cannot take the lock of {what}: {postgres.safe_error(exc, settings.postgres)}; the locks live"
-            f" on the application's PostgreSQL server (database {settings.backup.maintenance_database!r}):"
-            " check OPS_POSTGRES__DSN and that the server runs. Nothing was done"
+            f"cannot reach the application's database server (database"
+            f" {settings.backup.maintenance_database!r}) to take the lock of {what}:"
+            f" {postgres.safe_error(exc, settings.postgres)}; check OPS_POSTGRES__DSN and that the server"
+            " runs. Nothing was done"
         ) from None
     with conn, contextlib.ExitStack() as held:
         try:
