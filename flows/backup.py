@@ -12,13 +12,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Literal
 
 from prefect import flow, pause_flow_run
 from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
 
-from tasks import backups, reports
+from tasks import backups, locks, reports
 from tasks.backups import (
     BackupCorrupt,
     BackupManifest,
@@ -188,14 +189,13 @@ def backup_database(
         if verify != "none":
             verification = backups.verify_backup_task(settings, manifest.id, verify)
             manifest = backups.resolve_backup_task(settings, manifest.id)
-        pruned = (
-            backups.delete_backups_task(
-                settings, backups.retention_plan_task(settings, manifest.database), confirm=confirm_prune
-            )
-            # A backup that failed its verification must not push a good one out of keep-last.
-            if prune and (verification is None or verification.ok)
-            else None
-        )
+        pruned: PruneResult | None = None
+        # A backup that failed its verification must not push a good one out of keep-last.
+        if prune and (verification is None or verification.ok):
+            with _prune_lock(settings) if confirm_prune else contextlib.nullcontext():
+                pruned = backups.delete_backups_task(
+                    settings, backups.retention_plan_task(settings, manifest.database), confirm=confirm_prune
+                )
         status = "ok" if verification is None or verification.ok else "FAILED verification"
         markdown = f"# Backup of {manifest.database}: **{status}**\n\n{render_manifest(manifest)}"
         if pruned is not None:
@@ -275,6 +275,17 @@ def _publish_listing(settings: OpsSettings, listing: list[BackupManifest]) -> No
     )
 
 
+def _prune_lock(settings: OpsSettings) -> contextlib.AbstractContextManager[object]:
+    """One pruning of this storage location at a time, on every worker."""
+    return locks.exclusive(
+        settings,
+        locks.prune_lock_name(settings),
+        operation="prune-backups",
+        what="a pruning of these backups",
+        timeout=settings.backup.lock_timeout_seconds,
+    )
+
+
 @flow(name="prune-backups", log_prints=True)
 def prune_backups(database: str | None = None, confirm: bool = False) -> dict[str, Any]:
     """Runbook "Backup retention": keep-last plus daily/weekly/monthly tiers; dry-run unless confirmed.
@@ -292,12 +303,15 @@ def prune_backups(database: str | None = None, confirm: bool = False) -> dict[st
     Raises:
         ManifestUnreadable: some manifests do not parse; those backups were kept and are listed in the
             report (the rest of the plan was applied).
+        LockBusy: another run prunes the same storage (on any worker; it is named); nothing was deleted.
     """
     settings = load_settings()
     key = f"prune-backups-{settings.stack}"
     try:
-        plan = backups.retention_plan_task(settings, database)
-        result = backups.delete_backups_task(settings, plan, confirm=confirm)
+        # Plan and delete under one lock: two workers never select and delete the same backups.
+        with _prune_lock(settings) if confirm else contextlib.nullcontext():
+            plan = backups.retention_plan_task(settings, database)
+            result = backups.delete_backups_task(settings, plan, confirm=confirm)
         reports.publish_markdown(
             key,
             "# Backup retention" + (" (dry run)" if result.dry_run else "") + "\n\n" + render_prune(result),

@@ -16,6 +16,7 @@ Everything destructive is a dry run by default; every flow publishes its report 
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,7 +24,7 @@ from prefect import flow, pause_flow_run
 from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
 
-from tasks import backups, incidents, postgres, queues, releases, reports
+from tasks import backups, incidents, locks, postgres, queues, releases, reports
 from tasks.errors import ApprovalRejected, CheckFailed, ParameterError
 from tasks.health import HealthReport, Status
 from tasks.incidents import (
@@ -464,6 +465,8 @@ def recover_data(
 
     Raises:
         ApprovalRejected: declined or timed out; nothing was changed.
+        LockBusy: another run recovers, restores or migrates the database (on any worker; it is named);
+            nothing was changed.
         CheckFailed: a validation query failed, or the stack is unhealthy afterwards (services were scaled
             back either way).
     """
@@ -483,7 +486,21 @@ def recover_data(
     restore: backups.RestoreResult | None = None
     outcome = "failed"
     error: BaseException | None = None
+    held = contextlib.ExitStack()
     try:
+        if not dry_run:
+            # The database's restore lock, for the whole recovery (replica counts included), on every
+            # worker: a second recovery, a restore or a migration of it waits, then refuses naming this run.
+            database = target_database or postgres.database_name(settings.postgres.dsn.get_secret_value())
+            held.enter_context(
+                locks.exclusive(
+                    settings,
+                    backups.database_lock_name(database),
+                    operation="recover-data",
+                    what=f"a recovery, restore or migration of database {database}",
+                    timeout=settings.backup.lock_timeout_seconds,
+                )
+            )
         runtime = get_runtime(settings)
         services = settings.incidents.stop_services or settings.runtime.services
         with steps.step("assess: backups, plan, replicas") as step:
@@ -551,6 +568,7 @@ def recover_data(
                     target_database=preflight.target_database,
                     keep_old=keep_old,
                     checksum_first=False,
+                    database_lock_held=True,
                 )
                 step.detail = restore.comparison.summary()
             with steps.step("verify data: validation queries") as step:
@@ -611,6 +629,7 @@ def recover_data(
             outcome = "declined" if isinstance(exc, ApprovalRejected) else "failed"
         raise
     finally:
+        held.close()
         markdown = render_recovery(
             settings.stack, outcome, steps, preflight, listing, recorded, validations, report, restore
         ) + "\n".join(_failure_line(error, settings))
@@ -738,6 +757,7 @@ def security_incident(
         EvidenceTampered: the bundle did not verify right after it was written.
         RotationRefused: the plan has problems; nothing was rotated (evidence is kept).
         ApprovalRejected: the rotation was declined or timed out (evidence is kept).
+        LockBusy: another run rotates this stack's secrets (on any worker; it is named); nothing was rotated.
     """
     settings = load_settings()
     timeout = _timeout(settings, approval_timeout_seconds)
@@ -751,6 +771,7 @@ def security_incident(
     report: HealthReport | None = None
     outcome = "failed"
     error: BaseException | None = None
+    held = contextlib.ExitStack()
     try:
         runtime = get_runtime(settings)
         with steps.step("collect evidence") as step:
@@ -770,6 +791,14 @@ def security_incident(
             record = incidents.rotate_secrets_task(settings, plan, confirm=False)
             outcome = "evidence collected; rotation dry run"
         else:
+            held.enter_context(
+                locks.exclusive(
+                    settings,
+                    locks.rotation_lock_name(settings),
+                    operation="security-incident",
+                    what=f"a secret rotation of {settings.stack}",
+                )
+            )
             if plan.problems:
                 raise RotationRefused("rotation refused, nothing was changed: " + "; ".join(plan.problems))
             if not approve_rotation:
@@ -841,6 +870,7 @@ def security_incident(
             outcome = "evidence collected; rotation declined"
         raise
     finally:
+        held.close()
         markdown = render_security(
             settings.stack, outcome, steps, bundle, verification, plan, record, report
         ) + "\n".join(_failure_line(error, settings))
@@ -930,6 +960,7 @@ def flush_redis(
 
     Raises:
         ApprovalRejected: declined or timed out; nothing was deleted.
+        LockBusy: another run flushes this Redis db (on any worker; it is named); nothing was deleted.
     """
     settings = load_settings()
     timeout = _timeout(settings, approval_timeout_seconds)
@@ -942,7 +973,17 @@ def flush_redis(
     record: FlushRecord | None = None
     restarted: list[str] = []
     outcome = "failed"
+    held = contextlib.ExitStack()
     try:
+        if not dry_run:
+            held.enter_context(
+                locks.exclusive(
+                    settings,
+                    locks.flushdb_lock_name(settings),
+                    operation="flush-redis",
+                    what=f"a FLUSHDB of Redis {settings.redis.masked_url}",
+                )
+            )
         census = incidents.key_census_task(settings, depth=depth)
         if dry_run:
             record = incidents.flush_redis_db_task(settings, census, confirm=False)
@@ -982,6 +1023,7 @@ def flush_redis(
             outcome = "declined, nothing deleted"
         raise
     finally:
+        held.close()
         reports.publish_markdown(
             key, render_flush(settings.stack, outcome, census, record), f"Redis FLUSHDB: {outcome}"
         )

@@ -23,7 +23,7 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
 from flows.services import change_lines, health_lines, list_services, status_table, verify_health, wait_ready
-from tasks import releases, reports
+from tasks import locks, releases, reports
 from tasks.errors import ApprovalRejected, CheckFailed, OpsError, ParameterError
 from tasks.health import HealthReport
 from tasks.releases import (
@@ -208,6 +208,8 @@ def deploy_release(
     Raises:
         ParameterError: bad input; nothing was changed.
         DeployFailed: the deploy failed; the message says why and whether the rollback restored health.
+        LockBusy: another deploy or rollback of the environment runs (on any worker; it is named);
+            nothing was changed.
     """
     settings = load_settings()
     logger = run_logger(__name__)
@@ -233,7 +235,14 @@ def deploy_release(
     records: list[ChangeRecord] = []
     lock = contextlib.ExitStack()
     try:
-        lock.enter_context(store.exclusive(f"deploy-release run {_flow_run_id()}"))
+        lock.enter_context(
+            locks.exclusive(
+                settings,
+                locks.release_lock_name(settings, environment),
+                operation="deploy-release",
+                what=f"a deploy or rollback of {environment}",
+            )
+        )
         before = [s for s in list_services(runtime) if s.name in services]
         current = {s.name: s.image for s in before}
         target = _target_images(current, services, image_tag, images)
@@ -421,6 +430,8 @@ def rollback_release(
         MigrationGuard: a migration was applied since the target release; nothing changed.
         ApprovalRejected: the approval was refused or timed out; nothing changed.
         CheckFailed: the services are not ready or not healthy after the rollback.
+        LockBusy: another deploy or rollback of the environment runs (on any worker; it is named);
+            nothing was changed.
     """
     settings = load_settings()
     logger = run_logger(__name__)
@@ -444,7 +455,14 @@ def rollback_release(
     crossed: list[str] = []
     lock = contextlib.ExitStack()
     try:
-        lock.enter_context(store.exclusive(f"rollback-release run {_flow_run_id()}"))
+        lock.enter_context(
+            locks.exclusive(
+                settings,
+                locks.release_lock_name(settings, environment),
+                operation="rollback-release",
+                what=f"a deploy or rollback of {environment}",
+            )
+        )
         before = [s for s in list_services(runtime) if s.name in services]
         current = {s.name: s.image for s in before}
         target_images, target, label = _choose_target(store, runtime, current, services, release_id)

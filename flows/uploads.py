@@ -20,10 +20,10 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from tasks import reports, uploads
+from tasks import locks, reports, uploads
 from tasks.errors import ParameterError
 from tasks.runlog import run_logger
-from tasks.settings import load_settings
+from tasks.settings import OpsSettings, load_settings
 from tasks.uploads import (
     DiskUsage,
     FileEntry,
@@ -212,6 +212,18 @@ def publish_report(report: CleanupReport) -> None:
 
 
 @task(name="prune-uploads-plans", cache_policy=NO_CACHE)
+def _root_lock(
+    settings: OpsSettings, root: Path, operation: str
+) -> contextlib.AbstractContextManager[object]:
+    """One cleanup or quarantine restore of this uploads root at a time, on every worker."""
+    return locks.exclusive(
+        settings,
+        locks.uploads_lock_name(root),
+        operation=operation,
+        what=f"a cleanup or restore of the uploads in {root}",
+    )
+
+
 def prune_plans(plan_dir: Path, keep_days: int) -> int:
     """Remove this flow's own plan files older than ``keep_days`` (never anything else)."""
     if not plan_dir.is_dir():
@@ -267,7 +279,8 @@ def cleanup_uploads(
             the quarantine, backups or plans, or has another owner than expected; nothing was read.
         UploadsRootInvalid, QuarantineInvalid: preflight failed; nothing changed.
         ReferenceCheckFailed: the database could not be asked; nothing (more) was removed.
-        LockBusy: another cleanup or restore of these uploads is running.
+        LockBusy: another cleanup or restore of this uploads root is running (on any worker; it is
+            named); nothing was changed.
     """
     if not 1 <= older_than_days <= MAX_OLDER_THAN_DAYS:
         raise ParameterError(
@@ -302,7 +315,7 @@ def cleanup_uploads(
         plan_dir = uploads.plan_directory(settings.uploads, settings.storage)
         plan_path = plan_dir / f"uploads-plan-{run_id}.jsonl"
         # Plan and act under one lock, so two runs never act on the same files.
-        with contextlib.nullcontext() if dry_run else uploads.cleanup_lock(plan_dir):
+        with contextlib.nullcontext() if dry_run else _root_lock(settings, root.path, "cleanup-uploads"):
             saved_plan = plan_dir / f"uploads-plan-{plan_run_id}.jsonl" if plan_run_id else None
             outcome = uploads.clean_uploads_task(
                 settings.uploads,
@@ -368,7 +381,7 @@ def restore_quarantine(run_id: str, dry_run: bool = False) -> RestoreRecord:
         ParameterError: ``run_id`` is not a run id.
         UploadsRootRefused: the root may not be used (see ``cleanup-uploads``); nothing was moved.
         QuarantineRunNotFound: no quarantine run with that id.
-        LockBusy: a cleanup of these uploads is running.
+        LockBusy: a cleanup or restore of this uploads root is running (on any worker; it is named).
     """
     uploads.run_id_time(run_id)
     settings = load_settings()
@@ -378,8 +391,7 @@ def restore_quarantine(run_id: str, dry_run: bool = False) -> RestoreRecord:
     try:
         root = uploads.check_root_task(settings.uploads, settings.storage)
         quarantine = uploads.quarantine_directory(settings.uploads, root.path)
-        plan_dir = uploads.plan_directory(settings.uploads, settings.storage)
-        with uploads.cleanup_lock(plan_dir):
+        with _root_lock(settings, root.path, "restore-uploads"):
             record = uploads.restore_quarantine_task(
                 root.path,
                 quarantine,

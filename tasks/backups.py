@@ -41,7 +41,7 @@ from prefect.states import State
 from psycopg import sql
 from pydantic import BaseModel, Field, ValidationError
 
-from tasks import postgres
+from tasks import locks, postgres
 from tasks.commands import StreamingCommand, run_command, stream_command
 from tasks.errors import CheckFailed, CommandError, OpsError, ParameterError
 from tasks.reports import Progress
@@ -1961,13 +1961,21 @@ def restore_backup(
     commands: list[str] = []
     with contextlib.ExitStack() as held:
         lock_conn = held.enter_context(_maintenance(settings))
+        owner = _database_owner(lock_conn, target)
         if not database_lock_held:
+            # Named for a run that waits on another worker: flow run name and id, host, pid.
+            holder = locks.Holder.current("restore-database")
+            lock_conn.execute(
+                "SELECT set_config('application_name', %s, false)", (holder.application_name(),)
+            )
             held.enter_context(
                 postgres.advisory_lock(
-                    lock_conn, database_lock_name(target), settings.backup.lock_timeout_seconds
+                    lock_conn,
+                    database_lock_name(target),
+                    settings.backup.lock_timeout_seconds,
+                    holder=holder.describe(),
                 )
             )
-        owner = _database_owner(lock_conn, target)
         with _scratch_database(settings, plan.scratch_database, owner=owner) as scratch:
             try:
                 ran, comparison = _restore_and_compare(

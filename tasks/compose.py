@@ -65,7 +65,7 @@ class ComposeRuntime:
         self.config = settings.runtime.compose
         self.project = self.config.project or settings.stack
         self.images_file = self.config.images_file or (
-            settings.runtime.release_store / f"compose-images-{self.project}.yml"
+            settings.runtime.releases_dir / f"compose-images-{self.project}.yml"
         )
         self._client: Any = None
 

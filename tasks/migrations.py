@@ -37,7 +37,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 
-from tasks import backups, postgres
+from tasks import backups, locks, postgres
 from tasks.commands import CommandResult, run_command
 from tasks.errors import CheckFailed, OpsError, SettingsError
 from tasks.runlog import run_logger
@@ -246,22 +246,25 @@ def migration_lock(settings: OpsSettings, *, owner: str) -> Iterator[str]:
     is told the lock is held.
 
     Args:
-        owner: shown to a second run as the holder's ``application_name`` (flow run name/id).
+        owner: the operation taking it; a second run is told this flow run's name and full id, the
+            host and the process (:class:`tasks.locks.Holder`).
 
     Raises:
         LockBusy: another run held it for ``migrations.lock_timeout_seconds``; names the holder.
     """
     name = lock_name(settings)
+    holder = locks.Holder.current(owner)
     conn = postgres.connect(
         settings.postgres,
         database=settings.backup.maintenance_database,
-        application_name=f"swagger2mcp-ops {owner}"[:63],
+        application_name=holder.application_name(),
     )
     timeout = settings.migrations.lock_timeout_seconds
+    database_lock = backups.database_lock_name(target_database(settings))
     with (
         conn,
-        postgres.advisory_lock(conn, name, timeout),
-        postgres.advisory_lock(conn, backups.database_lock_name(target_database(settings)), timeout),
+        postgres.advisory_lock(conn, name, timeout, holder=holder.describe()),
+        postgres.advisory_lock(conn, database_lock, timeout, holder=holder.describe()),
     ):
         run_logger(__name__).info("holding locks %s and the database's restore lock", name)
         yield name

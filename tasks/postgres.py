@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from psycopg import sql
 
 from tasks.errors import LockBusy
 from tasks.secrets import mask_text
@@ -113,6 +115,18 @@ def advisory_lock_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
+# A lock holder's session ends with a statement that names it (flow run name and id, host, pid):
+# pg_stat_activity.query keeps a session's last statement, so a waiter on another host can read it,
+# and it vanishes with the session. application_name alone is cut at 63 bytes.
+HOLDER_NOTE = "swagger2mcp-ops lock holder: "
+_NOTE_QUERY = re.compile(r"SELECT '" + re.escape(HOLDER_NOTE) + r"((?:[^']|'')*)'")
+
+
+def note_holder(conn: psycopg.Connection, holder: str) -> None:
+    """Leave ``holder`` as the session's last statement, for :func:`advisory_lock_holders` to show."""
+    conn.execute(sql.SQL("SELECT {}").format(sql.Literal(HOLDER_NOTE + holder[:800])))
+
+
 @dataclass(frozen=True)
 class LockHolder:
     """The session holding an advisory lock someone else waits for."""
@@ -124,12 +138,20 @@ class LockHolder:
     state: str | None
     query: str
 
+    @property
+    def note(self) -> str | None:
+        """What the holder said about itself (:func:`note_holder`), when that is its last statement."""
+        match = _NOTE_QUERY.match(self.query)
+        return match.group(1).replace("''", "'") if match else None
+
     def describe(self) -> str:
-        return (
+        session = (
             f"pid {self.pid} ({self.application_name or 'no application_name'}"
             f" from {self.client_addr or 'local socket'}, connected since {self.backend_start},"
             f" state {self.state or 'unknown'})"
         )
+        note = self.note
+        return f"{note} (database session {session})" if note else session
 
 
 def advisory_lock_holders(conn: psycopg.Connection, key: int) -> list[LockHolder]:
@@ -137,7 +159,7 @@ def advisory_lock_holders(conn: psycopg.Connection, key: int) -> list[LockHolder
     classid, objid = (key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF
     rows = conn.execute(
         "SELECT a.pid, coalesce(a.application_name, ''), a.client_addr::text, a.backend_start::text,"
-        " a.state, left(coalesce(a.query, ''), 200)"
+        " a.state, left(coalesce(a.query, ''), 1000)"
         " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
         " WHERE l.locktype = 'advisory' AND l.granted AND l.database = ("
         "   SELECT oid FROM pg_database WHERE datname = current_database())"
@@ -148,7 +170,9 @@ def advisory_lock_holders(conn: psycopg.Connection, key: int) -> list[LockHolder
 
 
 @contextlib.contextmanager
-def advisory_lock(conn: psycopg.Connection, key: int | str, timeout: float) -> Iterator[int]:
+def advisory_lock(
+    conn: psycopg.Connection, key: int | str, timeout: float, *, holder: str | None = None
+) -> Iterator[int]:
     """Hold a session-level advisory lock on ``conn`` for the block; one mutating run per target.
 
     A lock left by a run whose session is gone is released by PostgreSQL itself; a lock whose holder
@@ -161,6 +185,8 @@ def advisory_lock(conn: psycopg.Connection, key: int | str, timeout: float) -> I
             the maintenance database, ``postgres``).
         key: a bigint key, or a name turned into one with :func:`advisory_lock_key`.
         timeout: seconds to wait for the lock.
+        holder: who takes it (flow run name and id, host, pid); shown to a run that waits for it, as
+            long as the lock's session runs no other statement after taking it.
 
     Yields:
         The numeric key.
@@ -185,6 +211,8 @@ def advisory_lock(conn: psycopg.Connection, key: int | str, timeout: float) -> I
             )
         time.sleep(0.2)
     try:
+        if holder is not None:
+            note_holder(conn, holder)
         yield number
     finally:
         with contextlib.suppress(psycopg.Error):

@@ -6,7 +6,9 @@ restarts on both runtimes and a rollback across a database migration can be refu
 
 The store is an append-only JSON-lines file per environment (one line per version of a record; the
 last line of an id wins), written under an exclusive file lock and fsynced, so it survives restarts
-and concurrent runs never interleave half lines.
+and concurrent runs never interleave half lines. It lives under ``runtime.state_dir`` (absolute), so a
+worker started from any working directory sees the same history; deploys and rollbacks of one
+environment are serialised across workers by :func:`tasks.locks.release_lock_name`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pydantic import BaseModel, Field
 
 from tasks import health
 from tasks import http as http_probe
-from tasks.errors import LockBusy, OpsError, ParameterError
+from tasks.errors import OpsError, ParameterError
 from tasks.health import CheckResult, HealthReport, Status
 from tasks.runtime import Revision, ServiceStatus
 from tasks.settings import OpsSettings, PostgresSettings
@@ -88,7 +90,7 @@ class ReleaseStore:
 
     @classmethod
     def from_settings(cls, settings: OpsSettings, environment: str | None = None) -> ReleaseStore:
-        return cls(settings.runtime.release_store, environment or settings.runtime.environment)
+        return cls(settings.runtime.releases_dir, environment or settings.runtime.environment)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -96,34 +98,6 @@ class ReleaseStore:
         with (self.directory / f".releases-{self.environment}.lock").open("a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    @contextlib.contextmanager
-    def exclusive(self, holder: str) -> Iterator[None]:
-        """One deploy or rollback at a time per environment (on this host), for the whole operation.
-
-        The kernel drops the lock when its process dies, so a crashed run never leaves it behind.
-
-        Raises:
-            LockBusy: another deploy or rollback of this environment runs now; names it.
-        """
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with (self.directory / f".operation-{self.environment}.lock").open("a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                raise LockBusy(
-                    f"another deploy or rollback of {self.environment} is running ({handle.read().strip()});"
-                    " wait for it to finish or cancel it, then run again. Nothing was changed."
-                ) from None
-            try:
-                handle.seek(0)
-                handle.truncate()
-                handle.write(f"{holder} since {datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}, pid {os.getpid()}\n")
-                handle.flush()
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)

@@ -6,7 +6,9 @@ Sources, highest priority first:
    (``OPS_POSTGRES__DSN``, ``OPS_QUEUE__NAMES='["default","emails"]'``);
 2. a TOML file named by ``OPS_CONFIG`` (default: ``ops.toml`` in the working directory when present);
 3. the embedded defaults, which serve a local machine with no file at all: PostgreSQL and Redis on
-   localhost, backups under ``./var/backups``, runtime ``none``.
+   localhost, backups under ``./var/backups``, runtime ``none``; the state every worker shares (release
+   records, Compose image pins) under ``runtime.state_dir``, the checkout's ``var/`` made absolute at
+   load. A relative state path given by the operator is refused (it would differ per working directory).
 
 Settings are loaded once per flow run with :func:`load_settings`. A bad value fails at load with a
 :class:`SettingsError` that names the field, the bad value (masked when secret) and where it came from,
@@ -53,6 +55,20 @@ from tasks.secrets import mask_url
 ENV_PREFIX = "OPS_"
 CONFIG_ENV = "OPS_CONFIG"
 DEFAULT_CONFIG_FILE = "ops.toml"
+# The checkout's own var/ directory, absolute: `make run` from a checkout keeps its state where it
+# always was, and a run started from another working directory finds the same release history.
+DEFAULT_STATE_DIR = Path(__file__).resolve().parent.parent / "var"
+
+
+def _absolute_state_path(value: Path | None) -> Path | None:
+    """Shared state must not depend on a worker's working directory: a relative path is refused."""
+    if value is not None and not value.is_absolute():
+        raise ValueError(
+            "must be an absolute path: it holds state every worker shares (release history, image pins),"
+            " and a relative path would point somewhere else for each working directory; give e.g."
+            " /var/lib/swagger2mcp-ops (a directory every worker mounts at the same path)"
+        )
+    return value
 
 
 _ENCODE_HINT = (
@@ -376,7 +392,10 @@ class ComposeRuntimeSettings(_Section):
     docker_config: Path | None = Field(default=None, description="DOCKER_CONFIG (where cli-plugins live)")
     images_file: Path | None = Field(
         default=None,
-        description="Compose override file that pins each service's image; default beside the release store",
+        description=(
+            "Compose override file that pins each service's image (absolute); default beside the release"
+            " records"
+        ),
     )
     pull: Literal["missing", "never", "always"] = Field(
         default="missing", description="image pull policy of a deploy: `missing`, `never` or `always`"
@@ -387,6 +406,8 @@ class ComposeRuntimeSettings(_Section):
     command_timeout_seconds: float = Field(
         default=300.0, gt=0, description="time limit of each docker compose command, seconds"
     )
+
+    _absolute_images_file = field_validator("images_file")(_absolute_state_path)
 
 
 class KubernetesRuntimeSettings(_Section):
@@ -425,8 +446,17 @@ class RuntimeSettings(_Section):
     )
     compose: ComposeRuntimeSettings = Field(default_factory=ComposeRuntimeSettings)
     kubernetes: KubernetesRuntimeSettings = Field(default_factory=KubernetesRuntimeSettings)
-    release_store: Path = Field(
-        default=Path("./var/releases"), description="directory of the durable release records"
+    state_dir: Path = Field(
+        default=DEFAULT_STATE_DIR,
+        description=(
+            "absolute directory of the state every worker shares (release records, Compose image pins);"
+            " default: the checkout's var/ directory. With several workers, a directory each of them"
+            " mounts at the same path"
+        ),
+    )
+    release_store: Path | None = Field(
+        default=None,
+        description="absolute directory of the durable release records; None: <state_dir>/releases",
     )
     migration_query: str | None = Field(
         default=None,
@@ -446,6 +476,16 @@ class RuntimeSettings(_Section):
         description="HTTP URLs that must answer 2xx after a deploy, rollback or restart (JSON list)",
         examples=[["https://api.example.com/api/specs"]],
     )
+    lock_timeout_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "how long a deploy, rollback, uploads cleanup, FLUSHDB or secret rotation waits for another"
+            " run of the same target before refusing (naming it), seconds; 0: refuse at once"
+        ),
+    )
+
+    _absolute_state = field_validator("state_dir", "release_store")(_absolute_state_path)
 
     @field_validator("smoke_urls")
     @classmethod
@@ -454,6 +494,11 @@ class RuntimeSettings(_Section):
             if urlsplit(url).scheme not in {"http", "https"}:
                 raise ValueError(f"{url!r} is not an http(s) URL")
         return value
+
+    @property
+    def releases_dir(self) -> Path:
+        """Where the release records (and by default the Compose image pins) live."""
+        return self.release_store or self.state_dir / "releases"
 
 
 class HealthSettings(_Section):

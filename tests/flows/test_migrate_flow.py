@@ -240,8 +240,11 @@ def test_two_runs_at_once_one_applies_the_other_names_the_holder(monkeypatch, mg
             gate_conn.execute("SELECT pg_advisory_unlock(%s)", (gate,))
             thread.join(timeout=120)
     assert second.is_failed()
-    with pytest.raises(Exception, match=r"held by pid \d+ \(swagger2mcp-ops migrate-database"):
+    with pytest.raises(
+        Exception, match=r"held by flow run '[^']+' \(id [0-9a-f-]{36}\) of migrate-database"
+    ) as e:
         second.result()
+    assert str(states["first"].state_details.flow_run_id) in str(e.value)
     assert states["first"].is_completed(), states["first"].message
     assert states["first"].result()["applied"] == ["r1_gated", "r2_backfill"]
     with psycopg.connect(mg_env["dsn"]) as conn:

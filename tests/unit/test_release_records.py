@@ -133,17 +133,3 @@ def test_guard_cannot_judge_a_release_without_a_revision(tmp_path):
         kind="baseline", status="recorded", images={"backend": "app:v1"}, migration_revision=None
     )
     assert guard_migrations(store.all(), old, MigrationRevision("b2", "alembic_version"), force=False) == []
-
-
-def test_one_release_operation_at_a_time(tmp_path):
-    from tasks.errors import LockBusy
-
-    store = ReleaseStore(tmp_path, "staging")
-    with store.exclusive("deploy-release run 1"):
-        with pytest.raises(LockBusy, match="deploy-release run 1"), store.exclusive("run 2"):
-            pass
-        # Another environment is another target.
-        with ReleaseStore(tmp_path, "production").exclusive("run 3"):
-            pass
-    with store.exclusive("run 4"):
-        pass

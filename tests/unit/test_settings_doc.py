@@ -38,7 +38,7 @@ def test_example_file_uncommented_is_a_valid_configuration(
     lines = []
     for line in settings_doc.EXAMPLE.read_text().splitlines():
         match = re.fullmatch(r"# ([a-z_]+) = (.+)", line)
-        if match and not match.group(2).startswith("  (unset"):
+        if match and not match.group(2).startswith("  ("):
             lines.append(f"{match.group(1)} = {match.group(2)}")
         elif not line.startswith("#"):
             lines.append(line)
