@@ -312,7 +312,7 @@ def cleanup_uploads(
             quarantine = uploads.prepare_quarantine_task(settings.uploads, root, create=not dry_run)
             report.quarantine = str(quarantine)
         report.disk_before = uploads.disk_usage_task(root.path)
-        plan_dir = uploads.plan_directory(settings.uploads, settings.storage)
+        plan_dir = uploads.plan_directory(settings.uploads, settings.storage, settings.runtime.state_dir)
         plan_path = plan_dir / f"uploads-plan-{run_id}.jsonl"
         # Plan and act under one lock, so two runs never act on the same files.
         with contextlib.nullcontext() if dry_run else _root_lock(settings, root.path, "cleanup-uploads"):

@@ -355,7 +355,7 @@ class UploadsSettings(_Section):
     )
     plan_dir: Path | None = Field(
         default=None,
-        description="plan directory (JSON Lines); None: <file:// storage>/uploads-plans or var/uploads-plans",
+        description="plan directory (JSON Lines); None: uploads-plans in file storage, else in state_dir",
     )
 
     @field_validator("expected_mode")

@@ -3,22 +3,17 @@ usage, run ids, and the one-cleanup-at-a-time lock."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import re
 import secrets
 import shutil
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from tasks.errors import LockBusy, ParameterError
-from tasks.settings import StorageSettings, UploadsSettings
-from tasks.uploads.records import _iso
+from tasks.errors import ParameterError
+from tasks.settings import DEFAULT_STATE_DIR, StorageSettings, UploadsSettings
 
 RUN_ID_PATTERN = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{6,32})$")
 PLAN_SUFFIX = ".jsonl"
@@ -36,14 +31,17 @@ def quarantine_directory(settings: UploadsSettings, root: Path) -> Path:
     )
 
 
-def plan_directory(uploads: UploadsSettings, storage: StorageSettings) -> Path:
-    """Where plans go: ``uploads.plan_dir``, else next to file:// backups, else ``./var/uploads-plans``."""
+def plan_directory(
+    uploads: UploadsSettings, storage: StorageSettings, state_dir: Path = DEFAULT_STATE_DIR
+) -> Path:
+    """Where plans go: ``uploads.plan_dir``, else next to file:// backups, else under the state
+    directory every worker shares (``runtime.state_dir``), never relative to the working directory."""
     if uploads.plan_dir is not None:
         return uploads.plan_dir
     parts = urlsplit(storage.url)
     if parts.scheme == "file":
         return Path(unquote(parts.netloc + parts.path)) / "uploads-plans"
-    return Path("var") / "uploads-plans"
+    return state_dir / "uploads-plans"
 
 
 @dataclass(frozen=True)
@@ -95,29 +93,3 @@ def run_id_time(run_id: str) -> datetime:
         )
     except ValueError:
         raise ParameterError(f"{run_id!r} is not a cleanup run id (its date is impossible)") from None
-
-
-@contextlib.contextmanager
-def cleanup_lock(directory: Path) -> Iterator[Path]:
-    """Hold an exclusive lock for one cleanup of this root at a time (released when the process dies).
-
-    Raises:
-        LockBusy: another cleanup or restore holds it.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / ".cleanup-uploads.lock"
-    handle = path.open("a+")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockBusy(
-                f"another uploads cleanup or restore is running (lock {path}); wait for it to finish"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} since {_iso(time.time())}\n")
-        handle.flush()
-        yield path
-    finally:
-        handle.close()

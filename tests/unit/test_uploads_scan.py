@@ -14,7 +14,7 @@ import pytest
 
 from tasks import uploads
 from tasks.errors import ParameterError
-from tasks.settings import StorageSettings, UploadsSettings
+from tasks.settings import DEFAULT_STATE_DIR, StorageSettings, UploadsSettings
 from tasks.uploads import FileEntry, PlanInvalid, ProtectMatcher, QuarantineInvalid
 
 DAY = 86400
@@ -396,18 +396,13 @@ def test_plan_directory_and_run_ids(tmp_path: Path) -> None:
         uploads.plan_directory(settings, StorageSettings(url=f"file://{tmp_path}/b"))
         == tmp_path / "b" / "uploads-plans"
     )
-    assert uploads.plan_directory(settings, StorageSettings(url="s3://bucket/x")) == Path("var/uploads-plans")
+    # With S3 storage, plans stay under the absolute state directory, whatever the working directory.
+    s3 = StorageSettings(url="s3://bucket/x")
+    assert uploads.plan_directory(settings, s3) == DEFAULT_STATE_DIR / "uploads-plans"
+    assert uploads.plan_directory(settings, s3, tmp_path / "state") == tmp_path / "state" / "uploads-plans"
     assert (
         uploads.plan_directory(UploadsSettings(plan_dir=tmp_path / "p"), StorageSettings()) == tmp_path / "p"
     )
     run_id = uploads.new_run_id(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "0123abcd")
     assert run_id == "20260102T030405Z-0123abcd"
     assert uploads.run_id_time(run_id) == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-
-
-def test_one_cleanup_at_a_time(tmp_path: Path) -> None:
-    # flock locks belong to the open file description: a second open in this process conflicts too.
-    with uploads.cleanup_lock(tmp_path), pytest.raises(uploads.LockBusy), uploads.cleanup_lock(tmp_path):
-        pass
-    with uploads.cleanup_lock(tmp_path):
-        pass
