@@ -22,6 +22,7 @@ from tests.fixtures.migrations import (
     ADD_NAME,
     BACKFILL,
     NOT_NULL,
+    Revision,
     failing_command_tool,
     snapshot,
     use,
@@ -267,3 +268,65 @@ def test_command_tool_target_uses_its_own_argument(monkeypatch, mg_env, tmp_path
     assert state.is_completed(), state.message
     assert seen.read_text() == "20260102"
     assert state.result()["target"] == "20260102"
+
+
+def test_writers_stopped_by_scaling_to_zero_through_the_runtime(monkeypatch, mg_env, alembic_env, kube_stack):
+    from kubernetes import client
+
+    def replicas() -> dict[str, int]:
+        apps = client.AppsV1Api(kube_stack.api())
+        return {
+            d.metadata.name: d.spec.replicas
+            for d in apps.list_namespaced_deployment(kube_stack.namespace).items
+        }
+
+    for key, value in {
+        "OPS_RUNTIME__KIND": "kubernetes",
+        "OPS_RUNTIME__KUBERNETES__API_URL": kube_stack.url,
+        "OPS_RUNTIME__KUBERNETES__NAMESPACE": kube_stack.namespace,
+        "OPS_RUNTIME__RELEASE_STORE": str(mg_env["tmp"] / "releases"),
+        "OPS_RUNTIME__READY_TIMEOUT_SECONDS": "20",
+        "OPS_RUNTIME__POLL_INTERVAL_SECONDS": "0.2",
+    }.items():
+        monkeypatch.setenv(key, value)
+    # The revision waits on a lock this test holds, so the window is open exactly as long as needed.
+    gate = 4343
+    gated = Revision(
+        "r1_gated",
+        "add column once the gate opens",
+        f"op.execute('SELECT pg_advisory_lock({gate})')\n"
+        f"op.execute('SELECT pg_advisory_unlock({gate})')\n"
+        "op.execute('ALTER TABLE users ADD COLUMN name text')",
+    )
+    use(monkeypatch, alembic_env([gated]))
+    assert replicas() == {"backend": 1, "worker": 1}
+    states: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: states.update(run=run_flow(dry_run=False, approve=True)))
+    with psycopg.connect(mg_env["dsn"], autocommit=True) as gate_conn:
+        gate_conn.execute("SELECT pg_advisory_lock(%s)", (gate,))
+        thread.start()
+        try:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                waiting = gate_conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event = 'advisory' AND query LIKE %s",
+                    (f"%pg_advisory_lock({gate})%",),
+                ).fetchone()
+                if waiting[0]:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("the run never reached its gated revision")
+            during = replicas()
+        finally:
+            gate_conn.execute("SELECT pg_advisory_unlock(%s)", (gate,))
+            thread.join(timeout=120)
+    assert during == {"backend": 0, "worker": 0}
+    state = states["run"]
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["outcome"] == "migrated"
+    assert summary["writers"] == {"policy": "stop", "method": "runtime", "services": ["backend", "worker"]}
+    assert replicas() == {"backend": 1, "worker": 1}
+    assert any("scaled back" in e for e in summary["writer_events"])
