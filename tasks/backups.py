@@ -2089,6 +2089,8 @@ def swap_back(
     target's lock, the target's sessions are ended and the two are swapped by rename in one transaction
     (the current target is kept as ``<target>__old_<time>``, read-only by default: nothing is dropped);
     finally the target is counted and hashed again and compared with what the kept database held.
+    Stop the application's writers first (recover-data's scale to 0, maintenance mode): a write that
+    lands between the swap and that count shows up as a difference (both databases are kept then).
 
     Returns:
         The change record; ``comparison`` proves the target now holds what was kept, ``old_database``
