@@ -26,6 +26,7 @@ from tasks.backups import (
     PruneResult,
     RestorePreflight,
     RestoreResult,
+    SwapBackPreflight,
     Verification,
 )
 from tasks.errors import ApprovalRejected, ParameterError
@@ -145,6 +146,107 @@ def render_preflight(plan: RestorePreflight) -> str:
             ),
         ]
     return "\n".join(lines)
+
+
+def render_swap_back(plan: SwapBackPreflight) -> str:
+    """What an undo (swap back) will do, for the approval form and the dry-run report."""
+    lines = [
+        f"Put the kept database **{plan.kept_database}** ({_size(plan.kept_size_bytes)}) back in place of"
+        f" **{plan.target_database}** ({_size(plan.target_size_bytes)}); the current"
+        f" {plan.target_database} is kept as {plan.replaced_database}. Writes made to the current"
+        f" {plan.target_database} since the restore stay there only.",
+        "",
+        f"- sessions that will be cut: {len(plan.connections)}",
+        "",
+        "Steps:",
+        *[f"{i}. {step}" for i, step in enumerate(plan.steps(), 1)],
+    ]
+    return "\n".join(lines)
+
+
+def _restore_done_markdown(result: RestoreResult, title: str) -> str:
+    return "\n".join(
+        [
+            f"# {title} of {result.target_database}: **done**",
+            "",
+            f"- source: `{result.backup_id}`",
+            f"- evidence: {result.comparison.summary()}",
+            f"- old database: {result.old_database or '-'} ({'kept' if result.old_kept else 'dropped'})",
+            f"- sessions ended: {result.terminated_connections}",
+            f"- took {result.duration_seconds:.1f} s",
+            "",
+            *result.kept_lines(),
+            "",
+            "Commands:",
+            *[f"- `{c}`" for c in result.commands],
+        ]
+    )
+
+
+def _ask_restore_approval(settings: OpsSettings, description: str, timeout_override: int | None) -> None:
+    """The restore approval form; a decline or a timeout raises :class:`ApprovalRejected`."""
+    timeout = timeout_override or int(settings.backup.approval_timeout_seconds)
+    try:
+        answer = pause_flow_run(
+            wait_for_input=RestoreApproval.with_initial_data(description=description, approve=False),
+            timeout=timeout,
+        )
+    except FlowPauseTimeout:
+        raise ApprovalRejected(f"no approval within {timeout}s; nothing was restored") from None
+    if not answer.approve:
+        raise ApprovalRejected(
+            f"restore declined ({answer.reason or 'no reason given'}); nothing was restored"
+        )
+    run_logger(__name__).info("restore approved: %s", answer.reason or "no reason given")
+
+
+def _swap_back(
+    settings: OpsSettings,
+    key: str,
+    kept: str,
+    target_database: str | None,
+    *,
+    dry_run: bool,
+    approved: bool,
+    approval_timeout_seconds: int | None,
+) -> dict[str, Any]:
+    """The undo of an earlier restore: the kept database swapped back in, behind the same approval."""
+    if not target_database:
+        raise ParameterError(
+            "swap_back needs target_database: the database whose restore is undone; nothing was done"
+        )
+    plan = backups.swap_back_preflight_task(settings, kept, target_database=target_database)
+    description = render_swap_back(plan)
+    if dry_run:
+        reports.publish_markdown(
+            key, f"# Undo plan (dry run)\n\n{description}\n\nRun with dry_run=false to swap.", "Undo plan"
+        )
+        return {
+            "dry_run": True,
+            "swap_back": kept,
+            "target_database": target_database,
+            "steps": plan.steps(),
+            "connections": len(plan.connections),
+        }
+    reports.publish_markdown(key, f"# Undo: waiting for approval\n\n{description}", "Undo plan")
+    if not approved:
+        _ask_restore_approval(settings, description, approval_timeout_seconds)
+    result = backups.swap_back_task(settings, kept, target_database=target_database)
+    reports.publish_markdown(
+        key, _restore_done_markdown(result, "Undo (swap back)"), f"Undo of {target_database}: done"
+    )
+    return {
+        "dry_run": False,
+        "swap_back": kept,
+        "target_database": result.target_database,
+        "old_database": result.old_database,
+        "old_kept": True,
+        "matches": result.comparison.matches,
+        "evidence": result.comparison.summary(),
+        "tables": result.comparison.tables_compared,
+        "rows": result.comparison.rows_compared,
+        "terminated_connections": result.terminated_connections,
+    }
 
 
 def _publish_failure(key: str, title: str, exc: BaseException) -> None:
@@ -346,8 +448,9 @@ def restore_database(
     keep_old: bool = True,
     create_missing: bool = False,
     approval_timeout_seconds: int | None = None,
+    swap_back: str | None = None,
 ) -> dict[str, Any]:
-    """Runbook "Restore from backup": preflight, approval, checksum, restore, verify, swap.
+    """Runbook "Restore from backup": preflight, approval, checksum, restore, verify, swap; or its undo.
 
     The backup is restored into a new database and compared with its manifest; only then are the
     target's sessions ended and the two databases swapped by rename in one transaction. A failure at any
@@ -358,11 +461,16 @@ def restore_database(
         target_database: database to replace; defaults to the backup's database.
         dry_run: only show the preflight (what would happen); nothing is touched.
         approved: skip the approval form (CI, staging, incident automation).
-        keep_old: keep the replaced database as ``<target>__old_<time>`` (connections blocked) instead
-            of dropping it.
+        keep_old: keep the replaced database as ``<target>__old_<time>`` (read-only by default; the
+            result lists its tables whose rows changed since the backup) instead of dropping it.
         create_missing: allow restoring a database that no longer exists.
         approval_timeout_seconds: how long the approval form waits; defaults to
             ``backup.approval_timeout_seconds``.
+        swap_back: undo an earlier restore instead: the name of the database it kept
+            (``<target>__old_<time>``) is swapped back in place of ``target_database`` (required),
+            behind the same approval; the current one is kept in its place; the proof is that the
+            target's per-table counts and content hashes equal what the kept database held.
+            ``backup_id`` is not used then.
 
     Returns:
         The preflight (dry run) or the restore's change record with the comparison.
@@ -373,11 +481,20 @@ def restore_database(
         RestoreFailed: the restore or its verification failed; the target is unchanged.
     """
     settings = load_settings()
-    logger = run_logger(__name__)
     key = f"restore-{settings.stack}"
     if approval_timeout_seconds is not None and approval_timeout_seconds <= 0:
         raise ParameterError("approval_timeout_seconds must be positive")
     try:
+        if swap_back:
+            return _swap_back(
+                settings,
+                key,
+                swap_back,
+                target_database,
+                dry_run=dry_run,
+                approved=approved,
+                approval_timeout_seconds=approval_timeout_seconds,
+            )
         manifest = backups.resolve_backup_task(settings, backup_id)
         plan = backups.restore_preflight_task(
             settings, manifest, target_database=target_database, keep_old=keep_old
@@ -403,19 +520,7 @@ def restore_database(
             }
         reports.publish_markdown(key, f"# Restore: waiting for approval\n\n{preflight_md}", "Restore plan")
         if not approved:
-            timeout = approval_timeout_seconds or int(settings.backup.approval_timeout_seconds)
-            try:
-                answer = pause_flow_run(
-                    wait_for_input=RestoreApproval.with_initial_data(description=preflight_md, approve=False),
-                    timeout=timeout,
-                )
-            except FlowPauseTimeout:
-                raise ApprovalRejected(f"no approval within {timeout}s; nothing was restored") from None
-            if not answer.approve:
-                raise ApprovalRejected(
-                    f"restore declined ({answer.reason or 'no reason given'}); nothing was restored"
-                )
-            logger.info("restore approved: %s", answer.reason or "no reason given")
+            _ask_restore_approval(settings, preflight_md, approval_timeout_seconds)
         backups.checksum_backup_task(settings, manifest)
         result: RestoreResult = backups.restore_backup_task(
             settings,
@@ -427,23 +532,7 @@ def restore_database(
         )
         comparison = result.comparison
         reports.publish_markdown(
-            key,
-            "\n".join(
-                [
-                    f"# Restore of {result.target_database}: **done**",
-                    "",
-                    f"- backup: `{result.backup_id}`",
-                    f"- evidence: {comparison.summary()}",
-                    f"- old database: {result.old_database or '-'}"
-                    f" ({'kept' if result.old_kept else 'dropped'})",
-                    f"- sessions ended: {result.terminated_connections}",
-                    f"- took {result.duration_seconds:.1f} s",
-                    "",
-                    "Commands:",
-                    *[f"- `{c}`" for c in result.commands],
-                ]
-            ),
-            f"Restore of {result.target_database}: done",
+            key, _restore_done_markdown(result, "Restore"), f"Restore of {result.target_database}: done"
         )
         return {
             "dry_run": False,
@@ -451,6 +540,7 @@ def restore_database(
             "target_database": result.target_database,
             "old_database": result.old_database,
             "old_kept": result.old_kept,
+            "kept_changed_tables": result.kept_changed_tables,
             "matches": comparison.matches,
             "tables": comparison.tables_compared,
             "rows": comparison.rows_compared,

@@ -409,6 +409,8 @@ def render_recovery(
             "",
             f"- evidence: {restore.comparison.summary()}",
             f"- old database: {restore.old_database or '-'} ({'kept' if restore.old_kept else 'dropped'})",
+            "",
+            *restore.kept_lines(),
         ]
     if validations:
         lines += [
@@ -425,13 +427,49 @@ def render_recovery(
     return "\n".join(lines)
 
 
+def _validation_next_steps(
+    error: CheckFailed,
+    settings: OpsSettings,
+    manifest: backups.BackupManifest,
+    restore: backups.RestoreResult | None,
+    report: HealthReport,
+    candidates: list[str],
+) -> str:
+    """The message of a failed validation: what failed, where the app writes now, what to do next."""
+    health = report.status.value + (
+        " (" + "; ".join(f"{n}: {report.checks[n].error or 'failing'}" for n in report.failed_checks) + ")"
+        if report.failed_checks
+        else ""
+    )
+    others = [c for c in candidates if c != manifest.id][:5]
+    kept = restore.old_database if restore else None
+    undo = (
+        f" To undo, put the replaced database back: run restore-database with swap_back={kept}"
+        f" target_database={restore.target_database} (same approval, proven by counts and hashes)."
+        if kept and restore
+        else ""
+    )
+    return (
+        f"{error}. The restore of backup {manifest.id} stands and the application already runs on, and"
+        f" writes to, the restored data; the services were scaled back."
+        + (
+            f" The replaced database is kept as {kept} (read-only; {restore.kept_open_command})."
+            if kept and restore
+            else ""
+        )
+        + undo
+        + " Or run recover-data again with another backup_id"
+        + (f" (candidates: {', '.join(others)})" if others else "")
+        + f". Health after: {health}"
+    )
+
+
 @flow(name="recover-data", log_prints=True)
 def recover_data(
     backup_id: str = "latest-verified",
     dry_run: bool = True,
     approved: bool = False,
     target_database: str | None = None,
-    keep_old: bool = True,
     stop_writes: bool = True,
     candidates: int = 10,
     approval_timeout_seconds: int | None = None,
@@ -441,12 +479,16 @@ def recover_data(
     1. Assess: candidate backups with their verification state and times, the restore plan, the
        replicas of the services that write (``incidents.stop_services``, default backend and worker).
     2. Approval (or ``approved``); the form can name another backup.
-    3. Stop all writes: scale those services to 0, recording their replica counts.
-    4. Restore the backup: into a scratch database, proven equal to its manifest, swapped in atomically
-       (the replaced database is kept as ``<db>__old_<time>`` unless ``keep_old=false``).
+    3. Stop all writes: read the replica counts again (they may have changed while the approval
+       waited), then scale those services to 0.
+    4. Restore the backup: into a scratch database, proven equal to its manifest, swapped in atomically.
+       The replaced database is always kept as ``<db>__old_<time>`` (read-only by default) and the
+       report lists its tables whose rows changed since the backup; nothing is dropped.
     5. Verify data integrity: the validation queries of ``incidents.validation_queries``.
-    6. Resume service: scale back to the recorded counts, also when step 3, 4 or 5 failed; wait ready.
-    7. Health check.
+    6. Resume service: scale back to the counts read in step 3, also when step 3, 4 or 5 failed; wait
+       ready.
+    7. Health check (also after a failed validation, whose message then says what to do next: undo
+       with restore-database ``swap_back``, or another backup).
 
     Args:
         backup_id: an id, ``latest`` or ``latest-verified`` (the newest backup that passed a restore drill).
@@ -454,7 +496,6 @@ def recover_data(
         approved: skip the approval form.
         target_database: the database to replace; default the application's (``OPS_POSTGRES__DSN``).
             The backup must be of that database.
-        keep_old: keep the damaged database, renamed, for later inspection.
         stop_writes: scale the writers to 0 during the restore; false when the application is stopped
             by other means (``runtime.kind = none``).
         candidates: how many backups the report lists.
@@ -467,7 +508,8 @@ def recover_data(
         ApprovalRejected: declined or timed out; nothing was changed.
         LockBusy: another run recovers, restores or migrates the database (on any worker; it is named);
             nothing was changed.
-        CheckFailed: a validation query failed, or the stack is unhealthy afterwards (services were scaled
+        CheckFailed: a validation query failed (the message names the kept database, the undo, the other
+            backups and the health after), or the stack is unhealthy afterwards (services were scaled
             back either way).
     """
     settings = load_settings()
@@ -510,7 +552,7 @@ def recover_data(
             listing = backups.list_backups_task(settings, database)[:candidates]
             manifest = backups.resolve_backup_task(settings, backup_id, database=database)
             preflight = backups.restore_preflight_task(
-                settings, manifest, target_database=database, keep_old=keep_old
+                settings, manifest, target_database=database, keep_old=True
             )
             if not preflight.target_exists:
                 raise backups.DatabaseNotFound(
@@ -551,39 +593,57 @@ def recover_data(
             if answer.backup_id and answer.backup_id != manifest.id:
                 manifest = backups.resolve_backup_task(settings, answer.backup_id, database=database)
                 preflight = backups.restore_preflight_task(
-                    settings, manifest, target_database=preflight.target_database, keep_old=keep_old
+                    settings, manifest, target_database=preflight.target_database, keep_old=True
                 )
                 logger.info("the approval chose backup %s", manifest.id)
         primary: BaseException | None = None
+        validation_error: CheckFailed | None = None
         try:
             if recorded:
                 with steps.step("stop writes: scale to 0") as step:
+                    # Read again: the counts shown for approval may have changed while it waited, and
+                    # the services go back to what really ran. Nothing is scaled back if this fails.
+                    planned, recorded = recorded, []
+                    recorded = incidents.record_replicas_task(runtime, services)
+                    changed = [
+                        f"{r.service} {p.replicas} -> {r.replicas}"
+                        for r in recorded
+                        for p in planned
+                        if p.service == r.service and p.replicas != r.replicas
+                    ]
+                    if changed:
+                        logger.info("replicas changed while waiting for approval: %s", ", ".join(changed))
                     incidents.scale_services_task(runtime, {r.service: 0 for r in recorded})
-                    step.detail = ", ".join(f"{r.service} {r.replicas} -> 0" for r in recorded)
+                    step.detail = ", ".join(f"{r.service} {r.replicas} -> 0" for r in recorded) + (
+                        f" (read again after approval; changed: {', '.join(changed)})" if changed else ""
+                    )
             with steps.step(f"restore {manifest.id}") as step:
                 backups.checksum_backup_task(settings, manifest)
+                # Automatic path: the replaced database is always kept, never dropped.
                 restore = backups.restore_backup_task(
                     settings,
                     manifest.id,
                     target_database=preflight.target_database,
-                    keep_old=keep_old,
+                    keep_old=True,
                     checksum_first=False,
                     database_lock_held=True,
                 )
                 step.detail = restore.comparison.summary()
-            with steps.step("verify data: validation queries") as step:
-                validations = incidents.validation_queries_task(
-                    settings, settings.incidents.validation_queries
-                )
-                failed = [v for v in validations if not v.ok]
-                step.detail = f"{len(validations) - len(failed)} of {len(validations)} passed"
-                if failed:
-                    raise CheckFailed(
-                        "validation failed after the restore: "
-                        + "; ".join(f"{v.query!r}: {v.error}" for v in failed)
-                        + ". The damaged database is kept as "
-                        + str(restore.old_database or "-")
+            try:
+                with steps.step("verify data: validation queries") as step:
+                    validations = incidents.validation_queries_task(
+                        settings, settings.incidents.validation_queries
                     )
+                    failed = [v for v in validations if not v.ok]
+                    step.detail = f"{len(validations) - len(failed)} of {len(validations)} passed"
+                    if failed:
+                        raise CheckFailed(
+                            "validation failed after the restore: "
+                            + "; ".join(f"{v.query!r}: {v.error}" for v in failed)
+                        )
+            except CheckFailed as exc:
+                # The services go back and the health is checked first; the message then says what next.
+                validation_error = exc
         except BaseException as exc:
             primary = exc
             raise
@@ -606,6 +666,13 @@ def recover_data(
         with steps.step("health check") as step:
             report = incidents.health_report_task(settings)
             step.detail = report.status.value
+        if validation_error is not None:
+            outcome = "restored, validation failed"
+            raise CheckFailed(
+                _validation_next_steps(
+                    validation_error, settings, manifest, restore, report, [m.id for m in listing]
+                )
+            )
         outcome = "recovered" if report.status is not Status.UNHEALTHY else "restored, but unhealthy"
         if report.status is Status.UNHEALTHY:
             raise CheckFailed(
@@ -618,6 +685,7 @@ def recover_data(
             "backup_id": manifest.id,
             "target_database": preflight.target_database,
             "old_database": restore.old_database if restore else None,
+            "kept_changed_tables": restore.kept_changed_tables if restore else [],
             "replicas": {r.service: r.replicas for r in recorded},
             "validations": [{"query": v.query, "ok": v.ok, "value": v.value} for v in validations],
             "health": report.status.value,

@@ -16,12 +16,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from flows.migrate import migrate_database
-from tasks import backups, health, migrations, reports
+from tasks import backups, health, migrations, reports, writers
 from tasks.errors import ApprovalRejected, CheckFailed, LockBusy
 from tasks.health import HealthReport, Status
 from tasks.migrations import MaintenanceChange, SmokeResult
 from tasks.runlog import run_logger
 from tasks.settings import OpsSettings, load_settings
+from tasks.writers import WritesPolicy
 
 EVENT_PREFIX = "swagger2mcp-ops.maintenance"
 
@@ -96,6 +97,15 @@ def render_markdown(report: MaintenanceReport) -> str:
             f"Migration: {report.migration.get('outcome')}"
             f" (backup {report.migration.get('backup_id') or '-'})",
         ]
+        kept = report.migration.get("kept_database")
+        if kept:
+            changed = report.migration.get("kept_changed_tables") or []
+            lines += [
+                "",
+                f"The database the migration's restore replaced is kept as `{kept}` (read-only by default;"
+                f" open it: `{report.migration.get('kept_open_command')}`). Tables whose rows changed there"
+                f" since the backup: {', '.join(f'`{t}`' for t in changed) or 'none'}.",
+            ]
     if report.notified:
         lines += ["", "Notifications (events): " + ", ".join(f"`{e}`" for e in report.notified)]
     return "\n".join(lines)
@@ -150,6 +160,7 @@ def maintenance_window(
     approve: bool = False,
     run_migrations: bool = True,
     message: str = "Scheduled maintenance",
+    writes_policy: WritesPolicy = "stop",
 ) -> dict[str, Any]:
     """Runbook "Maintenance Procedures" / "Scheduled Downtime".
 
@@ -157,8 +168,10 @@ def maintenance_window(
     2. Maintenance mode on, with the configured command or HTTP call (``migrations.maintenance_*``);
        when none is configured the report says the application stays reachable.
     3. Backup of the database (verified at catalog level).
-    4. Migrations: the ``migrate-database`` flow as a subflow (its own backup, plan, approval, apply,
-       verify, restore on failure).
+    4. Migrations: the ``migrate-database`` flow as a subflow (its own plan, approval, backup, apply,
+       verify, restore on failure keeping the replaced database). With maintenance mode on, the
+       subflow is told the writers are stopped; without it, the subflow stops them through the runtime
+       (``writes_policy``), or the window refuses before anything happens when nothing can stop them.
     5. Smoke tests: the health check and the configured smoke queries.
     6. Maintenance mode off: after success, after a migration that applied nothing (rejected, lock
        busy), and after a failed migration whose restore was proven (the application's old code
@@ -170,6 +183,8 @@ def maintenance_window(
         approve: pre-approve the migration (otherwise its approval form pauses the subflow).
         run_migrations: run the migrate-database subflow.
         message: what users are told (in the events' payload and the report).
+        writes_policy: ``stop`` (default) or ``keep-running`` (the operator's explicit choice), as for
+            migrate-database; with maintenance mode configured, ``stop`` is what maintenance mode does.
 
     Returns:
         A summary of every step.
@@ -178,8 +193,17 @@ def maintenance_window(
         MaintenanceFailed: a step failed; says whether maintenance mode was left on.
     """
     settings = load_settings()
+    subflow_policy: str = writes_policy
     if run_migrations:
         migrations.require_configured(settings)
+        if writes_policy == "stop" and (
+            settings.migrations.maintenance_on_argv or settings.migrations.maintenance_on_url
+        ):
+            # This flow's own maintenance mode stops the writers for the whole window.
+            subflow_policy = "stopped-by-caller"
+        if not dry_run:
+            # Refused here, before the first notification or switch, when nothing can stop the writers.
+            writers.plan_writer_stop(settings, subflow_policy)
     report = MaintenanceReport(
         stack=settings.stack,
         database=migrations.target_database(settings),
@@ -200,7 +224,9 @@ def maintenance_window(
 
         safe_to_reopen = True
         if run_migrations:
-            state = migrate_database(dry_run=dry_run, approve=approve, return_state=True)
+            state = migrate_database(
+                dry_run=dry_run, approve=approve, writes_policy=subflow_policy, return_state=True
+            )
             if state.is_completed():
                 report.migration = state.result()
                 report.step("migrate", "done", str(report.migration.get("outcome")))

@@ -1,8 +1,10 @@
 """Runbook: "Maintenance Procedures" / "Database Migrations".
 
-Backup first, plan, approval, apply, verify; if anything fails after applying started, restore the
-backup, prove the data equals it, and end Failed. The restore is an explicit task in this flow body
-(with retries and its own log), not a transaction rollback hook.
+Plan, approval, then the window: stop the application's writers, back up, apply, verify; if anything
+fails after applying started, restore the backup (the replaced database is kept, read-only, and the
+report lists its tables whose rows changed since the backup), prove the data equals the backup, start
+the writers again and end Failed. The restore is an explicit task in this flow body (with retries and
+its own log), not a transaction rollback hook.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from prefect.input import RunInput
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from tasks import backups, health, migrations, postgres, reports
+from tasks import backups, health, migrations, postgres, reports, writers
 from tasks.backups import BackupManifest, RestoreResult, TableComparison
 from tasks.errors import ApprovalRejected, OpsError, ParameterError
 from tasks.health import HealthReport, Status
@@ -36,6 +38,7 @@ from tasks.migrations import (
 )
 from tasks.runlog import run_logger
 from tasks.settings import OpsSettings, load_settings
+from tasks.writers import WritersNotStoppable, WriterStopPlan, WriterStopRecord, WritesPolicy
 
 EVENT_PREFIX = "swagger2mcp-ops.migration"
 SQL_SHOWN_PER_REVISION = 6000
@@ -72,7 +75,11 @@ class MigrationReport:
     database: str
     tool: str
     dry_run: bool
+    target: str = migrations.HEAD
     outcome: str = "started"
+    writers_plan: WriterStopPlan | None = None
+    writers_refusal: str | None = None
+    writers: WriterStopRecord | None = None
     lock: str = ""
     plan: MigrationPlan | None = None
     backup: BackupManifest | None = None
@@ -100,6 +107,12 @@ class MigrationReport:
             "restored": self.restore is not None,
             "data_matches_backup": self.comparison.matches if self.comparison else None,
             "failure": self.failure,
+            "target": self.target,
+            "writers": self.writers_plan.as_dict() if self.writers_plan else None,
+            "writer_events": list(self.writers.events) if self.writers else [],
+            "kept_database": self.restore.old_database if self.restore and self.restore.old_kept else None,
+            "kept_changed_tables": self.restore.kept_changed_tables if self.restore else [],
+            "kept_open_command": self.restore.kept_open_command if self.restore else "",
             "timings": dict(self.timings),
         }
 
@@ -116,7 +129,7 @@ def timed(report: MigrationReport, step: str) -> Iterator[None]:
 
 def render_plan(plan: MigrationPlan) -> str:
     """The plan as markdown: each pending revision with its SQL, or the tool's status output."""
-    lines = [f"## Plan ({plan.tool}) for `{plan.database}`", ""]
+    lines = [f"## Plan ({plan.tool}) for `{plan.database}`, target `{plan.requested_target}`", ""]
     if not plan.pending:
         return "\n".join([*lines, "Nothing pending: the database is at the latest migration."])
     if plan.tool == "alembic":
@@ -165,6 +178,12 @@ def render_markdown(report: MigrationReport) -> str:
             f"**Backup taken before applying:** `{report.backup.id}` ({report.backup.total_rows} rows in"
             f" {len(report.backup.tables)} tables, verified: {report.backup.strongest_verified or 'no'})",
         ]
+    if report.writers_plan is not None:
+        lines += ["", f"**Writers:** {report.writers_plan.detail}"]
+    elif report.writers_refusal:
+        lines += ["", f"**Writers:** a real run would refuse: {report.writers_refusal}"]
+    if report.writers is not None and report.writers.events:
+        lines += ["", *[f"- {e}" for e in report.writers.events]]
     if report.approval:
         lines += ["", f"**Approval:** {report.approval}"]
     if report.restore is not None:
@@ -175,6 +194,8 @@ def render_markdown(report: MigrationReport) -> str:
             f"Backup `{report.restore.backup_id}` restored into `{report.restore.target_database}` in"
             f" {report.restore.duration_seconds:.1f}s"
             f" ({report.restore.terminated_connections} sessions ended).",
+            "",
+            *report.restore.kept_lines(),
         ]
     if report.comparison is not None:
         verdict = "**data matches the backup**" if report.comparison.matches else "**DATA DIFFERS**"
@@ -296,15 +317,41 @@ def take_backup(settings: OpsSettings, report: MigrationReport) -> BackupManifes
 def _restore_and_prove(
     settings: OpsSettings, report: MigrationReport, manifest: BackupManifest
 ) -> TableComparison:
-    """Restore ``manifest`` into the target, then compare the target with it; both recorded in the report."""
+    """Restore ``manifest`` into the target, then compare the target with it; both recorded in the report.
+
+    The replaced database is always kept (read-only by default) and compared with the backup, so the
+    report names it and lists its tables whose rows changed since the backup's snapshot.
+    """
     with timed(report, "restore"):
         # The run holds the database's restore lock (migration_lock) on its own session.
         report.restore = restore_backup(
-            settings, manifest.id, target_database=report.database, database_lock_held=True
+            settings, manifest.id, target_database=report.database, database_lock_held=True, keep_old=True
         )
     with timed(report, "prove-restore"):
         report.comparison = compare_to_backup(settings, manifest, report.database)
     return report.comparison
+
+
+def _kept_sentence(report: MigrationReport) -> str:
+    """One sentence for an error message: where the replaced database is and what changed in it."""
+    restore = report.restore
+    if restore is None or not restore.old_kept or not restore.old_database:
+        return ""
+    changed = restore.kept_changed_tables
+    return (
+        f" The replaced database is kept as {restore.old_database} (read-only; open it with"
+        f" {restore.kept_open_command})"
+        + (
+            f"; tables whose rows changed there since the backup: {', '.join(changed)}"
+            if changed
+            else "; none of its rows differ from the backup"
+        )
+        + (
+            ""
+            if report.writers_plan is None or report.writers_plan.stops
+            else ". Writers kept running: their writes after the backup are only in that database"
+        )
+    )
 
 
 @flow(name="migrate-database", log_prints=True)
@@ -313,48 +360,78 @@ def migrate_database(
     approve: bool = False,
     restore_interrupted: bool = False,
     resolve_interrupted_run: str | None = None,
+    target: str = migrations.HEAD,
+    writes_policy: WritesPolicy = "stop",
 ) -> dict[str, Any]:
-    """Runbook "Database Migrations": backup, plan, approval, apply, verify; restore on failure.
+    """Runbook "Database Migrations": plan, approval, stop writers, backup, apply, verify; restore on failure.
 
-    1. Preflight: the database answers; the migration lock (a PostgreSQL advisory lock) is held for
+    1. Preflight: the target and the writers policy are checked (a bad one fails before anything is
+       touched); the database answers; the migration lock (a PostgreSQL advisory lock) is held for
        the whole run (a second run waits ``migrations.lock_timeout_seconds``, then fails naming the
        holder); a run that was interrupted earlier stops this one (see ``restore_interrupted``).
-    2. Plan: Alembic's ``upgrade --sql`` per pending revision, or the tool's status output. Nothing
-       pending: the run completes and changes nothing. A dry run stops after publishing the plan.
-    3. Backup (verified at catalog level) with content hashes; its id is in the report.
-    4. Approval form showing the plan and the backup id, unless ``approve`` pre-approves.
-    5. Apply (a durable "in progress" marker is written first), then verify: at the target revision,
-       smoke queries pass, the health check is not unhealthy.
-    6. Any failure in 5: restore the backup, prove the database equals it, end Failed saying so.
+    2. Plan up to ``target``: Alembic's ``upgrade --sql`` per pending revision, or the tool's status
+       output and apply command. Nothing pending: the run completes and changes nothing. A dry run
+       stops after publishing the plan (and says how the writers would be treated).
+    3. Approval form showing the plan, the target and how the writers are treated, unless ``approve``
+       pre-approves. The wait happens here, before the writers stop and before the backup.
+    4. The window: the writers stop (maintenance mode, or the writing services scaled to 0; see
+       ``writes_policy``); the backup is taken (catalog-verified, with content hashes); apply (a
+       durable "in progress" marker is written first), then verify: at the target revision, smoke
+       queries pass.
+    5. Any failure in 4: restore the backup, keeping the replaced database (read-only) and listing its
+       tables whose rows changed since the backup; prove the database equals the backup; end Failed.
+    6. The writers start again (also on failure), then the health check.
 
     Args:
         dry_run: plan only (the default); nothing is backed up or applied.
         approve: pre-approve (staging, CI); otherwise a human approves in the UI.
         restore_interrupted: when an earlier run was interrupted mid-apply, restore the backup it
-            recorded (after approval), prove the data equals it, and stop; run again to migrate.
+            recorded (after approval, writers stopped), prove the data equals it, and stop.
         resolve_interrupted_run: the id of an interrupted run an operator checked by hand; it is
             marked resolved and this run continues.
+        target: the revision to migrate to: ``head`` (every pending migration, the default), an
+            Alembic revision id, or for a command tool the value its ``migrations.apply_target_argv``
+            takes.
+        writes_policy: ``stop`` (default): stop the writers for the window with the application's
+            maintenance mode (``migrations.maintenance_*``) or, without it, by scaling the writing
+            services to 0 through the runtime; refused before anything happens when neither is
+            configured. ``keep-running``: the operator's explicit choice to leave them running (their
+            writes after the backup end up only in the kept database on a restore).
+            ``stopped-by-caller``: a calling flow (maintenance-window) already stopped them.
 
     Returns:
-        A summary: outcome, pending and applied revisions, backup id, restore evidence, timings.
+        A summary: outcome, target, pending and applied revisions, backup id, how the writers were
+        treated, restore evidence, the kept database and its changed tables, timings.
 
     Raises:
+        WritersNotStoppable: ``writes_policy`` is ``stop`` and nothing can stop the writers.
+        ParameterError: a bad target or parameter combination (nothing touched).
         InterruptedMigration: an earlier run did not finish (names its backup and the way out).
         LockBusy: another migration of the same database is running (names it).
         ApprovalRejected: rejected or timed out; nothing was applied.
-        MigrationFailed: apply or verify failed; says whether the restore happened and matched.
+        MigrationFailed: apply or verify failed; says whether the restore happened and matched, and
+            where the replaced database is kept.
     """
     settings = load_settings()
     migrations.require_configured(settings)
     if restore_interrupted and resolve_interrupted_run:
         raise ParameterError("pass restore_interrupted or resolve_interrupted_run, not both")
+    migrations.require_target(settings, target)
     logger = run_logger(__name__)
     report = MigrationReport(
         stack=settings.stack,
         database=migrations.target_database(settings),
         tool=settings.migrations.tool,
         dry_run=dry_run,
+        target=target,
     )
+    try:
+        report.writers_plan = writers.plan_writer_stop(settings, writes_policy)
+    except WritersNotStoppable as exc:
+        if not dry_run:
+            raise
+        # A dry run touches nothing, so it still shows the plan, and says the real run would refuse.
+        report.writers_refusal = str(exc)
     owner = f"migrate-database {flow_run.get_name() or ''} {flow_run.get_id() or ''}".strip()
     try:
         with timed(report, "preflight"):
@@ -384,6 +461,14 @@ def migrate_database(
         publish_report(report)
 
 
+def _approval_what(report: MigrationReport, action: str) -> str:
+    assert report.writers_plan is not None
+    return (
+        f"{action}. Writers: {report.writers_plan.detail}. The backup is taken after this approval,"
+        " once the writers are stopped"
+    )
+
+
 def _migrate(
     settings: OpsSettings,
     report: MigrationReport,
@@ -394,7 +479,6 @@ def _migrate(
     resolve_run: str | None,
 ) -> None:
     """The body of the flow while the lock is held (steps 1-6 of its docstring)."""
-    logger = run_logger(__name__)
     if resolve_run:
         resolved = migrations.resolve_run_task(settings, resolve_run, note=f"resolved by {flow_run.get_id()}")
         report.notes.append(f"interrupted run {resolved.id} marked resolved by the operator")
@@ -414,13 +498,8 @@ def _migrate(
             " nothing was done"
         )
 
-    # A tool whose status command writes (knex creates its bookkeeping tables) is backed up before
-    # that command runs, so a restore gives back exactly the database as it was before this run.
-    backup_first = not dry_run and not migrations.status_is_read_only(settings)
-    if backup_first:
-        take_backup(settings, report)
     with timed(report, "plan"):
-        report.plan = migrations.plan_migrations_task(settings)
+        report.plan = migrations.plan_migrations_task(settings, report.target)
     if not report.plan.pending:
         report.outcome = "up-to-date"
         return
@@ -433,16 +512,46 @@ def _migrate(
         if not migrations.status_is_read_only(settings):
             report.notes.append("the tool's status command may have created its own bookkeeping tables")
         return
-    if not backup_first:
-        take_backup(settings, report)
 
+    # The approval wait comes before the window: nothing is stopped and no backup ages while waiting.
     with timed(report, "approval"):
         report.approval = (
             "pre-approved by the approve parameter"
             if approve
-            else ask_approval(settings, report, f"apply {len(report.plan.steps)} migration step(s)")
+            else ask_approval(
+                settings,
+                report,
+                _approval_what(
+                    report, f"apply {len(report.plan.steps)} migration step(s) up to {report.target}"
+                ),
+            )
         )
+    assert report.writers_plan is not None
+    with timed(report, "writers-window"), writers.writers_stopped(settings, report.writers_plan) as record:
+        report.writers = record
+        _apply_in_window(settings, report)
+    with timed(report, "health"):
+        report.health = check_health(settings)
+    if report.health.status is Status.UNHEALTHY:
+        # The writers run again on the migrated schema: restoring now would discard their writes, so
+        # this is reported for an operator to decide, with the backup to restore if they choose to.
+        report.outcome = "migrated-unhealthy"
+        raise MigrationFailed(
+            "migrated and verified, but the health check is unhealthy once the writers run again: "
+            + "; ".join(f"{n}: {report.health.checks[n].error}" for n in report.health.failed_checks)
+            + f". Nothing was restored (the application writes again). Run diagnose; to go back, restore"
+            f" backup {report.backup.id if report.backup else '-'} with restore-database",
+            report.summary(),
+        )
+    report.outcome = "migrated"
 
+
+def _apply_in_window(settings: OpsSettings, report: MigrationReport) -> None:
+    """Backup, apply, verify with the writers stopped; restore (keeping the replaced database) on failure."""
+    logger = run_logger(__name__)
+    assert report.plan is not None
+    take_backup(settings, report)
+    assert report.backup is not None
     report.outcome = "applying"
     try:
         with timed(report, "apply"):
@@ -451,15 +560,8 @@ def _migrate(
             )
         with timed(report, "verify"):
             report.verification = migrations.verify_migrations_task(settings, report.plan)
-            report.health = check_health(settings)
-        problems = list(report.verification.problems)
-        if report.health.status is Status.UNHEALTHY:
-            problems.append(
-                "health check unhealthy: "
-                + "; ".join(f"{n}: {report.health.checks[n].error}" for n in report.health.failed_checks)
-            )
-        if problems:
-            raise MigrationVerifyFailed("verification failed: " + "; ".join(problems))
+        if report.verification.problems:
+            raise MigrationVerifyFailed("verification failed: " + "; ".join(report.verification.problems))
     except Exception as exc:
         report.outcome = "failed"
         report.failure = f"{type(exc).__name__}: {exc}"
@@ -482,23 +584,23 @@ def _migrate(
             report.outcome = "failed-restore-differs"
             raise MigrationFailed(
                 f"{report.failure}. Backup {report.backup.id} was restored but the database DIFFERS from"
-                f" it: {comparison.summary()}. Investigate before anything else",
+                f" it: {comparison.summary()}. Investigate before anything else.{_kept_sentence(report)}",
                 report.summary(),
             ) from exc
         report.outcome = "failed-restored"
         raise MigrationFailed(
             f"{report.failure}. Backup {report.backup.id} was restored and the data matches it"
-            f" ({comparison.summary()}); nothing of this migration remains",
+            f" ({comparison.summary()}).{_kept_sentence(report)}",
             report.summary(),
         ) from exc
     migrations.finish_run_task(settings, report.applied, report.verification)
-    report.outcome = "migrated"
 
 
 def _restore_interrupted(
     settings: OpsSettings, report: MigrationReport, *, dry_run: bool, approve: bool
 ) -> None:
-    """Restore the backup an interrupted run recorded, after approval, and prove the data equals it."""
+    """Restore the backup an interrupted run recorded, after approval and with the writers stopped, and
+    prove the data equals it (the replaced database is kept)."""
     recorded = [r.backup_id for r in report.interrupted if r.backup_id]
     if not recorded:
         report.outcome = "interrupted-run-found"
@@ -516,16 +618,24 @@ def _restore_interrupted(
     report.approval = (
         "pre-approved by the approve parameter"
         if approve
-        else ask_approval(settings, report, f"restore backup {report.backup.id} over {report.database}")
+        else ask_approval(
+            settings,
+            report,
+            _approval_what(report, f"restore backup {report.backup.id} over {report.database}"),
+        )
     )
-    comparison = _restore_and_prove(settings, report, report.backup)
+    assert report.writers_plan is not None
+    with writers.writers_stopped(settings, report.writers_plan) as record:
+        report.writers = record
+        comparison = _restore_and_prove(settings, report, report.backup)
     if not comparison.matches:
         report.outcome = "restore-differs"
         raise MigrationFailed(
             f"backup {report.backup.id} was restored but {report.database} differs from it:"
-            f" {comparison.summary()}"
+            f" {comparison.summary()}.{_kept_sentence(report)}"
         )
     report.outcome = "restored-interrupted"
     report.notes.append(
         f"the database is back at backup {report.backup.id} (data proven equal); run migrate-database again"
     )
+    report.notes += report.restore.kept_lines() if report.restore else []

@@ -259,7 +259,8 @@ class RestorePreflight:
                 f" {self.target_database} in one transaction"
             )
             steps.append(
-                f"keep {self.old_database}"
+                f"keep {self.old_database} (read-only by default) and list its tables whose rows changed"
+                " since the backup"
                 if self.keep_old
                 else f"drop {self.old_database} (the old database)"
             )
@@ -281,6 +282,42 @@ class RestoreResult:
     comparison: TableComparison
     commands: list[str]
     duration_seconds: float
+    # The kept database compared with the backup: its tables whose rows changed since the backup's
+    # snapshot (the writes a restore took out of service), or why the compare could not run.
+    kept_changes: TableComparison | None = None
+    kept_compare_error: str | None = None
+    kept_open_command: str = ""
+
+    @property
+    def kept_changed_tables(self) -> list[str]:
+        """Tables of the kept database whose rows differ from the backup (empty when none kept)."""
+        return [d.table for d in self.kept_changes.differences] if self.kept_changes else []
+
+    def kept_lines(self) -> list[str]:
+        """What an operator is told about the kept database: its name, how to open it, what changed."""
+        if not self.old_database or not self.old_kept:
+            return []
+        lines = [
+            f"The replaced database is kept as `{self.old_database}` (read-only by default; nothing was"
+            f" dropped). Open it: `{self.kept_open_command}`"
+        ]
+        if self.kept_changes is not None:
+            if self.kept_changes.matches:
+                lines.append(f"It holds no row that differs from backup {self.backup_id}.")
+            else:
+                lines.append(
+                    f"Tables whose rows changed since backup {self.backup_id} (these changes are only in"
+                    f" `{self.old_database}`):"
+                )
+                lines += [
+                    f"- `{d.table}`: {d.actual_rows if d.actual_rows is not None else 'absent'} rows there,"
+                    f" {d.expected_rows if d.expected_rows is not None else 'absent'} in the backup"
+                    + ("" if d.expected_rows != d.actual_rows else " (content differs)")
+                    for d in self.kept_changes.differences
+                ]
+        elif self.kept_compare_error:
+            lines.append(f"It could not be compared with the backup: {self.kept_compare_error}")
+        return lines
 
 
 @dataclass(frozen=True)
@@ -1755,7 +1792,6 @@ def restore_preflight(
         ).fetchone()
         exists = row is not None
         connections = _connections(conn, target) if exists else []
-    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
     return RestorePreflight(
         backup_id=manifest.id,
         backup_finished_at=manifest.finished_at,
@@ -1767,7 +1803,7 @@ def restore_preflight(
         target_size_bytes=int(row[0]) if row is not None else None,
         connections=connections,
         scratch_database=scratch_name(target, "restore"),
-        old_database=(target[: 63 - len(stamp) - 6] + f"__old_{stamp}") if exists else None,
+        old_database=kept_name(target) if exists else None,
         keep_old=keep_old,
     )
 
@@ -1903,8 +1939,31 @@ def _swap(settings: OpsSettings, target: str, scratch: str, old: str | None) -> 
                     sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(target))
                 )
             raise
-        # The old database keeps connections blocked until someone looks at it on purpose.
+        # The old database stays open to psql and pg_dump, read-only by default: nothing connects to it
+        # by its new name unless on purpose, and an operator recovering rows must be able to read them.
+        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(old)))
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(sql.Identifier(old))
+        )
         return terminated
+
+
+def kept_open_command(settings: OpsSettings, database: str) -> str:
+    """The psql command that opens a kept database (password masked), read-only by default."""
+    url = mask_url(postgres.libpq_dsn(settings.postgres.dsn.get_secret_value(), database=database))
+    return f"psql '{url}'  (pg_dump -Fc -d '{url}' -t <table> to take rows out)"
+
+
+def _kept_changes(
+    settings: OpsSettings, manifest: BackupManifest, kept: str
+) -> tuple[TableComparison | None, str | None]:
+    """The kept database compared with the backup, or why it could not be (the restore stands)."""
+    try:
+        return compare_database_to_manifest(settings, manifest, kept), None
+    except (BackupError, psycopg.Error) as exc:
+        message = _pg_error(exc, settings) if isinstance(exc, psycopg.Error) else str(exc)
+        run_logger(__name__).warning("restore: could not compare the kept database %s: %s", kept, message)
+        return None, message
 
 
 def restore_backup(
@@ -1923,7 +1982,10 @@ def restore_backup(
     and check its sha256 before anything is touched; restore into a new scratch database; compare it with
     the manifest; then, under an advisory lock, block and end the target's sessions and swap the two
     databases with ``ALTER DATABASE ... RENAME`` in one transaction. The old database is kept renamed
-    (``<target>__old_<time>``, connections blocked) when ``keep_old``, else dropped.
+    (``<target>__old_<time>``, open to psql/pg_dump, read-only by default) when ``keep_old``, and
+    compared with the backup so the result lists its tables whose rows changed since the backup's
+    snapshot (the writes the restore took out of service); else it is dropped (by-hand restores only:
+    automatic restores always keep it).
 
     Args:
         settings: the loaded settings.
@@ -2004,6 +2066,16 @@ def restore_backup(
             drop_database(settings, old)
             commands.append(f"DROP DATABASE {old}")
     logger.info("restored backup %s into %s (%s sessions ended)", manifest.id, target, terminated)
+    kept_changes, kept_error = (None, None)
+    if old is not None and keep_old:
+        kept_changes, kept_error = _kept_changes(settings, manifest, old)
+        if kept_changes is not None and not kept_changes.matches:
+            logger.warning(
+                "the kept database %s has rows that changed since backup %s in: %s",
+                old,
+                manifest.id,
+                ", ".join(d.table for d in kept_changes.differences),
+            )
     return RestoreResult(
         backup_id=manifest.id,
         target_database=target,
@@ -2014,6 +2086,172 @@ def restore_backup(
         comparison=comparison,
         commands=commands,
         duration_seconds=round(time.monotonic() - started, 3),
+        kept_changes=kept_changes,
+        kept_compare_error=kept_error,
+        kept_open_command=kept_open_command(settings, old) if old is not None and keep_old else "",
+    )
+
+
+@dataclass(frozen=True)
+class SwapBackPreflight:
+    """What putting a kept database back in place would do, computed without touching anything."""
+
+    kept_database: str
+    target_database: str
+    kept_size_bytes: int
+    target_size_bytes: int
+    connections: list[ConnectionInfo]
+    replaced_database: str
+
+    def steps(self) -> list[str]:
+        return [
+            f"count and hash every table of {self.kept_database}",
+            f"block new connections to {self.target_database} and end its {len(self.connections)} sessions",
+            f"rename {self.target_database} -> {self.replaced_database} and {self.kept_database} ->"
+            f" {self.target_database} in one transaction",
+            f"keep {self.replaced_database} (read-only by default): nothing is dropped",
+            f"count and hash every table of {self.target_database} and prove it equals what"
+            f" {self.kept_database} held",
+        ]
+
+
+_STAMP = "%Y%m%d%H%M%S"
+
+
+def kept_name(target: str, at: datetime | None = None) -> str:
+    """The name a restore gives the database it replaces: ``<target>__old_<UTC time>``, at most 63 bytes."""
+    stamp = (at or datetime.now(UTC)).strftime(_STAMP)
+    return target[: 63 - len(stamp) - 6] + f"__old_{stamp}"
+
+
+def _is_kept_of(kept: str, target: str) -> bool:
+    prefix = target[: 63 - len(datetime.now(UTC).strftime(_STAMP)) - 6] + "__old_"
+    return kept.startswith(prefix) and kept[len(prefix) :].isdigit()
+
+
+def swap_back_preflight(
+    settings: OpsSettings, kept_database: str, *, target_database: str
+) -> SwapBackPreflight:
+    """What :func:`swap_back` would do; reads only.
+
+    Raises:
+        ParameterError: ``kept_database`` is not a database a restore of ``target_database`` kept.
+        DatabaseNotFound: either database does not exist.
+    """
+    if not _is_kept_of(kept_database, target_database):
+        raise ParameterError(
+            f"{kept_database!r} is not a database a restore of {target_database!r} kept (those are named"
+            f" {kept_name(target_database)[:-14]}<time>); nothing was done"
+        )
+    with _maintenance(settings) as conn:
+        sizes = dict(
+            conn.execute(
+                "SELECT datname, pg_database_size(datname) FROM pg_database WHERE datname = ANY(%s)",
+                ([kept_database, target_database],),
+            ).fetchall()
+        )
+        for name in (kept_database, target_database):
+            if name not in sizes:
+                raise DatabaseNotFound(
+                    f"database {name!r} does not exist on {_server(settings)}; nothing was done"
+                )
+        connections = _connections(conn, target_database)
+        # A swap back within the same second as the restore would reuse the kept name: step past it.
+        now = datetime.now(UTC)
+        replaced = kept_name(target_database, now)
+        for seconds in range(1, 120):
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (replaced,)).fetchone():
+                break
+            replaced = kept_name(target_database, now + timedelta(seconds=seconds))
+    return SwapBackPreflight(
+        kept_database=kept_database,
+        target_database=target_database,
+        kept_size_bytes=int(sizes[kept_database]),
+        target_size_bytes=int(sizes[target_database]),
+        connections=connections,
+        replaced_database=replaced,
+    )
+
+
+def _database_stats(settings: OpsSettings, database: str) -> dict[str, TableStats]:
+    """Counts and content hashes of every table of ``database`` in one read-only snapshot."""
+    timeout_ms = int(settings.backup.restore_timeout_seconds * 1000)
+    with _connect(settings, database, purpose="backup-compare") as conn:
+        conn.execute(f"SET statement_timeout = {timeout_ms}")
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            return table_stats(conn, algorithm=CONTENT_HASH_ALGORITHM)
+
+
+def swap_back(
+    settings: OpsSettings,
+    kept_database: str,
+    *,
+    target_database: str,
+    database_lock_held: bool = False,
+) -> RestoreResult:
+    """Undo a restore: put the database it kept back in place of ``target_database``, with proof.
+
+    The kept database's tables are counted and hashed; its read-only default is lifted; then, under the
+    target's lock, the target's sessions are ended and the two are swapped by rename in one transaction
+    (the current target is kept as ``<target>__old_<time>``, read-only by default: nothing is dropped);
+    finally the target is counted and hashed again and compared with what the kept database held.
+    Stop the application's writers first (recover-data's scale to 0, maintenance mode): a write that
+    lands between the swap and that count shows up as a difference (both databases are kept then).
+
+    Returns:
+        The change record; ``comparison`` proves the target now holds what was kept, ``old_database``
+        names the database it replaced.
+
+    Raises:
+        ParameterError / DatabaseNotFound: nothing was touched.
+        RestoreFailed: the target after the swap differs from what was kept (both databases stay).
+        LockBusy: another run works on the same database.
+    """
+    started = time.monotonic()
+    plan = swap_back_preflight(settings, kept_database, target_database=target_database)
+    logger = run_logger(__name__)
+    before = _database_stats(settings, kept_database)
+    with contextlib.ExitStack() as held:
+        lock_conn = held.enter_context(_maintenance(settings))
+        if not database_lock_held:
+            held.enter_context(
+                postgres.advisory_lock(
+                    lock_conn, database_lock_name(target_database), settings.backup.lock_timeout_seconds
+                )
+            )
+        lock_conn.execute(
+            sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(
+                sql.Identifier(kept_database)
+            )
+        )
+        terminated = _swap(settings, target_database, kept_database, plan.replaced_database)
+    after = _database_stats(settings, target_database)
+    comparison = compare_stats(
+        before, after, database=target_database, backup_id=f"kept database {kept_database}"
+    )
+    if not comparison.matches:
+        raise RestoreFailed(
+            f"{target_database} after the swap differs from what {kept_database} held:"
+            f" {comparison.summary()}; the database it replaced is kept as {plan.replaced_database}"
+        )
+    logger.info("swapped %s back in as %s; %s kept", kept_database, target_database, plan.replaced_database)
+    return RestoreResult(
+        backup_id=kept_database,
+        target_database=target_database,
+        scratch_database=kept_database,
+        old_database=plan.replaced_database,
+        old_kept=True,
+        terminated_connections=terminated,
+        comparison=comparison,
+        commands=[
+            f"ALTER DATABASE {kept_database} RESET default_transaction_read_only",
+            f"ALTER DATABASE {target_database} RENAME TO {plan.replaced_database};"
+            f" ALTER DATABASE {kept_database} RENAME TO {target_database}",
+            f"ALTER DATABASE {plan.replaced_database} SET default_transaction_read_only = on",
+        ],
+        duration_seconds=round(time.monotonic() - started, 3),
+        kept_open_command=kept_open_command(settings, plan.replaced_database),
     )
 
 
@@ -2196,6 +2434,9 @@ checksum_backup_task = _wrap(_checksum, "checksum-backup", retries=1, delay=10)
 retention_plan_task = _wrap(retention_plan, "plan-retention")
 delete_backups_task = _wrap(delete_backups, "delete-backups")
 compare_database_task = _wrap(compare_database_to_manifest, "compare-database-to-manifest")
+swap_back_preflight_task = _wrap(swap_back_preflight, "swap-back-preflight")
+# No retries: a failed proof must be looked at, not swapped again.
+swap_back_task = _wrap(swap_back, "swap-back-kept-database")
 
 __all__ = [
     "BackupCorrupt",

@@ -39,11 +39,13 @@ from psycopg import sql
 
 from tasks import backups, locks, postgres
 from tasks.commands import CommandResult, run_command
-from tasks.errors import CheckFailed, OpsError, SettingsError
+from tasks.errors import CheckFailed, OpsError, ParameterError, SettingsError
 from tasks.runlog import run_logger
 from tasks.settings import OpsSettings
 
 RUNS_TABLE = "migration_runs"
+# The target that means "every pending migration" (Alembic's head; a command tool's plain apply).
+HEAD = "head"
 # Statuses of a run that left the database in a state nobody verified.
 UNFINISHED = ("applying", "verifying", "failed")
 
@@ -106,6 +108,7 @@ class MigrationPlan:
     steps: tuple[RevisionStep, ...]
     status_output: str = ""
     apply_command: str = ""
+    requested_target: str = HEAD
 
     @property
     def pending(self) -> bool:
@@ -233,6 +236,52 @@ def require_configured(settings: OpsSettings) -> None:
             raise SettingsError(f"migrations.script_location {location} has no env.py")
     elif cfg.cwd is not None and not Path(cfg.cwd).is_dir():
         raise SettingsError(f"migrations.cwd {cfg.cwd} is not a directory")
+
+
+def _is_head(target: str) -> bool:
+    return target in (HEAD, "heads")
+
+
+def require_target(settings: OpsSettings, target: str) -> None:
+    """Fail before any side effect when ``target`` cannot be honoured by the configured tool.
+
+    Raises:
+        ParameterError: an empty target; a command tool with a target other than ``head`` and no
+            ``migrations.apply_target_argv``; an Alembic revision the app's scripts do not have.
+    """
+    if not target or not target.strip():
+        raise ParameterError("target must name a revision, or be 'head' (every pending migration)")
+    if _is_head(target):
+        return
+    if settings.migrations.tool == "command":
+        if not settings.migrations.apply_target_argv:
+            raise ParameterError(
+                f"target {target!r} was asked but the migration tool takes no target here: set"
+                " OPS_MIGRATIONS__APPLY_TARGET_ARGV to its apply command with '{target}' where the target"
+                ' goes (e.g. ["npx", "node-pg-migrate", "up", "{target}"]), or use target=\'head\'.'
+                " Nothing was done"
+            )
+        return
+    _resolve_alembic_target(_script(settings), target)
+
+
+def _resolve_alembic_target(script: Any, target: str) -> str:
+    from alembic.util import CommandError
+
+    try:
+        revision = script.get_revision(target)
+    except CommandError as exc:
+        raise ParameterError(f"target {target!r} is not a revision of the app's migrations: {exc}") from None
+    if revision is None:
+        raise ParameterError(f"target {target!r} is not a revision of the app's migrations")
+    return str(revision.revision)
+
+
+def target_argv(settings: OpsSettings, target: str) -> list[str]:
+    """The command tool's apply argv for ``target`` (the plain apply for ``head``)."""
+    if _is_head(target):
+        return list(settings.migrations.apply_argv)
+    return [a.replace("{target}", target) for a in settings.migrations.apply_target_argv]
 
 
 @contextlib.contextmanager
@@ -512,10 +561,18 @@ def _alembic_current(settings: OpsSettings) -> tuple[str, ...]:
     return tuple(sorted(heads))
 
 
-def _pending_revisions(script: Any, current: tuple[str, ...]) -> list[Any]:
-    """Pending revisions from the oldest to the newest."""
+def _pending_revisions(script: Any, current: tuple[str, ...], upper: str = "heads") -> list[Any]:
+    """Pending revisions up to ``upper`` (a revision id, or every head), from the oldest to the newest.
+
+    A target the database already reached (an ancestor of, or equal to, a current revision) has
+    nothing pending: this never plans a downgrade.
+    """
+    if upper != "heads" and current:
+        applied = {r.revision for r in script.iterate_revisions(current, "base")}
+        if upper in applied:
+            return []
     lower = current if current else None
-    revs = list(script.iterate_revisions("heads", lower))
+    revs = list(script.iterate_revisions(upper, lower))
     revs.reverse()
     return revs
 
@@ -564,27 +621,39 @@ def _offline_sql(settings: OpsSettings, start: str, revision: str) -> str:
     return buffer.getvalue()
 
 
-def plan_migrations(settings: OpsSettings) -> MigrationPlan:
-    """The exact plan: per pending revision the SQL ``upgrade --sql`` emits, or the tool's status.
+def plan_migrations(settings: OpsSettings, target: str = HEAD) -> MigrationPlan:
+    """The exact plan up to ``target``: per pending revision the SQL ``upgrade --sql`` emits, or the
+    tool's status and the apply command (the tool's own target argument when ``target`` is not head).
 
-    Nothing in the database changes.
+    Nothing in the database changes (Alembic; a command tool's status command may write its own
+    bookkeeping tables).
+
+    Raises:
+        ParameterError: ``target`` cannot be honoured (see :func:`require_target`).
     """
+    require_target(settings, target)
     status = migration_status(settings)
-    cfg = settings.migrations
     if status.tool == "command":
-        steps = () if status.up_to_date else (RevisionStep("(pending)", None, "tool's pending migrations"),)
+        head = _is_head(target)
+        steps = (
+            ()
+            if status.up_to_date
+            else (RevisionStep("(pending)" if head else target, None, "tool's pending migrations"),)
+        )
         return MigrationPlan(
             tool="command",
             database=status.database,
             current=(),
-            target=(),
+            target=() if head else (target,),
             steps=steps,
             status_output=status.output,
-            apply_command=" ".join(cfg.apply_argv),
+            apply_command=" ".join(target_argv(settings, target)),
+            requested_target=target,
         )
     script = _script(settings)
+    upper = "heads" if _is_head(target) else _resolve_alembic_target(script, target)
     steps = []
-    for rev in _pending_revisions(script, status.current):
+    for rev in _pending_revisions(script, status.current, upper):
         down = _down(rev)
         # A merge revision has several parents; its SQL is rendered from the first one.
         start = (down or "base").split(",")[0]
@@ -595,9 +664,10 @@ def plan_migrations(settings: OpsSettings) -> MigrationPlan:
         tool="alembic",
         database=status.database,
         current=status.current,
-        target=status.heads,
+        target=status.heads if upper == "heads" else (upper,),
         steps=tuple(steps),
         apply_command="alembic upgrade " + " ".join(s.revision for s in steps),
+        requested_target=target,
     )
 
 
@@ -644,7 +714,8 @@ def apply_migrations(
     try:
         if plan.tool == "command":
             t0 = time.monotonic()
-            result = _run_tool(settings, settings.migrations.apply_argv, "apply", check=False)
+            argv = target_argv(settings, plan.requested_target)
+            result = _run_tool(settings, argv, "apply", check=False)
             commands.append(result.command_line)
             if not result.ok:
                 raise MigrationError(
@@ -730,11 +801,15 @@ def verify_migrations(settings: OpsSettings, plan: MigrationPlan) -> Verificatio
     problems: list[str] = []
     status = migration_status(settings)
     if status.tool == "alembic":
-        at_target = set(status.current) == set(plan.target) and not status.pending
+        at_target = set(status.current) == set(plan.target)
         if not at_target:
             problems.append(
                 f"database is at {', '.join(status.current) or 'base'}, expected {', '.join(plan.target)}"
             )
+    elif not _is_head(plan.requested_target):
+        # The tool's status says "nothing pending" only at the latest migration, not at a target:
+        # the apply command's exit code and the smoke queries are the evidence here.
+        at_target = True
     else:
         at_target = status.up_to_date
         if not at_target:

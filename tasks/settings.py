@@ -670,6 +670,11 @@ class MigrationsSettings(_Section):
         description="command tool: applies the migrations (JSON list), e.g. npx prisma migrate deploy",
         examples=[["npx", "prisma", "migrate", "deploy"]],
     )
+    apply_target_argv: list[str] = Field(
+        default_factory=list,
+        description="command tool: applies up to a target the run names, '{target}' standing for it"
+        " (e.g. npx node-pg-migrate up {target}); empty: the tool takes no target",
+    )
     up_to_date_pattern: str | None = Field(
         default=None,
         description="command tool: regular expression the status output matches when nothing is pending",

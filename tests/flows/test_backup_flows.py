@@ -184,3 +184,68 @@ def test_prune_flow_keeps_an_unreadable_backup_reports_it_and_fails(backup_env: 
     assert manifest_file.read_bytes() == broken
     assert (root / "data" / f"{unreadable['id']}.dump.zst").exists()
     assert (root / "data" / f"{kept['id']}.dump.zst").exists()
+
+
+@pytest.mark.usefixtures("restore_leftovers")
+def test_undo_swaps_the_kept_database_back_with_proof(backup_env: dict[str, Any]) -> None:
+    dsn, name = backup_env["dsn"], backup_env["database"]
+    backup_database(verify="checksum", prune=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM items WHERE id > 120")  # the state the restore replaces
+    restored = restore_database(
+        backup_id="latest", dry_run=False, approved=True, keep_old=True, return_state=True
+    ).result()
+    kept = restored["old_database"]
+    assert restored["kept_changed_tables"] == ["public.items"]
+    assert _count(dsn, "SELECT count(*) FROM items") == 200
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO items (id, name) VALUES (100001, 'written after the restore')")
+
+    # A database that no restore of this one kept is refused before anything happens.
+    wrong = restore_database(
+        swap_back="postgres", target_database=name, dry_run=False, approved=True, return_state=True
+    )
+    assert wrong.is_failed()
+    assert "is not a database a restore" in (wrong.message or "")
+    plan = restore_database(swap_back=kept, target_database=name, return_state=True).result()
+    assert plan["dry_run"] is True
+    assert _count(dsn, "SELECT count(*) FROM items") == 201  # nothing touched
+
+    # The same approval as a restore: the form pauses the run until it is approved.
+    run_name = f"undo-approval-{name}"
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        outcome["state"] = restore_database.with_options(flow_run_name=run_name)(
+            swap_back=kept,
+            target_database=name,
+            dry_run=False,
+            approval_timeout_seconds=120,
+            return_state=True,
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        paused = asyncio.run(_wait_paused(run_name))
+        assert _count(dsn, "SELECT count(*) FROM items") == 201
+        resume_flow_run(paused.id, run_input={"approve": True, "reason": "undo"})
+    finally:
+        thread.join(timeout=120)
+    state = outcome["state"]
+    assert state.is_completed(), state.message
+    undone = state.result()
+    assert undone["matches"] is True
+    assert f"matches backup kept database {kept}" in undone["evidence"]
+    # The application's database is the kept one again, writable; the undone one is kept in its place.
+    assert _count(dsn, "SELECT count(*) FROM items") == 120
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO items (id, name) VALUES (100002, 'writable again')")
+    replaced = undone["old_database"]
+    assert replaced != kept
+    assert replaced.startswith(f"{name}__old_")
+    replaced_dsn = dsn.rsplit("/", 1)[0] + "/" + replaced
+    assert _count(replaced_dsn, "SELECT count(*) FROM items WHERE id = 100001") == 1
+    assert kept not in scratch_databases(f"{name}__")
+    report = asyncio.run(_artifact("restore-teststack")).data
+    assert "Undo (swap back)" in report

@@ -272,7 +272,7 @@ def test_recover_data_dry_run_then_restore_with_scale_to_zero_and_back(
     results: dict[str, Any] = {}
     thread = threading.Thread(
         target=lambda: results.update(
-            state=recover_data(backup_id="latest", dry_run=False, keep_old=False, return_state=True)
+            state=recover_data(backup_id="latest", dry_run=False, return_state=True)
         )
     )
     thread.start()
@@ -305,17 +305,63 @@ def test_recover_data_dry_run_then_restore_with_scale_to_zero_and_back(
 
 def test_recover_data_scales_back_when_validation_fails(kube_env, kube_stack, damaged_database, monkeypatch):
     monkeypatch.setenv("OPS_INCIDENTS__VALIDATION_QUERIES", '["SELECT count(*) = 999 FROM widgets"]')
-    state = recover_data(
-        backup_id=damaged_database.id, dry_run=False, approved=True, keep_old=False, return_state=True
-    )
+    state = recover_data(backup_id=damaged_database.id, dry_run=False, approved=True, return_state=True)
     assert state.is_failed()
-    with pytest.raises(Exception, match="validation failed"):
+    with pytest.raises(Exception, match="validation failed") as caught:
         state.result()
+    # The message says where the app writes now, what to do next, and the health after.
+    message = str(caught.value)
+    kept = _databases(kube_env["database"] + "__old_")
+    assert len(kept) == 1
+    assert f"swap_back={kept[0]}" in message
+    assert "already runs on, and writes to, the restored data" in message
+    assert "another backup_id" in message
+    assert "Health after: healthy" in message
+    assert _widgets(kube_env["dsn"].rsplit("/", 1)[0] + "/" + kept[0]) == 10  # the damaged one, kept
     assert _widgets(kube_env["dsn"]) == 50  # restored; the check was the stricter one
     assert _replicas(kube_stack) == {"backend": 1, "worker": 2}
     report = _artifact_texts(["recover-data-teststack"])
     assert "resume: scale back to the recorded counts | " in report
     assert "stop writes: scale to 0" in report
+    assert "health check" in report
+
+
+def _databases(prefix: str) -> list[str]:
+    from tests.fixtures.core import PG_ADMIN_DSN
+
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, %s) ORDER BY 1", (prefix,)
+        ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def test_recover_data_reads_replicas_again_after_the_approval(
+    kube_env, kube_stack, damaged_database, monkeypatch
+):
+    monkeypatch.setenv("OPS_INCIDENTS__VALIDATION_QUERIES", '["SELECT count(*) = 50 FROM widgets"]')
+    runtime = get_runtime(load_settings())
+    results: dict[str, Any] = {}
+    thread = threading.Thread(
+        target=lambda: results.update(
+            state=recover_data(backup_id=damaged_database.id, dry_run=False, return_state=True)
+        )
+    )
+    thread.start()
+    try:
+        paused = _paused_run("recover-data")
+        # While the approval waits, someone scales the worker up: that is what runs now.
+        runtime.scale("worker", 3)
+        runtime.wait_ready(["worker"], 20)
+        resume_flow_run(paused, run_input={"approve": True, "backup_id": damaged_database.id, "reason": "x"})
+    finally:
+        thread.join(timeout=180)
+    done = results["state"].result()
+    assert done["outcome"] == "recovered"
+    assert done["replicas"] == {"backend": 1, "worker": 3}
+    assert _replicas(kube_stack) == {"backend": 1, "worker": 3}
+    stop = next(s for s in done["steps"] if s["step"] == "stop writes: scale to 0")
+    assert "worker 2 -> 3" in stop["detail"]
 
 
 def test_security_incident_on_kubernetes_collects_logs_rotates_secret_and_restarts(

@@ -109,9 +109,38 @@ def test_failed_migration_is_restored_and_mode_turned_off(monkeypatch, mg_env, a
     assert state.is_failed()
     with pytest.raises(Exception, match=r"(?s)migration failed.*maintenance mode is off"):
         state.result()
-    # The restore was proven by the subflow, so the old application can serve again.
+    # The restore was proven by the subflow, so the old application can serve again. The window's
+    # maintenance mode stopped the writers: the subflow did not switch it a second time.
     assert switch_log.read_text().split() == ["on", "off"]
     assert snapshot(mg_env["dsn"]) == before
+    # The replaced database is kept, and the window's report names it.
+    report = artifact_text("maintenance-teststack")
+    assert f"kept as `{mg_env['database']}__old_" in report
+    assert "swagger2mcp_ops.migration_runs" in report
+
+
+def test_window_refuses_before_anything_when_writers_cannot_be_stopped(monkeypatch, mg_env, alembic_env):
+    use(monkeypatch, alembic_env([ADD_NAME]))
+    before = snapshot(mg_env["dsn"])
+    state = run_window(dry_run=False, approve=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match='writes_policy="keep-running"'):
+        state.result()
+    assert snapshot(mg_env["dsn"]) == before
+    assert not (mg_env["tmp"] / "backups").exists()
+    chosen = run_window(dry_run=False, approve=True, writes_policy="keep-running")
+    assert chosen.is_completed(), chosen.message
+    assert chosen.result()["migration"]["writers"]["policy"] == "keep-running"
+
+
+def artifact_text(key: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactCollectionFilter
+
+    with get_client(sync_client=True) as client:
+        found = client.read_latest_artifacts(artifact_filter=ArtifactCollectionFilter(key={"any_": [key]}))
+    assert found, f"no artifact {key}"
+    return str(found[0].data)
 
 
 def test_unrestored_failure_leaves_maintenance_mode_on(monkeypatch, mg_env, alembic_env, tmp_path: Path):
