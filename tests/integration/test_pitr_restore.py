@@ -112,3 +112,36 @@ def test_missing_or_corrupt_segment_is_named_before_anything_starts(
     assert wal_cluster.execute(
         "SELECT count(*) FROM pg_database WHERE datname LIKE 'app\\_\\_%'", "postgres"
     ) == [(0,)]
+
+
+def test_retention_keeps_the_wal_a_kept_base_backup_needs(wal_cluster: WalCluster, shared_dir: Path) -> None:
+    settings = pitr_settings(
+        wal_cluster, f"file://{shared_dir / 'store'}", shared_dir / "spool", wal={"keep_base_backups": 1}
+    )
+    storage = open_storage(settings.storage)  # type: ignore[attr-defined]
+    with running_archiver(settings):
+        wal_cluster.execute("CREATE TABLE t (v text)")
+        old = base.create_base_backup(settings, storage=storage)
+        for _ in range(3):
+            wal_cluster.execute("INSERT INTO t SELECT repeat('z', 400) FROM generate_series(1, 300)")
+            wal_cluster.switch_wal()
+        new = base.create_base_backup(settings, storage=storage)
+        _archived_up_to_now(wal_cluster, storage)
+    before = sorted(archive.list_archive(storage).segments)
+
+    dry = base.prune_base_backups(settings, storage=storage)  # type: ignore[arg-type]
+    assert dry.dry_run
+    assert dry.deleted_backups == [old.id]
+    assert dry.first_kept_wal == new.start_wal
+    assert dry.deleted_wal == [n for n in before if n < new.start_wal]
+    assert sorted(archive.list_archive(storage).segments) == before  # nothing deleted yet
+
+    done = base.prune_base_backups(settings, confirm=True, storage=storage)  # type: ignore[arg-type]
+    assert done.deleted_wal == dry.deleted_wal
+    after = sorted(archive.list_archive(storage).segments)
+    assert after == [n for n in before if n >= new.start_wal]
+    assert [m.id for m in base.list_base_backups(settings, storage=storage)] == [new.id]  # type: ignore[arg-type]
+    # What the kept base backup needs is still whole and restorable.
+    plan = recover.plan_point_restore(settings, target_lsn=new.stop_lsn)  # type: ignore[arg-type]
+    assert plan.base.id == new.id
+    assert plan.check.ok

@@ -148,3 +148,26 @@ def test_archiver_ships_to_s3(
         finished = _fill_and_switch(wal_cluster, 2)
         wait_for(lambda: set(finished) <= set(archive.list_archive(storage).segments), what="archived on S3")
     assert archive.check_segments(storage, finished).ok
+
+
+def test_restore_command_writes_the_checked_segment_or_fails(
+    wal_cluster: WalCluster, shared_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tasks.wal import fetch
+
+    store = shared_dir / "store"
+    settings = pitr_settings(wal_cluster, f"file://{store}", shared_dir / "spool")
+    storage = open_storage(settings.storage)  # type: ignore[attr-defined]
+    with running_archiver(settings):
+        finished = _fill_and_switch(wal_cluster, 2)
+        wait_for(lambda: set(finished) <= set(archive.list_archive(storage).segments), what="archived")
+    monkeypatch.setenv("OPS_STORAGE__URL", f"file://{store}")
+    out = shared_dir / "RECOVERYXLOG"
+    assert fetch.main([finished[0], str(out)]) == 0
+    assert out.read_bytes() == archive.fetch(storage, finished[0])
+    assert fetch.main(["00000009.history", str(shared_dir / "h")]) == 1
+    blob = bytearray((store / archive.data_key(finished[1])).read_bytes())
+    blob[-10] ^= 0xFF
+    (store / archive.data_key(finished[1])).write_bytes(bytes(blob))
+    assert fetch.main([finished[1], str(shared_dir / "bad")]) == 1
+    assert not (shared_dir / "bad").exists()
