@@ -107,6 +107,7 @@ class _TarScan:
         self._header = bytearray()
         self._left = 0  # bytes of the current member still to pass, padding included
         self._size = 0
+        self._name = ""
         self._capture: bytearray | None = None
 
     def feed(self, data: bytes) -> None:
@@ -231,8 +232,8 @@ def create_base_backup(settings: OpsSettings, *, storage: Storage | None = None)
             stream_command(
                 argv, timeout=cfg.basebackup_timeout_seconds, env=target.env, secrets=target.secrets
             ) as cmd,
-            compressor.stream_writer(_Sink(), closefd=False) as zwriter,
-        ):  # type: ignore[arg-type]
+            compressor.stream_writer(_Sink(), closefd=False) as zwriter,  # type: ignore[arg-type]
+        ):
             while chunk := cmd.pipe.read(_CHUNK):
                 zwriter.write(chunk)
                 scan.feed(chunk)

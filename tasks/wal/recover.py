@@ -138,6 +138,7 @@ def plan_point_restore(
     if lsn is not None:
         last = segment_of(lsn, base.timeline, size)
     else:
+        assert target_time is not None
         # The first segment shipped after the target holds it (or the first commit after it).
         later = sorted(
             n for n, info in listing.segments.items() if n >= base.start_wal and info.modified >= target_time
