@@ -4,13 +4,18 @@ the UI), a standard module logger outside it (plain functions called from tests 
 from __future__ import annotations
 
 import logging
-
-from prefect.exceptions import MissingContextError
-from prefect.logging import get_run_logger
+import sys
 
 
 def run_logger(name: str) -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
     """Return the current run's logger, or ``logging.getLogger(name)`` outside a run."""
+    # No Prefect loaded means no run: a short command that never needs Prefect (the WAL fetch that
+    # PostgreSQL runs once per segment) does not pay for importing it.
+    if "prefect" not in sys.modules:
+        return logging.getLogger(name)
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
     try:
         return get_run_logger()
     except MissingContextError:

@@ -297,6 +297,96 @@ class BackupSettings(_Section):
         return value
 
 
+class WalSettings(_Section):
+    """Point-in-time recovery: the WAL archiver, base backups and restores to a moment."""
+
+    replication_dsn: SecretStr | None = Field(
+        default=None,
+        description=(
+            "libpq URL of the replication role the archiver and base backups connect as, e.g."
+            " postgresql://replicator:pass@db:5432/postgres (secret); None: the postgres.dsn server and user"
+        ),
+    )
+    slot: str = Field(
+        default="swagger2mcp_ops_wal",
+        description="physical replication slot the archiver streams from (lower-case letters, digits, _)",
+    )
+    spool_dir: Path = Field(
+        default=Path("./var/wal-spool"),
+        description="directory where pg_receivewal writes segments before they are shipped (a volume)",
+    )
+    pg_receivewal: str = Field(default="pg_receivewal", description="pg_receivewal program: a name or path")
+    pg_basebackup: str = Field(default="pg_basebackup", description="pg_basebackup program: a name or path")
+    server_bin_dir: Path = Field(
+        default=Path("/usr/lib/postgresql/15/bin"),
+        description="directory of postgres and pg_controldata for the scratch recovery instance (same major)",
+    )
+    zstd_level: int = Field(default=3, ge=1, le=22, description="zstd level of WAL segments and base backups")
+    poll_seconds: float = Field(
+        default=0.5, gt=0, le=60, description="how often the archiver looks for finished segments, seconds"
+    )
+    partial_ship_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="ship the growing (.partial) segment this often when changed, seconds; 0: on exit only",
+    )
+    status_interval_seconds: int = Field(
+        default=5, ge=1, le=3600, description="pg_receivewal's status packets to the server, seconds"
+    )
+    restart_delay_seconds: float = Field(
+        default=5.0, gt=0, description="wait before restarting pg_receivewal after it stopped, seconds"
+    )
+    rpo_warn_seconds: float = Field(
+        default=300.0, gt=0, description="archive age (RPO) above which health reports the archive, seconds"
+    )
+    slot_lag_warn_bytes: int = Field(
+        default=1 << 30,
+        gt=0,
+        description="WAL the slot holds back on the server above which health warns, bytes",
+    )
+    keep_base_backups: int = Field(
+        default=2,
+        ge=1,
+        description="base backups kept; WAL older than the oldest kept one's start is removed by pruning",
+    )
+    basebackup_timeout_seconds: float = Field(
+        default=6 * 3600.0, gt=0, description="time limit of one base backup, seconds"
+    )
+    recovery_timeout_seconds: float = Field(
+        default=6 * 3600.0, gt=0, description="time limit of replaying WAL in the scratch instance, seconds"
+    )
+    scratch_dir: Path | None = Field(
+        default=None,
+        description="where a restore to a point unpacks its scratch data directory (room for the whole"
+        " cluster); None: TMPDIR",
+    )
+    server_os_user: str = Field(
+        default="postgres",
+        description="OS user that runs the scratch PostgreSQL when the tool runs as root (root cannot)",
+    )
+
+    @field_validator("slot")
+    @classmethod
+    def _valid_slot(cls, value: str) -> str:
+        if not re.fullmatch(r"[a-z0-9_]{1,63}", value):
+            raise ValueError("must be 1-63 lower-case letters, digits or underscores")
+        return value
+
+    @field_validator("replication_dsn")
+    @classmethod
+    def _valid_replication_dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return value
+        raw = value.get_secret_value()
+        if is_ambiguous_url(raw):
+            raise ValueError(_ENCODE_HINT)
+        if urlsplit(raw).scheme not in {"postgresql", "postgres"}:
+            raise ValueError(
+                "must be a postgresql:// URL (postgresql://replicator:password@host:5432/postgres)"
+            )
+        return value
+
+
 class UploadsSettings(_Section):
     """The application's uploads directory."""
 
@@ -1116,6 +1206,7 @@ class OpsSettings(BaseSettings):
     dependencies: DependenciesSettings = Field(default_factory=DependenciesSettings)
     certificates: CertificatesSettings = Field(default_factory=CertificatesSettings)
     backup: BackupSettings = Field(default_factory=BackupSettings)
+    wal: WalSettings = Field(default_factory=WalSettings)
     diagnose: DiagnoseSettings = Field(default_factory=DiagnoseSettings)
     migrations: MigrationsSettings = Field(default_factory=MigrationsSettings)
     incidents: IncidentsSettings = Field(default_factory=IncidentsSettings)
@@ -1197,6 +1288,7 @@ def _toml_line(config: Path, path: Sequence[str]) -> int | None:
 
 def _shown_value(loc: tuple[Any, ...], value: Any) -> str:
     secret_names = {"dsn", "url", "password", "secret_access_key", "access_key_id", "token"}
+    secret_names.add("replication_dsn")
     if loc and str(loc[-1]) in secret_names and isinstance(value, str):
         if is_ambiguous_url(value):
             # Where the password ends cannot be told: show nothing of what follows the scheme.

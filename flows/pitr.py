@@ -1,0 +1,267 @@
+"""Runbook "Data Loss / Corruption", to the minute: point-in-time recovery from the WAL archive.
+
+- ``backup-base``: a base backup (pg_basebackup -> zstd + sha256 -> storage) with its WAL range,
+  checked restorable once the archive holds its stop segment; then base-backup and WAL retention
+  (dry run unless ``confirm_prune``). Weekly.
+- ``restore-to-point``: restore a database as it was at ``target_time`` (or ``target_lsn``): the
+  archive is checked segment by segment first, the WAL replayed into a scratch PostgreSQL, the
+  database copied into a new one on the app's server, compared, and swapped in by rename; the
+  current database is kept. Dry run by default.
+- ``check-wal-archive``: the archive's RPO, slot lag, gaps and restorable window; an event when the
+  RPO passes ``wal.rpo_warn_seconds``.
+
+The archiver itself is a service (``python -m tasks.wal.archiver``, see deploy/), not a flow.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any
+
+from prefect import flow
+from prefect.events import emit_event
+
+from flows.backup import RestoreApproval
+from flows.incidents import ask_approval
+from tasks import reports
+from tasks.errors import ParameterError
+from tasks.runlog import run_logger
+from tasks.settings import load_settings
+from tasks.storage import open_storage
+from tasks.wal import base, steps
+from tasks.wal.recover import PointPlan
+from tasks.wal.status import ArchiveStatus
+
+
+def _failure(key: str, title: str, exc: BaseException) -> None:
+    reports.publish_markdown(key, f"# {title}: **failed**\n\n{type(exc).__name__}: {exc}", f"{title}: failed")
+
+
+@flow(name="backup-base", log_prints=True)
+def backup_base(
+    wait_for_wal_seconds: float = 120.0, prune: bool = True, confirm_prune: bool = False
+) -> dict[str, Any]:
+    """Runbook "Backup" for point-in-time recovery: a base backup of the cluster, then retention.
+
+    Args:
+        wait_for_wal_seconds: how long to wait for the archiver to store the backup's stop segment
+            (the backup is restorable from then on); 0 skips the wait.
+        prune: compute base-backup and WAL retention afterwards (``wal.keep_base_backups``).
+        confirm_prune: delete what retention selects; without it the plan is only reported.
+
+    Returns:
+        The base backup's manifest and whether its WAL is archived.
+
+    Raises:
+        CommandError: pg_basebackup failed (nothing is kept).
+    """
+    settings = load_settings()
+    key = f"backup-base-{settings.stack}"
+    try:
+        manifest = steps.create_base_backup_task(settings)
+        storage = open_storage(settings.storage, attempts=settings.backup.upload_attempts)
+        deadline = time.monotonic() + wait_for_wal_seconds
+        ready = base.wal_ready(storage, manifest)
+        while not ready and time.monotonic() < deadline:
+            time.sleep(2)
+            ready = base.wal_ready(storage, manifest)
+        pruned = steps.prune_base_backups_task(settings, confirm=confirm_prune) if prune else None
+        lines = [
+            f"# Base backup `{manifest.id}`: **{'restorable' if ready else 'waiting for WAL'}**",
+            "",
+            f"- taken {manifest.started_at:%Y-%m-%d %H:%M:%S} - {manifest.finished_at:%H:%M:%S} UTC from"
+            f" {manifest.source} (server {manifest.server_version})",
+            f"- size {manifest.size_bytes} bytes stored (zstd), {manifest.raw_size_bytes} bytes of files;"
+            f" sha256 `{manifest.sha256}`",
+            f"- WAL {manifest.start_lsn} .. {manifest.stop_lsn} on timeline {manifest.timeline}"
+            f" (segments {manifest.start_wal} .. {manifest.stop_wal})",
+        ]
+        if not ready:
+            lines.append(
+                f"- the archive does not hold {manifest.stop_wal} yet: check that the WAL archiver runs"
+                " (python -m tasks.wal.archiver --status)"
+            )
+        if pruned is not None:
+            verb = "would delete" if pruned.dry_run else "deleted"
+            lines += [
+                "",
+                "## Retention" + (" (dry run: confirm_prune=true deletes)" if pruned.dry_run else ""),
+                "",
+                f"- kept: {', '.join(pruned.kept)}",
+                f"- {verb} base backups: {', '.join(pruned.deleted_backups) or 'none'}",
+                f"- {verb} {len(pruned.deleted_wal)} WAL segments older than {pruned.first_kept_wal}",
+            ]
+        reports.publish_markdown(key, "\n".join(lines), f"Base backup {manifest.id}")
+        return {
+            "manifest": manifest.model_dump(mode="json"),
+            "wal_ready": ready,
+            "pruned": None
+            if pruned is None
+            else {"dry_run": pruned.dry_run, "deleted": pruned.deleted_backups},
+        }
+    except BaseException as exc:
+        _failure(key, "Base backup", exc)
+        raise
+
+
+def render_point_plan(plan: PointPlan) -> str:
+    """What a restore to a point will do, for the approval form and the dry-run report."""
+    return "\n".join(
+        [
+            f"Restore **{plan.database}** as it was at {plan.target}.",
+            "",
+            f"- base backup: `{plan.base.id}` (WAL {plan.base.start_lsn} .. {plan.base.stop_lsn})",
+            f"- archive check: {plan.check.summary()}",
+            "",
+            "Steps:",
+            *[f"{i}. {step}" for i, step in enumerate(plan.steps(), 1)],
+        ]
+    )
+
+
+@flow(name="restore-to-point", log_prints=True)
+def restore_to_point(
+    target_time: datetime | None = None,
+    target_lsn: str | None = None,
+    database: str | None = None,
+    dry_run: bool = True,
+    approved: bool = False,
+    approval_timeout_seconds: int | None = None,
+) -> dict[str, Any]:
+    """Runbook "Data Loss / Corruption": bring a database back as it was at a moment.
+
+    The plan checks every WAL segment from the chosen base backup to the target before anything is
+    touched; then the WAL is replayed into a scratch PostgreSQL, the database copied into a new one on
+    the app's server, compared table by table, and swapped in by rename. The current database is kept
+    as ``<db>__old_<time>``.
+
+    Args:
+        target_time: the moment to go back to, with its time zone (e.g. one second before the damage).
+        target_lsn: or a WAL position (``0/3000148``), e.g. from the logs of a bad transaction.
+        database: the database to restore; defaults to the one in ``OPS_POSTGRES__DSN``.
+        dry_run: only plan and check the archive; nothing is touched.
+        approved: skip the approval form (incident automation, drills).
+        approval_timeout_seconds: how long the form waits; defaults to ``backup.approval_timeout_seconds``.
+
+    Returns:
+        The plan (dry run), or what was restored with the comparison's numbers.
+
+    Raises:
+        ParameterError: not exactly one target, or a time without a zone.
+        WalArchiveError: segments missing or corrupt (named); nothing touched.
+        PointRestoreError: no base backup before the target, recovery stopped early, or the copy differs.
+        ApprovalRejected: declined or timed out; nothing touched.
+    """
+    settings = load_settings()
+    logger = run_logger(__name__)
+    key = f"restore-to-point-{settings.stack}"
+    if approval_timeout_seconds is not None and approval_timeout_seconds <= 0:
+        raise ParameterError("approval_timeout_seconds must be positive")
+    try:
+        plan = steps.plan_point_restore_task(
+            settings, target_time=target_time, target_lsn=target_lsn, database=database
+        )
+        described = render_point_plan(plan)
+        if dry_run:
+            reports.publish_markdown(
+                key, f"# Restore to a point (dry run)\n\n{described}\n\nRun with dry_run=false.", "PITR plan"
+            )
+            return {
+                "dry_run": True,
+                "target": plan.target,
+                "base_backup": plan.base.id,
+                "steps": plan.steps(),
+            }
+        reports.publish_markdown(
+            key, f"# Restore to a point: waiting for approval\n\n{described}", "PITR plan"
+        )
+        if not approved:
+            timeout = approval_timeout_seconds or int(settings.backup.approval_timeout_seconds)
+            ask_approval(RestoreApproval, described, timeout, "nothing was restored")
+        result = steps.restore_to_point_task(settings, plan=plan)
+        reports.publish_markdown(
+            key,
+            "\n".join(
+                [
+                    f"# Restore of {result.target_database} to {plan.target}: **done**",
+                    "",
+                    f"- replay: {result.reached}",
+                    f"- evidence: {result.comparison.summary()}",
+                    f"- old database kept as: {result.old_database or '-'}",
+                    f"- took {result.duration_seconds:.1f} s",
+                    "",
+                    "Commands:",
+                    *[f"- `{c}`" for c in result.commands],
+                ]
+            ),
+            f"Restore to a point of {result.target_database}: done",
+        )
+        logger.info("restored %s to %s", result.target_database, plan.target)
+        return {
+            "dry_run": False,
+            "target": plan.target,
+            "base_backup": plan.base.id,
+            "reached": result.reached,
+            "target_database": result.target_database,
+            "old_database": result.old_database,
+            "matches": result.comparison.matches,
+            "tables": result.comparison.tables_compared,
+            "rows": result.comparison.rows_compared,
+        }
+    except BaseException as exc:
+        _failure(key, "Restore to a point", exc)
+        raise
+
+
+def render_status(status: ArchiveStatus) -> str:
+    """The archive's state as markdown."""
+    slot = status.slot
+    lines = [
+        f"# WAL archive: **{'ok' if status.ok else 'attention'}**",
+        "",
+        f"- storage: {status.storage}; {status.segments} segments, {status.base_backups} base backups",
+        f"- newest WAL: {status.last_wal or '-'} at {status.last_wal_at or '-'} (RPO {status.rpo_seconds} s)",
+        f"- slot: {slot.name if slot else '-'} exists={slot.exists if slot else '-'}"
+        f" active={slot.active if slot else '-'} lag={slot.lag_bytes if slot else '-'} bytes",
+        f"- restorable window: {status.window_start or '-'} .. {status.window_end or '-'}",
+    ]
+    if status.problems:
+        lines += ["", "## Problems", "", *[f"- {p}" for p in status.problems]]
+    return "\n".join(lines)
+
+
+@flow(name="check-wal-archive", log_prints=True)
+def check_wal_archive(fail_on_problem: bool = False) -> dict[str, Any]:
+    """Runbook "Service Health Checks" for the WAL archive: RPO, slot lag, gaps, restorable window.
+
+    Emits ``swagger2mcp-ops.wal.rpo-exceeded`` when the newest archived WAL is older than
+    ``wal.rpo_warn_seconds``, and ``swagger2mcp-ops.wal.unhealthy`` for any other problem.
+
+    Args:
+        fail_on_problem: end the run Failed when a problem is found (for alerting on run state).
+
+    Returns:
+        The archive's status.
+
+    Raises:
+        CheckFailed: ``fail_on_problem`` and the archive has problems.
+    """
+    from tasks.errors import CheckFailed
+
+    settings = load_settings()
+    key = f"wal-archive-{settings.stack}"
+    status = steps.archive_status_task(settings)
+    reports.publish_markdown(key, render_status(status), "WAL archive status")
+    resource = {"prefect.resource.id": f"swagger2mcp-ops.wal.{settings.stack}"}
+    if status.rpo_seconds is None or status.rpo_seconds > settings.wal.rpo_warn_seconds:
+        emit_event(
+            "swagger2mcp-ops.wal.rpo-exceeded",
+            resource=resource,
+            payload={"rpo_seconds": status.rpo_seconds, "last_wal": status.last_wal},
+        )
+    elif status.problems:
+        emit_event("swagger2mcp-ops.wal.unhealthy", resource=resource, payload={"problems": status.problems})
+    if status.problems and fail_on_problem:
+        raise CheckFailed("; ".join(status.problems))
+    return status.model_dump(mode="json")
