@@ -794,12 +794,17 @@ class CertificatesSettings(_Section):
         default=None, description="CA bundle that validates served certificates; default: system trust"
     )
     renew_threshold_days: int = Field(
-        default=30, ge=1, le=3650, description="a certificate with fewer days left is renewed, days"
+        default=30,
+        ge=1,
+        le=3650,
+        description="a certificate with fewer days left is renewed, days; at most two thirds of the"
+        " certificate's lifetime apply (never renewed in the first third of its life unless forced)",
     )
     min_days_after_renewal: int | None = Field(
         default=None,
         ge=0,
-        description="days a renewed, served certificate must have left; default renew_threshold_days",
+        description="days a renewed, served certificate must have left; default: the threshold that"
+        " applies to it, so that it is not due again",
     )
     reload_method: Literal["nginx", "compose", "kubernetes", "none"] = Field(
         default="nginx",

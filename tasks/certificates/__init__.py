@@ -42,6 +42,8 @@ from tasks.certificates.decisions import (
     certificate_findings,
     endpoint_findings,
     plan_renewals,
+    renewal_minimum_days,
+    renewal_threshold,
     should_renew,
 )
 from tasks.certificates.files import (
@@ -117,6 +119,8 @@ __all__ = [
     "reload_server_task",
     "renew_lineage",
     "renew_lineage_task",
+    "renewal_minimum_days",
+    "renewal_threshold",
     "should_renew",
     "take_inventory",
     "take_inventory_task",

@@ -40,6 +40,15 @@ class CertificateInfo:
         """Days until ``not_after`` (negative once expired)."""
         return (self.not_after - (now or datetime.now(UTC))) / timedelta(days=1)
 
+    @property
+    def lifetime_days(self) -> float:
+        """How long the certificate is valid in all, as issued by its CA, days.
+
+        Both bounds are included (RFC 5280, 4.1.2.5): a 90-day certificate says
+        ``not_after = not_before + 90 days - 1 second``.
+        """
+        return (self.not_after - self.not_before + timedelta(seconds=1)) / timedelta(days=1)
+
     def covers(self, name: str) -> bool:
         """Whether the certificate is valid for ``name`` (SAN DNS names with one-label wildcards, IPs)."""
         wanted = name.lower().rstrip(".")

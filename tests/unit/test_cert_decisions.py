@@ -19,22 +19,31 @@ NOW = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
 
 
 def info(
-    serial: str, days_left: float, sans: tuple[str, ...] = ("shop.example.com",)
+    serial: str,
+    days_left: float,
+    sans: tuple[str, ...] = ("shop.example.com",),
+    issued_days_ago: float = 10,
 ) -> certificates.CertificateInfo:
     return certificates.CertificateInfo(
         subject=f"CN={sans[0]}",
         sans=sans,
         issuer="Test CA",
         serial=serial,
-        not_before=NOW - dt.timedelta(days=10),
+        # As CAs issue them: both bounds count, a 90-day certificate ends 1 s before the 90th day.
+        not_before=NOW - dt.timedelta(days=issued_days_ago) + dt.timedelta(seconds=1),
         not_after=NOW + dt.timedelta(days=days_left),
         sha256="00",
     )
 
 
-def lineage(name: str, serial: str, days_left: float) -> certificates.WatchedCertificate:
+def lineage(
+    name: str, serial: str, days_left: float, issued_days_ago: float = 10
+) -> certificates.WatchedCertificate:
     return certificates.WatchedCertificate(
-        name, "lineage", Path(f"/le/live/{name}/cert.pem"), info(serial, days_left)
+        name,
+        "lineage",
+        Path(f"/le/live/{name}/cert.pem"),
+        info(serial, days_left, issued_days_ago=issued_days_ago),
     )
 
 
@@ -119,6 +128,39 @@ def test_plan_renews_due_lineages_and_flags_due_files_certbot_cannot_renew() -> 
     assert plan.needs_reload
     forced = certificates.plan_renewals(inventory, 30, force=True)
     assert forced.due == ("due", "fresh")
+
+
+def test_threshold_beyond_the_lifetime_is_capped_and_reported() -> None:
+    # 90-day certificates and a threshold of 100 days: uncapped, both would be due right after issue,
+    # and every run would renew them again.
+    fresh = lineage("fresh", "1", 89, issued_days_ago=1)
+    older = lineage("older", "2", 59, issued_days_ago=31)
+    assert fresh.info.lifetime_days == 90
+    assert certificates.renewal_threshold(fresh.info, 100) == 60
+    assert certificates.renewal_threshold(fresh.info, 30) == 30
+    inventory = certificates.Inventory(taken_at=NOW, certificates=(fresh, older), endpoints=(), findings=())
+    assert certificates.plan_renewals(inventory, 100).due == ("older",)
+    assert certificates.plan_renewals(inventory, 100, force=True).due == ("fresh", "older")
+    assert certificates.plan_renewals(inventory, 30).due == ()
+
+    [capped] = certificates.certificate_findings(fresh, 100, NOW)
+    assert capped.kind == "threshold-capped"
+    assert "renew_threshold_days 100 would renew this 90-day certificate at every run" in capped.text
+    assert "renewed with 60.0 days left" in capped.text
+    assert "OPS_CERTIFICATES__RENEW_THRESHOLD_DAYS to 60 or less" in capped.text
+    assert sorted(f.kind for f in certificates.certificate_findings(older, 100, NOW)) == [
+        "due",
+        "threshold-capped",
+    ]
+    assert certificates.certificate_findings(fresh, 30, NOW) == []
+
+    # The renewed certificate is judged against what it must have not to be due again, not the
+    # threshold an operator set to renew early.
+    early = CertificatesSettings(renew_threshold_days=100)
+    assert certificates.renewal_minimum_days(fresh.info, early) == 60
+    assert certificates.judge_endpoint(served("1", 89), fresh, 60, NOW).ok
+    explicit = CertificatesSettings(renew_threshold_days=100, min_days_after_renewal=95)
+    assert certificates.renewal_minimum_days(fresh.info, explicit) == 95
 
 
 def test_endpoint_serving_an_older_certificate_is_renewed_but_not_reloaded() -> None:
