@@ -769,8 +769,14 @@ class CertificatesSettings(_Section):
     )
     acme_server: str = Field(
         default="https://acme-v02.api.letsencrypt.org/directory",
-        description="https:// URL of the ACME directory certbot renews from (certbot --server)",
+        description="https:// URL of the ACME directory (certbot --server) for lineages whose renewal"
+        " configuration names no server; each other lineage renews against the CA that issued it",
         examples=["https://acme-staging-v02.api.letsencrypt.org/directory"],
+    )
+    force_acme_server: bool = Field(
+        default=False,
+        description="renew every lineage against acme_server, whatever server its renewal configuration"
+        " names (to move lineages to another CA)",
     )
     acme_ca_bundle: Path | None = Field(
         default=None, description="CA bundle certbot trusts for the ACME server (REQUESTS_CA_BUNDLE)"

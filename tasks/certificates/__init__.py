@@ -31,6 +31,7 @@ from tasks.certificates.certbot import (
     certbot_program,
     certbot_reason,
     certbot_renew_argv,
+    lineage_server,
     renew_lineage,
 )
 from tasks.certificates.decisions import (
@@ -55,6 +56,7 @@ from tasks.certificates.files import (
     read_certificate,
     read_lineage,
     read_watched,
+    renewal_server,
 )
 from tasks.certificates.inventory import take_inventory
 from tasks.certificates.prefect_tasks import (
@@ -108,6 +110,7 @@ __all__ = [
     "fetch_served_certificate",
     "judge_endpoint",
     "lineage_names",
+    "lineage_server",
     "plan_renewals",
     "probe_endpoint",
     "read_certificate",
@@ -120,6 +123,7 @@ __all__ = [
     "renew_lineage",
     "renew_lineage_task",
     "renewal_minimum_days",
+    "renewal_server",
     "renewal_threshold",
     "should_renew",
     "take_inventory",

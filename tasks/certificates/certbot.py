@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from tasks.certificates.files import read_lineage
+from tasks.certificates.files import read_lineage, renewal_server
 from tasks.commands import CommandResult, run_command
 from tasks.errors import CommandError, OpsError
 from tasks.runlog import run_logger
@@ -38,10 +38,21 @@ def certbot_program(cfg: CertificatesSettings) -> str:
     return shutil.which("certbot") or "certbot"
 
 
+def lineage_server(cfg: CertificatesSettings, cert_name: str) -> str:
+    """The ACME server a lineage renews against: the one in its own renewal configuration (the CA
+    that issued it), else ``acme_server``; always ``acme_server`` when ``force_acme_server`` is set
+    (to move lineages to another CA)."""
+    if cfg.force_acme_server:
+        return cfg.acme_server
+    return renewal_server(cfg.config_dir, cert_name) or cfg.acme_server
+
+
 def certbot_renew_argv(cfg: CertificatesSettings, cert_name: str, *, dry_run: bool) -> list[str]:
     """``certbot renew`` for one lineage, with everything a non-interactive run needs.
 
-    ``--server`` is repeated because a dry run ignores the server stored in the lineage; without
+    ``--server`` (:func:`lineage_server`) is given because a dry run ignores the server stored in
+    the lineage (certbot itself uses Let's Encrypt's staging server for a dry run of a lineage of
+    Let's Encrypt's production server); without
     ``--no-random-sleep-on-renew`` a non-interactive renew sleeps for up to eight minutes. A real renew
     passes ``--force-renewal``: the decision was made by the threshold here, and certbot's own
     (``renew_before_expiry``) would otherwise skip the lineage silently.
@@ -54,7 +65,7 @@ def certbot_renew_argv(cfg: CertificatesSettings, cert_name: str, *, dry_run: bo
         "--non-interactive",
         "--no-random-sleep-on-renew",
         "--server",
-        cfg.acme_server,
+        lineage_server(cfg, cert_name),
         "--config-dir",
         str(cfg.config_dir),
         "--work-dir",

@@ -153,6 +153,30 @@ def read_lineage(config_dir: Path, name: str) -> WatchedCertificate:
     return WatchedCertificate(name=name, kind="lineage", path=path, info=read_certificate(path))
 
 
+def renewal_server(config_dir: Path, name: str) -> str | None:
+    """The ACME server a lineage's renewal configuration names (``server`` in ``[renewalparams]`` of
+    ``config_dir/renewal/NAME.conf``), or None when it names none (certbot then used its default).
+
+    The file is certbot's configobj format: top-level keys, then ``[renewalparams]`` and nested
+    ``[[...]]`` sections; only that one key is read.
+    """
+    conf = config_dir / "renewal" / f"{name}.conf"
+    try:
+        lines = conf.read_text(encoding="utf-8").splitlines()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    section = ""
+    for raw in lines:
+        line = raw.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[renewalparams]" and "=" in line:
+            key, value = (part.strip() for part in line.split("=", 1))
+            if key == "server" and value:
+                return value.strip("\"'")
+    return None
+
+
 def read_watched(cfg: CertificatesSettings) -> list[WatchedCertificate]:
     """Every configured certificate, read from disk. Raises before any side effect on a bad path.
 

@@ -167,7 +167,12 @@ def test_failing_dry_run_stops_before_renewal_and_nginx_keeps_the_valid_certific
     dead_server = f"https://127.0.0.1:{DEAD_PORT}/dir"
     set_env(
         monkeypatch,
-        certificate_env(acme_lineage, lineage_nginx, OPS_CERTIFICATES__ACME_SERVER=dead_server),
+        certificate_env(
+            acme_lineage,
+            lineage_nginx,
+            OPS_CERTIFICATES__ACME_SERVER=dead_server,
+            OPS_CERTIFICATES__FORCE_ACME_SERVER="true",
+        ),
     )
     before = disk_serial(acme_lineage)
 

@@ -235,6 +235,29 @@ def test_certbot_argv_has_server_dirs_and_no_random_sleep(tmp_path: Path) -> Non
     assert certificates.certbot_env(with_bundle) == {"REQUESTS_CA_BUNDLE": "/ca.pem"}
 
 
+def test_each_lineage_renews_against_its_own_server_unless_forced(tmp_path: Path) -> None:
+    renewal = tmp_path / "renewal"
+    renewal.mkdir()
+    (renewal / "zerossl.conf").write_text(
+        "version = 5.8.0\ncert = /le/live/zerossl/cert.pem\n\n[renewalparams]\naccount = 1f\n"
+        "server = https://acme.zerossl.com/v2/DV90\nauthenticator = standalone\n"
+    )
+    # certbot leaves `server` out of the renewal configuration when it used its default.
+    (renewal / "plain.conf").write_text("[renewalparams]\naccount = 2e\nauthenticator = webroot\n")
+    (renewal / "other-section.conf").write_text("server = https://top.example/dir\n[[webroot_map]]\n")
+    cfg = CertificatesSettings(config_dir=tmp_path, acme_server="https://acme.example/dir")
+
+    def server(name: str, config: CertificatesSettings = cfg) -> str:
+        argv = certificates.certbot_renew_argv(config, name, dry_run=True)
+        return argv[argv.index("--server") + 1]
+
+    assert server("zerossl") == "https://acme.zerossl.com/v2/DV90"
+    assert server("plain") == "https://acme.example/dir"
+    assert server("other-section") == "https://acme.example/dir"
+    forced = cfg.model_copy(update={"force_acme_server": True})
+    assert server("zerossl", forced) == "https://acme.example/dir"
+
+
 def test_default_certbot_is_the_one_beside_this_python() -> None:
     beside = Path(sys.executable).parent / "certbot"
     assert beside.is_file(), "the project's venv ships certbot"
