@@ -19,7 +19,6 @@ from tasks.certificates import (
     RenewalFailed,
     RunSummary,
     certbot_dry_run_task,
-    certbot_reason,
     plan_renewals,
     reload_server_task,
     renew_lineage_task,
@@ -185,7 +184,7 @@ def emit_unrenewed_events(summary: RunSummary) -> int:
         reason = summary.renewal_errors.get(name)
         if reason is None:
             failed = [d for d in summary.dry_runs if d.cert_name == name and not d.passed]
-            reason = certbot_reason(failed[0].output_tail) if failed else "not a certbot lineage"
+            reason = failed[0].reason if failed else "not a certbot lineage"
         event = emit_event(
             event=f"{EVENT_PREFIX}.renewal-failed",
             resource={

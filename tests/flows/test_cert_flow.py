@@ -17,10 +17,12 @@ from flows.certificates import renew_certificates
 from tasks import certificates
 from tests.fixtures.acme import (
     DEAD_PORT,
+    HTTP01_PORT,
     Lineage,
     Nginx,
     certificate_env,
     certificate_settings,
+    copy_lineage,
     make_ca,
     make_leaf,
     write_pem,
@@ -191,6 +193,27 @@ def test_failing_dry_run_stops_before_renewal_and_nginx_keeps_the_valid_certific
     assert "1 `swagger2mcp-ops.certificate.renewal-failed` event(s) emitted for: shop" in markdown
     table = json.loads(found["certificates-teststack-table"].data)
     assert {row["kind"]: row["status"] for row in table} == {"lineage": "due, not renewed", "endpoint": "ok"}
+
+
+def test_failed_challenge_reports_its_cause_not_only_certbots_summary(
+    acme_lineage: Lineage, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # certbot answers the http-01 challenge on another port than the one the CA fetches it from.
+    broken = copy_lineage(acme_lineage, tmp_path, http01_port=str(HTTP01_PORT + 1))
+    set_env(monkeypatch, certificate_env(broken, None))
+    refused = f"dial tcp 127.0.0.1:{HTTP01_PORT}: connect: connection refused"
+
+    state = renew_certificates(force=True, return_state=True)
+
+    assert state.is_failed()
+    message = state.message or ""
+    assert "dry run of shop failed, so it was not renewed" in message
+    assert "Some challenges have failed" in message
+    assert f"the CA reported: {broken.domain}: connection:" in message
+    assert refused in message
+    markdown = artifacts(state)["certificates-teststack"].data
+    assert refused in markdown
+    assert "1 `swagger2mcp-ops.certificate.renewal-failed` event(s) emitted for: shop" in markdown
 
 
 def test_renewed_but_not_reloaded_is_a_finding_and_is_fixed(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -325,6 +326,42 @@ def test_certbot_reason_picks_the_failure_line() -> None:
         == "Failed to renew certificate shop with error: Connection refused"
     )
     assert certificates.certbot_reason("") == "(no output)"
+
+
+CERTBOT_LOG_TAIL = """\
+2026-12-02 06:38:30,953:INFO:certbot._internal.auth_handler:Challenge failed for domain shop.example.com
+2026-12-02 06:38:30,953:DEBUG:certbot._internal.display.obj:Notifying user: \n\
+Certbot failed to authenticate some domains (authenticator: webroot). The Certificate Authority \
+reported these problems:
+  Identifier: shop.example.com
+  Type:   unauthorized
+  Detail: 203.0.113.7: Invalid response from http://shop.example.com/.well-known/acme-challenge/x: 404
+{older}
+Hint: The Certificate Authority failed to download the temporary challenge files created by Certbot.
+
+2026-12-02 06:38:30,954:DEBUG:certbot._internal.error_handler:Encountered exception:
+Traceback (most recent call last):
+certbot.errors.AuthorizationError: Some challenges have failed.
+"""
+
+
+def test_challenge_problems_are_read_from_certbots_log(tmp_path: Path) -> None:
+    older = "  Domain: www.example.com\n  Type:   dns\n  Detail: DNS problem: NXDOMAIN looking up A for www"
+    text = CERTBOT_LOG_TAIL.format(older=older)
+    assert certificates.challenge_problems(text) == (
+        "shop.example.com: unauthorized: 203.0.113.7: Invalid response from"
+        " http://shop.example.com/.well-known/acme-challenge/x: 404;"
+        " www.example.com: dns: DNS problem: NXDOMAIN looking up A for www"
+        " (hint: The Certificate Authority failed to download the temporary challenge files created"
+        " by Certbot.)"
+    )
+    assert certificates.challenge_problems("2026-12-02 06:38:30,954:ERROR:certbot:Connection refused") is None
+
+    # Only the log of the run that just ended counts: certbot starts a new letsencrypt.log per run.
+    (tmp_path / "letsencrypt.log").write_text(text)
+    assert certificates.certbot_log_cause(tmp_path, since=0) is not None
+    assert certificates.certbot_log_cause(tmp_path, since=time.time() + 60) is None
+    assert certificates.certbot_log_cause(tmp_path / "missing", since=0) is None
 
 
 def test_report_shows_every_certificate_and_endpoint_with_problems() -> None:
