@@ -779,7 +779,10 @@ class CertificatesSettings(_Section):
         " names (to move lineages to another CA)",
     )
     acme_ca_bundle: Path | None = Field(
-        default=None, description="CA bundle certbot trusts for the ACME server (REQUESTS_CA_BUNDLE)"
+        default=None,
+        description="roots that sign the ACME server's own HTTPS, for certbot (REQUESTS_CA_BUNDLE);"
+        " default: certbot's trust. Not the roots of served certificates: see ca_bundle",
+        examples=["/etc/step-ca/certs/root_ca.crt"],
     )
     lineages: list[str] | None = Field(
         default=None,
@@ -797,7 +800,10 @@ class CertificatesSettings(_Section):
         examples=[[{"host": "127.0.0.1", "port": 443, "server_name": "api.example.com"}]],
     )
     ca_bundle: Path | None = Field(
-        default=None, description="CA bundle that validates served certificates; default: system trust"
+        default=None,
+        description="roots that sign the certificates endpoints serve, to validate them; default: system"
+        " trust. Not the ACME server's HTTPS: see acme_ca_bundle",
+        examples=["/etc/ssl/letsencrypt-staging-roots.pem"],
     )
     renew_threshold_days: int = Field(
         default=30,

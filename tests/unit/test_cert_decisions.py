@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -257,6 +258,22 @@ def test_each_lineage_renews_against_its_own_server_unless_forced(tmp_path: Path
     assert server("other-section") == "https://acme.example/dir"
     forced = cfg.model_copy(update={"force_acme_server": True})
     assert server("zerossl", forced) == "https://acme.example/dir"
+
+
+def test_readme_tells_the_two_ca_bundles_apart_with_an_example_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("### Certificate renewal", 1)[1].split("\n## ", 1)[0]
+    examples = dict(re.findall(r"^\s*(OPS_CERTIFICATES__[A-Z_]+)=(\S+)$", section, flags=re.MULTILINE))
+    assert {"OPS_CERTIFICATES__CA_BUNDLE", "OPS_CERTIFICATES__ACME_CA_BUNDLE"} <= set(examples)
+    assert "REQUESTS_CA_BUNDLE" in section
+    # The examples are real settings.
+    for name, value in examples.items():
+        monkeypatch.setenv(name, value)
+    cfg = load_settings().certificates
+    assert str(cfg.ca_bundle) == examples["OPS_CERTIFICATES__CA_BUNDLE"]
+    assert str(cfg.acme_ca_bundle) == examples["OPS_CERTIFICATES__ACME_CA_BUNDLE"]
 
 
 def test_default_certbot_is_the_one_beside_this_python() -> None:
