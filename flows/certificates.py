@@ -19,7 +19,6 @@ from tasks.certificates import (
     RenewalFailed,
     RunSummary,
     certbot_dry_run_task,
-    certbot_reason,
     plan_renewals,
     reload_server_task,
     renew_lineage_task,
@@ -185,7 +184,7 @@ def emit_unrenewed_events(summary: RunSummary) -> int:
         reason = summary.renewal_errors.get(name)
         if reason is None:
             failed = [d for d in summary.dry_runs if d.cert_name == name and not d.passed]
-            reason = certbot_reason(failed[0].output_tail) if failed else "not a certbot lineage"
+            reason = failed[0].reason if failed else "not a certbot lineage"
         event = emit_event(
             event=f"{EVENT_PREFIX}.renewal-failed",
             resource={
@@ -213,10 +212,13 @@ def renew_certificates(force: bool = False, dry_run: bool = False) -> dict[str, 
        endpoint actually serves (TLS handshake, chain and name validated). A served certificate older
        than the file on disk is a finding: renewed but not reloaded.
     2. Decide: lineages with fewer than ``renew_threshold_days`` left, or every lineage when forced.
+       A threshold above two thirds of a certificate's lifetime (e.g. 100 days with 90-day
+       certificates) is capped there and reported as a warning: uncapped, every run would renew.
     3. ``certbot renew --dry-run`` per due lineage; only those that pass are renewed for real.
     4. Reload the server (nginx, Compose or Kubernetes, as the settings say) after a renewal, or when
        an endpoint serves an outdated certificate.
-    5. Verify: every endpoint serves the certificate on disk, and a renewed one with enough days left.
+    5. Verify: every endpoint serves the certificate on disk, and a renewed one with enough days left
+       (``min_days_after_renewal``, by default enough not to be due again).
 
     A markdown summary and a table of every certificate and endpoint are published, also on failure;
     a ``swagger2mcp-ops.certificate.renewal-failed`` event is emitted per certificate within the

@@ -909,11 +909,20 @@ class CertificatesSettings(_Section):
     )
     acme_server: str = Field(
         default="https://acme-v02.api.letsencrypt.org/directory",
-        description="https:// URL of the ACME directory certbot renews from (certbot --server)",
+        description="https:// URL of the ACME directory (certbot --server) for lineages whose renewal"
+        " configuration names no server; each other lineage renews against the CA that issued it",
         examples=["https://acme-staging-v02.api.letsencrypt.org/directory"],
     )
+    force_acme_server: bool = Field(
+        default=False,
+        description="renew every lineage against acme_server, whatever server its renewal configuration"
+        " names (to move lineages to another CA)",
+    )
     acme_ca_bundle: Path | None = Field(
-        default=None, description="CA bundle certbot trusts for the ACME server (REQUESTS_CA_BUNDLE)"
+        default=None,
+        description="roots that sign the ACME server's own HTTPS, for certbot (REQUESTS_CA_BUNDLE);"
+        " default: certbot's trust. Not the roots of served certificates: see ca_bundle",
+        examples=["/etc/step-ca/certs/root_ca.crt"],
     )
     lineages: list[str] | None = Field(
         default=None,
@@ -931,15 +940,23 @@ class CertificatesSettings(_Section):
         examples=[[{"host": "127.0.0.1", "port": 443, "server_name": "api.example.com"}]],
     )
     ca_bundle: Path | None = Field(
-        default=None, description="CA bundle that validates served certificates; default: system trust"
+        default=None,
+        description="roots that sign the certificates endpoints serve, to validate them; default: system"
+        " trust. Not the ACME server's HTTPS: see acme_ca_bundle",
+        examples=["/etc/ssl/letsencrypt-staging-roots.pem"],
     )
     renew_threshold_days: int = Field(
-        default=30, ge=1, le=3650, description="a certificate with fewer days left is renewed, days"
+        default=30,
+        ge=1,
+        le=3650,
+        description="a certificate with fewer days left is renewed, days; at most two thirds of the"
+        " certificate's lifetime apply (never renewed in the first third of its life unless forced)",
     )
     min_days_after_renewal: int | None = Field(
         default=None,
         ge=0,
-        description="days a renewed, served certificate must have left; default renew_threshold_days",
+        description="days a renewed, served certificate must have left; default: the threshold that"
+        " applies to it, so that it is not due again",
     )
     reload_method: Literal["nginx", "compose", "kubernetes", "none"] = Field(
         default="nginx",

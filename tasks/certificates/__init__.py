@@ -28,9 +28,12 @@ from tasks.certificates.certbot import (
     RenewalRecord,
     certbot_dry_run,
     certbot_env,
+    certbot_log_cause,
     certbot_program,
     certbot_reason,
     certbot_renew_argv,
+    challenge_problems,
+    lineage_server,
     renew_lineage,
 )
 from tasks.certificates.decisions import (
@@ -42,6 +45,8 @@ from tasks.certificates.decisions import (
     certificate_findings,
     endpoint_findings,
     plan_renewals,
+    renewal_minimum_days,
+    renewal_threshold,
     should_renew,
 )
 from tasks.certificates.files import (
@@ -53,6 +58,7 @@ from tasks.certificates.files import (
     read_certificate,
     read_lineage,
     read_watched,
+    renewal_server,
 )
 from tasks.certificates.inventory import take_inventory
 from tasks.certificates.prefect_tasks import (
@@ -96,16 +102,19 @@ __all__ = [
     "certbot_dry_run",
     "certbot_dry_run_task",
     "certbot_env",
+    "certbot_log_cause",
     "certbot_program",
     "certbot_reason",
     "certbot_renew_argv",
     "certificate_findings",
     "certificate_info",
+    "challenge_problems",
     "endpoint_findings",
     "expected_certificate",
     "fetch_served_certificate",
     "judge_endpoint",
     "lineage_names",
+    "lineage_server",
     "plan_renewals",
     "probe_endpoint",
     "read_certificate",
@@ -117,6 +126,9 @@ __all__ = [
     "reload_server_task",
     "renew_lineage",
     "renew_lineage_task",
+    "renewal_minimum_days",
+    "renewal_server",
+    "renewal_threshold",
     "should_renew",
     "take_inventory",
     "take_inventory_task",

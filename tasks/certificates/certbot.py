@@ -8,13 +8,15 @@ the server serves.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from tasks.certificates.files import read_lineage
+from tasks.certificates.files import read_lineage, renewal_server
 from tasks.commands import CommandResult, run_command
 from tasks.errors import CommandError, OpsError
 from tasks.runlog import run_logger
@@ -22,6 +24,11 @@ from tasks.settings import CertificatesSettings
 
 # certbot's own output is long; reports keep its tail.
 _OUTPUT_TAIL = 1500
+# Where certbot's log says why the CA refused a challenge (its output only says "Some challenges have
+# failed" when run quietly), and how each record of that log starts.
+_PROBLEMS_MARKER = "The Certificate Authority reported these problems:"
+_LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+:[A-Z]+:")
+_DETAIL_LIMIT = 400
 
 
 class RenewalFailed(OpsError):
@@ -38,10 +45,21 @@ def certbot_program(cfg: CertificatesSettings) -> str:
     return shutil.which("certbot") or "certbot"
 
 
+def lineage_server(cfg: CertificatesSettings, cert_name: str) -> str:
+    """The ACME server a lineage renews against: the one in its own renewal configuration (the CA
+    that issued it), else ``acme_server``; always ``acme_server`` when ``force_acme_server`` is set
+    (to move lineages to another CA)."""
+    if cfg.force_acme_server:
+        return cfg.acme_server
+    return renewal_server(cfg.config_dir, cert_name) or cfg.acme_server
+
+
 def certbot_renew_argv(cfg: CertificatesSettings, cert_name: str, *, dry_run: bool) -> list[str]:
     """``certbot renew`` for one lineage, with everything a non-interactive run needs.
 
-    ``--server`` is repeated because a dry run ignores the server stored in the lineage; without
+    ``--server`` (:func:`lineage_server`) is given because a dry run ignores the server stored in
+    the lineage (certbot itself uses Let's Encrypt's staging server for a dry run of a lineage of
+    Let's Encrypt's production server); without
     ``--no-random-sleep-on-renew`` a non-interactive renew sleeps for up to eight minutes. A real renew
     passes ``--force-renewal``: the decision was made by the threshold here, and certbot's own
     (``renew_before_expiry``) would otherwise skip the lineage silently.
@@ -54,7 +72,7 @@ def certbot_renew_argv(cfg: CertificatesSettings, cert_name: str, *, dry_run: bo
         "--non-interactive",
         "--no-random-sleep-on-renew",
         "--server",
-        cfg.acme_server,
+        lineage_server(cfg, cert_name),
         "--config-dir",
         str(cfg.config_dir),
         "--work-dir",
@@ -85,6 +103,44 @@ def certbot_reason(output: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+def challenge_problems(log_text: str) -> str | None:
+    """The problems the CA reported for failed challenges, from certbot's log: one
+    ``identifier: type: detail`` per failed identifier (connection refused, DNS, 404 on the token...)
+    and certbot's hint; None when the log reports no failed challenge."""
+    at = log_text.rfind(_PROBLEMS_MARKER)
+    if at < 0:
+        return None
+    problems: list[dict[str, str]] = []
+    hint = None
+    for line in log_text[at + len(_PROBLEMS_MARKER) :].splitlines():
+        if _LOG_RECORD.match(line):
+            break
+        key, _, value = line.strip().partition(":")
+        value = value.strip()[:_DETAIL_LIMIT]
+        if key in ("Identifier", "Domain"):  # "Domain" before certbot 4
+            problems.append({"identifier": value})
+        elif key in ("Type", "Detail") and problems:
+            problems[-1][key.lower()] = value
+        elif key == "Hint":
+            hint = value
+    if not problems:
+        return None
+    text = "; ".join(": ".join(p[k] for k in ("identifier", "type", "detail") if p.get(k)) for p in problems)
+    return f"{text} (hint: {hint})" if hint else text
+
+
+def certbot_log_cause(logs_dir: Path, since: float) -> str | None:
+    """Why the CA refused a challenge, from ``logs_dir/letsencrypt.log`` when certbot wrote it at or
+    after ``since`` (epoch seconds; certbot starts a new log for each run); None otherwise."""
+    log = logs_dir / "letsencrypt.log"
+    try:
+        if log.stat().st_mtime < since:
+            return None
+        return challenge_problems(log.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return None
+
+
 @dataclass(frozen=True)
 class DryRunResult:
     """A ``certbot renew --dry-run`` of one lineage: whether a real renewal would succeed."""
@@ -94,6 +150,13 @@ class DryRunResult:
     command: str
     output_tail: str
     duration_seconds: float
+    cause: str | None = None  # what the CA reported for a failed challenge, from certbot's log
+
+    @property
+    def reason(self) -> str:
+        """Why the dry run failed: certbot's own line, and the CA's report of a failed challenge."""
+        summary = certbot_reason(self.output_tail)
+        return f"{summary} — the CA reported: {self.cause}" if self.cause else summary
 
 
 def certbot_dry_run(cfg: CertificatesSettings, cert_name: str) -> DryRunResult:
@@ -104,8 +167,12 @@ def certbot_dry_run(cfg: CertificatesSettings, cert_name: str) -> DryRunResult:
     """
     argv = certbot_renew_argv(cfg, cert_name, dry_run=True)
     _require_program(argv[0])
+    started = _log_clock()
     result = run_command(argv, env=certbot_env(cfg), timeout=cfg.certbot_timeout_seconds, check=False)
-    return DryRunResult(cert_name, result.ok, result.command_line, _tail(result), result.duration_seconds)
+    cause = None if result.ok else certbot_log_cause(cfg.logs_dir, started)
+    return DryRunResult(
+        cert_name, result.ok, result.command_line, _tail(result), result.duration_seconds, cause
+    )
 
 
 @dataclass(frozen=True)
@@ -131,12 +198,15 @@ def renew_lineage(cfg: CertificatesSettings, cert_name: str) -> RenewalRecord:
     before = read_lineage(cfg.config_dir, cert_name)
     argv = certbot_renew_argv(cfg, cert_name, dry_run=False)
     _require_program(argv[0])
+    started = _log_clock()
     try:
         result = run_command(argv, env=certbot_env(cfg), timeout=cfg.certbot_timeout_seconds)
     except CommandError as exc:
+        cause = certbot_log_cause(cfg.logs_dir, started)
+        reported = f" The CA reported: {cause}." if cause else ""
         raise RenewalFailed(
             f"certbot could not renew {cert_name}; the certificate on disk is unchanged (serial"
-            f" {before.info.serial}). Look at {cfg.logs_dir}/letsencrypt.log. certbot said:\n"
+            f" {before.info.serial}).{reported} Look at {cfg.logs_dir}/letsencrypt.log. certbot said:\n"
             f"{str(exc)[-_OUTPUT_TAIL:]}"
         ) from None
     after = read_lineage(cfg.config_dir, cert_name)
@@ -161,6 +231,12 @@ def renew_lineage(cfg: CertificatesSettings, cert_name: str) -> RenewalRecord:
         new_not_after=after.info.not_after,
         command=result.command_line,
     )
+
+
+def _log_clock() -> float:
+    """Now, in the file system's clock, a little early: a log written by the run that starts now has
+    a modification time at or after it (file times can be coarser than ``time.time()``)."""
+    return time.time() - 1.0
 
 
 def _require_program(program: str) -> None:

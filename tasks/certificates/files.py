@@ -40,6 +40,15 @@ class CertificateInfo:
         """Days until ``not_after`` (negative once expired)."""
         return (self.not_after - (now or datetime.now(UTC))) / timedelta(days=1)
 
+    @property
+    def lifetime_days(self) -> float:
+        """How long the certificate is valid in all, as issued by its CA, days.
+
+        Both bounds are included (RFC 5280, 4.1.2.5): a 90-day certificate says
+        ``not_after = not_before + 90 days - 1 second``.
+        """
+        return (self.not_after - self.not_before + timedelta(seconds=1)) / timedelta(days=1)
+
     def covers(self, name: str) -> bool:
         """Whether the certificate is valid for ``name`` (SAN DNS names with one-label wildcards, IPs)."""
         wanted = name.lower().rstrip(".")
@@ -142,6 +151,30 @@ def read_lineage(config_dir: Path, name: str) -> WatchedCertificate:
         )
     path = config_dir / "live" / name / "cert.pem"
     return WatchedCertificate(name=name, kind="lineage", path=path, info=read_certificate(path))
+
+
+def renewal_server(config_dir: Path, name: str) -> str | None:
+    """The ACME server a lineage's renewal configuration names (``server`` in ``[renewalparams]`` of
+    ``config_dir/renewal/NAME.conf``), or None when it names none (certbot then used its default).
+
+    The file is certbot's configobj format: top-level keys, then ``[renewalparams]`` and nested
+    ``[[...]]`` sections; only that one key is read.
+    """
+    conf = config_dir / "renewal" / f"{name}.conf"
+    try:
+        lines = conf.read_text(encoding="utf-8").splitlines()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    section = ""
+    for raw in lines:
+        line = raw.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[renewalparams]" and "=" in line:
+            key, value = (part.strip() for part in line.split("=", 1))
+            if key == "server" and value:
+                return value.strip("\"'")
+    return None
 
 
 def read_watched(cfg: CertificatesSettings) -> list[WatchedCertificate]:

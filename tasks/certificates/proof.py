@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
+from tasks.certificates.decisions import renewal_minimum_days, renewal_threshold
 from tasks.certificates.files import WatchedCertificate, read_watched
 from tasks.certificates.served import ServedCertificate, expected_certificate, probe_endpoint
 from tasks.settings import CertEndpoint, CertificatesSettings
@@ -34,9 +35,15 @@ def judge_endpoint(
     min_days: float | None,
     now: datetime | None = None,
 ) -> EndpointVerdict:
-    """Whether an endpoint serves the certificate on disk, validly, with at least ``min_days`` left."""
+    """Whether an endpoint serves the certificate on disk, validly, with at least ``min_days`` left.
+
+    For an endpoint no watched certificate covers, ``min_days`` is the renew threshold, capped by the
+    served certificate's lifetime like any watched certificate's (see ``renewal_threshold``).
+    """
     info = served.info
     expected_serial = expected.info.serial if expected else None
+    if info is not None and expected is None and min_days is not None:
+        min_days = renewal_threshold(info, min_days)
     problem = None
     if info is None:
         problem = served.error or "no certificate read"
@@ -59,8 +66,9 @@ def judge_endpoint(
         else:
             problem = (
                 f"serves serial {info.serial} with only {info.days_left(now):.1f} days left (at least"
-                f" {min_days:g} wanted after renewal); is the CA issuing shorter certificates than"
-                " renew_threshold_days?"
+                f" {min_days:g} wanted after renewal, so that it is not due again); is the CA issuing"
+                " shorter certificates than OPS_CERTIFICATES__MIN_DAYS_AFTER_RENEWAL, or did certbot"
+                " install an old one?"
             )
     return EndpointVerdict(served.endpoint, served, expected_serial, problem is None, problem)
 
@@ -74,18 +82,16 @@ def verify_endpoints(
     """Read every endpoint's served certificate and judge it against the certificates on disk now.
 
     Endpoints serving a certificate renewed in this run must have ``min_days_after_renewal`` left
-    (default: the renew threshold); an endpoint no watched certificate covers must have more than the
-    threshold left, since nothing here would renew it. After a reload the server may take a moment
-    to switch: endpoints are read again until they pass or ``wait_seconds`` have passed.
+    (default: enough not to be due again, see ``renewal_minimum_days``); an endpoint no watched
+    certificate covers must have more than the threshold left, since nothing here would renew it.
+    After a reload the server may take a moment to switch: endpoints are read again until they pass
+    or ``wait_seconds`` have passed.
 
     Raises:
         CertificateFileError: a configured path or lineage is bad.
     """
     renewed = set(renewed)
     watched = read_watched(cfg)
-    min_after = (
-        cfg.min_days_after_renewal if cfg.min_days_after_renewal is not None else cfg.renew_threshold_days
-    )
     # One deadline for all endpoints: the server switches once, not once per endpoint.
     deadline = time.monotonic() + wait_seconds
     # After a reload, old nginx workers may still answer a handshake or two while they drain: a
@@ -97,7 +103,7 @@ def verify_endpoints(
         if expected is None:
             min_days: float | None = cfg.renew_threshold_days
         else:
-            min_days = min_after if expected.name in renewed else None
+            min_days = renewal_minimum_days(expected.info, cfg) if expected.name in renewed else None
         verdicts.append(_judge_until_stable(endpoint, cfg, expected, min_days, needed, deadline))
     return verdicts
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tasks.certificates.certbot import DryRunResult, RenewalRecord, certbot_reason
+from tasks.certificates.certbot import DryRunResult, RenewalRecord
 from tasks.certificates.decisions import Inventory, RenewalPlan
 from tasks.certificates.proof import EndpointVerdict
 from tasks.certificates.reload import ReloadRecord
@@ -39,7 +39,7 @@ class RunSummary:
         """What makes the run fail, one line each."""
         out = []
         out += [
-            f"dry run of {d.cert_name} failed, so it was not renewed: {certbot_reason(d.output_tail)}"
+            f"dry run of {d.cert_name} failed, so it was not renewed: {d.reason}"
             for d in self.dry_runs
             if not d.passed
         ]

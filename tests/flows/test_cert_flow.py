@@ -17,10 +17,12 @@ from flows.certificates import renew_certificates
 from tasks import certificates
 from tests.fixtures.acme import (
     DEAD_PORT,
+    HTTP01_PORT,
     Lineage,
     Nginx,
     certificate_env,
     certificate_settings,
+    copy_lineage,
     make_ca,
     make_leaf,
     write_pem,
@@ -28,8 +30,8 @@ from tests.fixtures.acme import (
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.flow, pytest.mark.integration]
 
-# pebble issues 90-day certificates: a threshold above that makes a fresh certificate due.
-DUE = {"OPS_CERTIFICATES__RENEW_THRESHOLD_DAYS": "100", "OPS_CERTIFICATES__MIN_DAYS_AFTER_RENEWAL": "60"}
+# pebble issues 90-day certificates, like Let's Encrypt: a fresh one is never due (not even with a
+# threshold above its lifetime), so the tests that need a renewal force it.
 
 
 def set_env(monkeypatch: pytest.MonkeyPatch, values: dict[str, str]) -> None:
@@ -57,13 +59,13 @@ def disk_serial(lineage: Lineage) -> str:
     return certificates.read_lineage(lineage.config_dir, lineage.cert_name).info.serial
 
 
-def test_due_certificate_is_renewed_reloaded_and_served(
+def test_renewed_certificate_is_reloaded_and_served(
     acme_lineage: Lineage, lineage_nginx: Nginx, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    set_env(monkeypatch, certificate_env(acme_lineage, lineage_nginx, **DUE))
+    set_env(monkeypatch, certificate_env(acme_lineage, lineage_nginx))
     before = served_serial(acme_lineage, lineage_nginx)
 
-    state = renew_certificates(return_state=True)
+    state = renew_certificates(force=True, return_state=True)
 
     assert state.is_completed(), state.message
     result = state.result()
@@ -84,6 +86,38 @@ def test_due_certificate_is_renewed_reloaded_and_served(
     markdown = found["certificates-teststack"].data
     assert "**ok**" in markdown
     assert f"serial {before} -> {renewed['new_serial']}" in markdown
+
+
+def test_threshold_beyond_the_ca_lifetime_renews_once_and_says_so(
+    acme_lineage: Lineage, lineage_nginx: Nginx, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "Renew early": a threshold above the CA's 90-day lifetime would make every certificate due
+    # right after issue, so every run would renew, reload, and ask the CA again (into its rate limits).
+    set_env(
+        monkeypatch,
+        certificate_env(acme_lineage, lineage_nginx, OPS_CERTIFICATES__RENEW_THRESHOLD_DAYS="100"),
+    )
+    before = served_serial(acme_lineage, lineage_nginx)
+
+    state = renew_certificates(return_state=True)
+
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["due"] == []
+    assert result["renewed"] == []
+    assert disk_serial(acme_lineage) == before == served_serial(acme_lineage, lineage_nginx)
+    markdown = artifacts(state)["certificates-teststack"].data
+    assert "**ok**" in markdown
+    assert "renew_threshold_days 100 would renew this 90-day certificate at every run" in markdown
+    assert "OPS_CERTIFICATES__RENEW_THRESHOLD_DAYS to 60 or less" in markdown
+
+    # A renewal with that threshold is judged by what the CA issued, not by the threshold: the new
+    # 90-day certificate is served and the run completes.
+    state = renew_certificates(force=True, return_state=True)
+
+    assert state.is_completed(), state.message
+    [renewed] = state.result()["renewed"]
+    assert served_serial(acme_lineage, lineage_nginx) == renewed["new_serial"] != before
 
 
 def test_nothing_due_renews_nothing_but_forced_renewal_does(
@@ -115,10 +149,10 @@ def test_nothing_due_renews_nothing_but_forced_renewal_does(
 def test_dry_run_parameter_stops_after_certbot_dry_run(
     acme_lineage: Lineage, lineage_nginx: Nginx, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    set_env(monkeypatch, certificate_env(acme_lineage, lineage_nginx, **DUE))
+    set_env(monkeypatch, certificate_env(acme_lineage, lineage_nginx))
     before = disk_serial(acme_lineage)
 
-    state = renew_certificates(dry_run=True, return_state=True)
+    state = renew_certificates(force=True, dry_run=True, return_state=True)
 
     assert state.is_completed(), state.message
     result = state.result()
@@ -135,11 +169,16 @@ def test_failing_dry_run_stops_before_renewal_and_nginx_keeps_the_valid_certific
     dead_server = f"https://127.0.0.1:{DEAD_PORT}/dir"
     set_env(
         monkeypatch,
-        certificate_env(acme_lineage, lineage_nginx, OPS_CERTIFICATES__ACME_SERVER=dead_server, **DUE),
+        certificate_env(
+            acme_lineage,
+            lineage_nginx,
+            OPS_CERTIFICATES__ACME_SERVER=dead_server,
+            OPS_CERTIFICATES__FORCE_ACME_SERVER="true",
+        ),
     )
     before = disk_serial(acme_lineage)
 
-    state = renew_certificates(return_state=True)
+    state = renew_certificates(force=True, return_state=True)
 
     assert state.is_failed()
     assert "dry run of shop failed, so it was not renewed" in (state.message or "")
@@ -154,6 +193,27 @@ def test_failing_dry_run_stops_before_renewal_and_nginx_keeps_the_valid_certific
     assert "1 `swagger2mcp-ops.certificate.renewal-failed` event(s) emitted for: shop" in markdown
     table = json.loads(found["certificates-teststack-table"].data)
     assert {row["kind"]: row["status"] for row in table} == {"lineage": "due, not renewed", "endpoint": "ok"}
+
+
+def test_failed_challenge_reports_its_cause_not_only_certbots_summary(
+    acme_lineage: Lineage, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # certbot answers the http-01 challenge on another port than the one the CA fetches it from.
+    broken = copy_lineage(acme_lineage, tmp_path, http01_port=str(HTTP01_PORT + 1))
+    set_env(monkeypatch, certificate_env(broken, None))
+    refused = f"dial tcp 127.0.0.1:{HTTP01_PORT}: connect: connection refused"
+
+    state = renew_certificates(force=True, return_state=True)
+
+    assert state.is_failed()
+    message = state.message or ""
+    assert "dry run of shop failed, so it was not renewed" in message
+    assert "Some challenges have failed" in message
+    assert f"the CA reported: {broken.domain}: connection:" in message
+    assert refused in message
+    markdown = artifacts(state)["certificates-teststack"].data
+    assert refused in markdown
+    assert "1 `swagger2mcp-ops.certificate.renewal-failed` event(s) emitted for: shop" in markdown
 
 
 def test_renewed_but_not_reloaded_is_a_finding_and_is_fixed(
@@ -192,12 +252,11 @@ def test_reload_that_does_not_take_effect_fails_naming_the_endpoint(
             lineage_nginx,
             OPS_CERTIFICATES__RELOAD_METHOD="none",
             OPS_CERTIFICATES__VERIFY_TIMEOUT_SECONDS="1",
-            **DUE,
         ),
     )
     old = served_serial(acme_lineage, lineage_nginx)
 
-    state = renew_certificates(return_state=True)
+    state = renew_certificates(force=True, return_state=True)
 
     assert state.is_failed()
     message = state.message or ""
@@ -215,13 +274,11 @@ def test_bad_path_fails_before_any_change(
     missing = tmp_path / "missing" / "cert.pem"
     set_env(
         monkeypatch,
-        certificate_env(
-            acme_lineage, lineage_nginx, OPS_CERTIFICATES__PEM_PATHS=json.dumps([str(missing)]), **DUE
-        ),
+        certificate_env(acme_lineage, lineage_nginx, OPS_CERTIFICATES__PEM_PATHS=json.dumps([str(missing)])),
     )
     before = disk_serial(acme_lineage)
 
-    state = renew_certificates(return_state=True)
+    state = renew_certificates(force=True, return_state=True)
 
     assert state.is_failed()
     assert f"certificate file {missing} does not exist" in (state.message or "")
@@ -252,8 +309,13 @@ def test_due_file_certbot_does_not_manage_fails_and_emits_an_event(
 ) -> None:
     ca = make_ca("Internal CA")
     write_pem(tmp_path / "ca.pem", ca[0])
+    # A 90-day certificate with 10 days left.
+    now = dt.datetime.now(dt.UTC)
     leaf, key = make_leaf(
-        ca, ["intranet.ops.test"], not_after=dt.datetime.now(dt.UTC) + dt.timedelta(days=10)
+        ca,
+        ["intranet.ops.test"],
+        not_before=now - dt.timedelta(days=80),
+        not_after=now + dt.timedelta(days=10),
     )
     cert_path = write_pem(tmp_path / "intranet.pem", leaf, key)
     nginx = nginx_factory(cert_path, cert_path.with_suffix(".key"), "intranet.ops.test")

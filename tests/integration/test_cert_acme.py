@@ -8,7 +8,15 @@ import pytest
 
 from tasks import certificates
 from tasks.settings import CertEndpoint, OpsSettings
-from tests.fixtures.acme import DEAD_PORT, Lineage, Nginx, certificate_settings
+from tests.fixtures.acme import (
+    DEAD_PORT,
+    HTTP01_PORT,
+    Lineage,
+    Nginx,
+    certificate_settings,
+    copy_lineage,
+    http_404_server,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +86,12 @@ def test_unreachable_endpoint_and_bad_paths_give_clear_errors(acme_lineage: Line
 
 def test_failing_dry_run_changes_nothing(acme_lineage: Lineage, lineage_nginx: Nginx) -> None:
     before = certificates.read_lineage(acme_lineage.config_dir, acme_lineage.cert_name).info
-    cfg = certificate_settings(acme_lineage, lineage_nginx, acme_server=f"https://127.0.0.1:{DEAD_PORT}/dir")
+    cfg = certificate_settings(
+        acme_lineage,
+        lineage_nginx,
+        acme_server=f"https://127.0.0.1:{DEAD_PORT}/dir",
+        force_acme_server=True,
+    )
     result = certificates.certbot_dry_run(cfg, acme_lineage.cert_name)
     assert not result.passed
     assert "Connection refused" in certificates.certbot_reason(result.output_tail)
@@ -87,6 +100,55 @@ def test_failing_dry_run_changes_nothing(acme_lineage: Lineage, lineage_nginx: N
         == before.serial
     )
     assert served(lineage_nginx, acme_lineage).serial == before.serial
+
+
+def test_each_lineage_renews_against_the_server_that_issued_it(acme_lineage: Lineage) -> None:
+    # The configured ACME server is another CA (here: one that is down); the lineage was issued by
+    # pebble and its renewal configuration says so: it renews there, unless the operator forces
+    # every lineage onto the configured server.
+    other_ca = f"https://127.0.0.1:{DEAD_PORT}/dir"
+    conf = acme_lineage.config_dir / "renewal" / f"{acme_lineage.cert_name}.conf"
+    assert f"server = {acme_lineage.pebble.directory_url}" in conf.read_text()
+    cfg = certificate_settings(acme_lineage, None, acme_server=other_ca)
+    assert certificates.lineage_server(cfg, acme_lineage.cert_name) == acme_lineage.pebble.directory_url
+
+    dry = certificates.certbot_dry_run(cfg, acme_lineage.cert_name)
+    assert dry.passed, dry.output_tail
+    assert f"--server {acme_lineage.pebble.directory_url}" in dry.command
+    record = certificates.renew_lineage(cfg, acme_lineage.cert_name)
+    assert record.new_serial != record.old_serial
+    assert f"--server {acme_lineage.pebble.directory_url}" in record.command
+    assert f"server = {acme_lineage.pebble.directory_url}" in conf.read_text()
+
+    forced = certificates.certbot_dry_run(cfg.model_copy(update={"force_acme_server": True}), "shop")
+    assert not forced.passed
+    assert f"--server {other_ca}" in forced.command
+    assert "Connection refused" in certificates.certbot_reason(forced.output_tail)
+
+
+def test_failed_challenge_names_the_cause_from_certbots_log(acme_lineage: Lineage, tmp_path: Path) -> None:
+    # certbot answers the http-01 challenge on another port than the one the CA fetches it from.
+    broken = copy_lineage(acme_lineage, tmp_path, http01_port=str(HTTP01_PORT + 1))
+    cfg = certificate_settings(broken, None)
+    before = certificates.read_lineage(broken.config_dir, broken.cert_name).info.serial
+
+    # Nothing listens where the CA fetches the token.
+    dry = certificates.certbot_dry_run(cfg, broken.cert_name)
+    assert not dry.passed
+    assert "Some challenges have failed" in certificates.certbot_reason(dry.output_tail)
+    assert dry.cause is not None
+    assert f"{broken.domain}: connection:" in dry.cause
+    assert f"127.0.0.1:{HTTP01_PORT}: connect: connection refused" in dry.cause
+    assert "connection refused" in dry.reason
+
+    # Another web server answers there, without the token.
+    with http_404_server(HTTP01_PORT), pytest.raises(certificates.RenewalFailed) as caught:
+        certificates.renew_lineage(cfg, broken.cert_name)
+    message = str(caught.value)
+    assert f"{broken.domain}: unauthorized:" in message
+    assert "/.well-known/acme-challenge/" in message
+    assert "404" in message
+    assert certificates.read_lineage(broken.config_dir, broken.cert_name).info.serial == before
 
 
 def test_renewal_without_reload_is_found_and_reload_fixes_it(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,22 +21,31 @@ NOW = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
 
 
 def info(
-    serial: str, days_left: float, sans: tuple[str, ...] = ("shop.example.com",)
+    serial: str,
+    days_left: float,
+    sans: tuple[str, ...] = ("shop.example.com",),
+    issued_days_ago: float = 10,
 ) -> certificates.CertificateInfo:
     return certificates.CertificateInfo(
         subject=f"CN={sans[0]}",
         sans=sans,
         issuer="Test CA",
         serial=serial,
-        not_before=NOW - dt.timedelta(days=10),
+        # As CAs issue them: both bounds count, a 90-day certificate ends 1 s before the 90th day.
+        not_before=NOW - dt.timedelta(days=issued_days_ago) + dt.timedelta(seconds=1),
         not_after=NOW + dt.timedelta(days=days_left),
         sha256="00",
     )
 
 
-def lineage(name: str, serial: str, days_left: float) -> certificates.WatchedCertificate:
+def lineage(
+    name: str, serial: str, days_left: float, issued_days_ago: float = 10
+) -> certificates.WatchedCertificate:
     return certificates.WatchedCertificate(
-        name, "lineage", Path(f"/le/live/{name}/cert.pem"), info(serial, days_left)
+        name,
+        "lineage",
+        Path(f"/le/live/{name}/cert.pem"),
+        info(serial, days_left, issued_days_ago=issued_days_ago),
     )
 
 
@@ -121,6 +132,39 @@ def test_plan_renews_due_lineages_and_flags_due_files_certbot_cannot_renew() -> 
     assert forced.due == ("due", "fresh")
 
 
+def test_threshold_beyond_the_lifetime_is_capped_and_reported() -> None:
+    # 90-day certificates and a threshold of 100 days: uncapped, both would be due right after issue,
+    # and every run would renew them again.
+    fresh = lineage("fresh", "1", 89, issued_days_ago=1)
+    older = lineage("older", "2", 59, issued_days_ago=31)
+    assert fresh.info.lifetime_days == 90
+    assert certificates.renewal_threshold(fresh.info, 100) == 60
+    assert certificates.renewal_threshold(fresh.info, 30) == 30
+    inventory = certificates.Inventory(taken_at=NOW, certificates=(fresh, older), endpoints=(), findings=())
+    assert certificates.plan_renewals(inventory, 100).due == ("older",)
+    assert certificates.plan_renewals(inventory, 100, force=True).due == ("fresh", "older")
+    assert certificates.plan_renewals(inventory, 30).due == ()
+
+    [capped] = certificates.certificate_findings(fresh, 100, NOW)
+    assert capped.kind == "threshold-capped"
+    assert "renew_threshold_days 100 would renew this 90-day certificate at every run" in capped.text
+    assert "renewed with 60.0 days left" in capped.text
+    assert "OPS_CERTIFICATES__RENEW_THRESHOLD_DAYS to 60 or less" in capped.text
+    assert sorted(f.kind for f in certificates.certificate_findings(older, 100, NOW)) == [
+        "due",
+        "threshold-capped",
+    ]
+    assert certificates.certificate_findings(fresh, 30, NOW) == []
+
+    # The renewed certificate is judged against what it must have not to be due again, not the
+    # threshold an operator set to renew early.
+    early = CertificatesSettings(renew_threshold_days=100)
+    assert certificates.renewal_minimum_days(fresh.info, early) == 60
+    assert certificates.judge_endpoint(served("1", 89), fresh, 60, NOW).ok
+    explicit = CertificatesSettings(renew_threshold_days=100, min_days_after_renewal=95)
+    assert certificates.renewal_minimum_days(fresh.info, explicit) == 95
+
+
 def test_endpoint_serving_an_older_certificate_is_renewed_but_not_reloaded() -> None:
     endpoint = CertEndpoint(host="127.0.0.1", server_name="shop.example.com")
     state = certificates.EndpointState(endpoint, served("aa", days_left=20), lineage("shop", "bb", 89))
@@ -193,6 +237,45 @@ def test_certbot_argv_has_server_dirs_and_no_random_sleep(tmp_path: Path) -> Non
     assert certificates.certbot_env(with_bundle) == {"REQUESTS_CA_BUNDLE": "/ca.pem"}
 
 
+def test_each_lineage_renews_against_its_own_server_unless_forced(tmp_path: Path) -> None:
+    renewal = tmp_path / "renewal"
+    renewal.mkdir()
+    (renewal / "zerossl.conf").write_text(
+        "version = 5.8.0\ncert = /le/live/zerossl/cert.pem\n\n[renewalparams]\naccount = 1f\n"
+        "server = https://acme.zerossl.com/v2/DV90\nauthenticator = standalone\n"
+    )
+    # certbot leaves `server` out of the renewal configuration when it used its default.
+    (renewal / "plain.conf").write_text("[renewalparams]\naccount = 2e\nauthenticator = webroot\n")
+    (renewal / "other-section.conf").write_text("server = https://top.example/dir\n[[webroot_map]]\n")
+    cfg = CertificatesSettings(config_dir=tmp_path, acme_server="https://acme.example/dir")
+
+    def server(name: str, config: CertificatesSettings = cfg) -> str:
+        argv = certificates.certbot_renew_argv(config, name, dry_run=True)
+        return argv[argv.index("--server") + 1]
+
+    assert server("zerossl") == "https://acme.zerossl.com/v2/DV90"
+    assert server("plain") == "https://acme.example/dir"
+    assert server("other-section") == "https://acme.example/dir"
+    forced = cfg.model_copy(update={"force_acme_server": True})
+    assert server("zerossl", forced) == "https://acme.example/dir"
+
+
+def test_readme_tells_the_two_ca_bundles_apart_with_an_example_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("### Certificate renewal", 1)[1].split("\n## ", 1)[0]
+    examples = dict(re.findall(r"^\s*(OPS_CERTIFICATES__[A-Z_]+)=(\S+)$", section, flags=re.MULTILINE))
+    assert {"OPS_CERTIFICATES__CA_BUNDLE", "OPS_CERTIFICATES__ACME_CA_BUNDLE"} <= set(examples)
+    assert "REQUESTS_CA_BUNDLE" in section
+    # The examples are real settings.
+    for name, value in examples.items():
+        monkeypatch.setenv(name, value)
+    cfg = load_settings().certificates
+    assert str(cfg.ca_bundle) == examples["OPS_CERTIFICATES__CA_BUNDLE"]
+    assert str(cfg.acme_ca_bundle) == examples["OPS_CERTIFICATES__ACME_CA_BUNDLE"]
+
+
 def test_default_certbot_is_the_one_beside_this_python() -> None:
     beside = Path(sys.executable).parent / "certbot"
     assert beside.is_file(), "the project's venv ships certbot"
@@ -260,6 +343,42 @@ def test_certbot_reason_picks_the_failure_line() -> None:
         == "Failed to renew certificate shop with error: Connection refused"
     )
     assert certificates.certbot_reason("") == "(no output)"
+
+
+CERTBOT_LOG_TAIL = """\
+2026-12-02 06:38:30,953:INFO:certbot._internal.auth_handler:Challenge failed for domain shop.example.com
+2026-12-02 06:38:30,953:DEBUG:certbot._internal.display.obj:Notifying user: \n\
+Certbot failed to authenticate some domains (authenticator: webroot). The Certificate Authority \
+reported these problems:
+  Identifier: shop.example.com
+  Type:   unauthorized
+  Detail: 203.0.113.7: Invalid response from http://shop.example.com/.well-known/acme-challenge/x: 404
+{older}
+Hint: The Certificate Authority failed to download the temporary challenge files created by Certbot.
+
+2026-12-02 06:38:30,954:DEBUG:certbot._internal.error_handler:Encountered exception:
+Traceback (most recent call last):
+certbot.errors.AuthorizationError: Some challenges have failed.
+"""
+
+
+def test_challenge_problems_are_read_from_certbots_log(tmp_path: Path) -> None:
+    older = "  Domain: www.example.com\n  Type:   dns\n  Detail: DNS problem: NXDOMAIN looking up A for www"
+    text = CERTBOT_LOG_TAIL.format(older=older)
+    assert certificates.challenge_problems(text) == (
+        "shop.example.com: unauthorized: 203.0.113.7: Invalid response from"
+        " http://shop.example.com/.well-known/acme-challenge/x: 404;"
+        " www.example.com: dns: DNS problem: NXDOMAIN looking up A for www"
+        " (hint: The Certificate Authority failed to download the temporary challenge files created"
+        " by Certbot.)"
+    )
+    assert certificates.challenge_problems("2026-12-02 06:38:30,954:ERROR:certbot:Connection refused") is None
+
+    # Only the log of the run that just ended counts: certbot starts a new letsencrypt.log per run.
+    (tmp_path / "letsencrypt.log").write_text(text)
+    assert certificates.certbot_log_cause(tmp_path, since=0) is not None
+    assert certificates.certbot_log_cause(tmp_path, since=time.time() + 60) is None
+    assert certificates.certbot_log_cause(tmp_path / "missing", since=0) is None
 
 
 def test_report_shows_every_certificate_and_endpoint_with_problems() -> None:
