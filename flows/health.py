@@ -11,6 +11,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
+from prefect.runtime import flow_run
 
 from tasks import health, reports
 from tasks.errors import CheckFailed
@@ -102,6 +103,31 @@ def emit_health_events(report: HealthReport) -> int:
     return emitted
 
 
+@task(name="emit-health-checked", cache_policy=NO_CACHE)
+def emit_checked_event(report: HealthReport) -> bool:
+    """``swagger2mcp-ops.health.checked`` after every run, healthy or not, with each check's status:
+    health paging counts consecutive unhealthy checks and resolves its page on a healthy one."""
+    event = emit_event(
+        event=f"{EVENT_PREFIX}.checked",
+        resource={
+            "prefect.resource.id": f"swagger2mcp-ops.stack.{report.stack}",
+            "prefect.resource.name": report.stack,
+            "swagger2mcp-ops.stack": report.stack,
+        },
+        payload={
+            "status": report.status.value,
+            "checks": {name: check.status.value for name, check in report.checks.items()},
+            "details": {
+                name: "; ".join(([check.error] if check.error else []) + check.warnings)
+                for name, check in report.checks.items()
+                if check.error or check.warnings
+            },
+            "flow_run_id": flow_run.get_id(),
+        },
+    )
+    return event is not None
+
+
 @flow(name="health-check", log_prints=True)
 def health_check(fail_when_unhealthy: bool = True, fail_when_degraded: bool = False) -> dict[str, Any]:
     """Runbook "Service Health Checks": PostgreSQL, Redis, BullMQ queues and the app's HTTP endpoints.
@@ -109,7 +135,8 @@ def health_check(fail_when_unhealthy: bool = True, fail_when_degraded: bool = Fa
     Every check runs at once under a bounded timeout; a service that is down, refuses or hangs makes
     its check unhealthy with the (masked) error. The report is published as markdown and table
     artifacts; when not healthy, an event per failing check is emitted
-    (``swagger2mcp-ops.health.unhealthy`` / ``.degraded``) for automations such as diagnose.
+    (``swagger2mcp-ops.health.unhealthy`` / ``.degraded``) for automations such as diagnose, and
+    every run emits ``swagger2mcp-ops.health.checked`` with each check's status (health paging).
 
     Args:
         fail_when_unhealthy: end the run Failed when the overall status is unhealthy (CI and the UI
@@ -130,6 +157,7 @@ def health_check(fail_when_unhealthy: bool = True, fail_when_degraded: bool = Fa
     publish_report(report)
     if report.status is not Status.HEALTHY:
         emit_health_events(report)
+    emit_checked_event(report)
     logger.info("health of %s: %s", report.stack, report.status.value)
     failing = report.status is Status.UNHEALTHY and fail_when_unhealthy
     failing = failing or (report.status is Status.DEGRADED and fail_when_degraded)

@@ -37,4 +37,6 @@ for _ in $(seq 1 120); do
   sleep 1
 done
 echo "Prefect UI: http://127.0.0.1:$port"
+# Escalation routes (automations.yaml) as automations; idempotent, so every start re-applies them.
+.venv/bin/python -m deployments.automations apply
 .venv/bin/python -m deployments.serve
