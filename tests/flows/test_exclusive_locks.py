@@ -236,6 +236,6 @@ def test_recover_data_refuses_while_another_worker_holds_the_database(
         # restore-database takes the same lock and names the holder the same way.
         refused(restore_database(backup_id="latest", dry_run=False, approved=True, return_state=True), other)
         assert _widgets(dsn) == 10
-    done = recover_data(backup_id="latest", dry_run=False, approved=True, keep_old=False)
+    done = recover_data(backup_id="latest", dry_run=False, approved=True)
     assert done["outcome"] == "recovered"
     assert _widgets(dsn) == 50
