@@ -8,7 +8,7 @@ import pytest
 
 from flows.migrate import MigrationReport, render_markdown, render_plan
 from tasks.errors import SettingsError
-from tasks.migrations import MigrationPlan, MigrationRun, RevisionStep, describe_interrupted
+from tasks.migrate import MigrationPlan, MigrationRun, RevisionStep, describe_interrupted
 from tasks.settings import load_settings
 
 
@@ -98,7 +98,7 @@ def test_errors_survive_pickling_with_their_evidence():
     import pickle
 
     from flows.migrate import MigrationFailed
-    from tasks.migrations import InterruptedMigration
+    from tasks.migrate import InterruptedMigration
 
     failed = pickle.loads(pickle.dumps(MigrationFailed("restored", {"outcome": "failed-restored"})))  # noqa: S301
     assert str(failed) == "restored"
