@@ -323,13 +323,15 @@ def _restore_and_prove(
     """Restore ``manifest`` into the target, then compare the target with it; both recorded in the report.
 
     The replaced database is always kept (read-only by default) and compared with the backup, so the
-    report names it and lists its tables whose rows changed since the backup's snapshot.
+    report names it and lists its tables whose rows changed since the backup's snapshot (the project's
+    own run marker, written after the backup, is not one of them).
     """
     with timed(report, "restore"):
         # The run holds the database's restore lock (migration_lock) on its own session.
-        report.restore = restore_backup(
+        restored = restore_backup(
             settings, manifest.id, target_database=report.database, database_lock_held=True, keep_old=True
         )
+        report.restore = migrate.without_own_tables(settings, restored)
     with timed(report, "prove-restore"):
         report.comparison = compare_to_backup(settings, manifest, report.database)
     return report.comparison

@@ -74,6 +74,7 @@ from tasks.migrate.runs import (
     mark_run,
     resolve_run,
     unfinished_runs,
+    without_own_tables,
 )
 from tasks.migrate.verify import run_smoke_queries, verify_migrations
 from tasks.migrate.writers import (
@@ -142,6 +143,7 @@ __all__ = [
     "unfinished_runs_task",
     "verify_migrations",
     "verify_migrations_task",
+    "without_own_tables",
     "writer_services",
     "writers_stopped",
 ]

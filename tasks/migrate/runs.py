@@ -8,6 +8,7 @@ marker is written.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import uuid
@@ -17,6 +18,7 @@ import psycopg
 from psycopg import sql
 
 from tasks import postgres
+from tasks.backups import RestoreResult
 from tasks.migrate.config import target_database
 from tasks.migrate.model import (
     ApplyRecord,
@@ -196,3 +198,20 @@ def finish_run(settings: OpsSettings, record: ApplyRecord, verification: Verific
     """Close the marker of a verified run."""
     if record.run_id:
         mark_run(settings, record.run_id, "succeeded" if verification.ok else "failed")
+
+
+def without_own_tables(settings: OpsSettings, restore: RestoreResult) -> RestoreResult:
+    """``restore`` with this project's own tables left out of the kept database's changed tables.
+
+    The marker row is written after the backup, so the kept database always differs from the backup in
+    ``<runs_schema>.migration_runs``: that is bookkeeping, not a write of the application an operator
+    has to recover from the kept database.
+    """
+    kept = restore.kept_changes
+    if kept is None:
+        return restore
+    prefix = f"{settings.migrations.runs_schema}."
+    differences = [d for d in kept.differences if not d.table.startswith(prefix)]
+    if len(differences) == len(kept.differences):
+        return restore
+    return dataclasses.replace(restore, kept_changes=dataclasses.replace(kept, differences=differences))
