@@ -16,13 +16,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from flows.migrate import migrate_database
-from tasks import backups, health, migrations, reports, writers
+from tasks import backups, health, migrate, reports
 from tasks.errors import ApprovalRejected, CheckFailed, LockBusy
 from tasks.health import HealthReport, Status
-from tasks.migrations import MaintenanceChange, SmokeResult
+from tasks.migrate import MaintenanceChange, SmokeResult, WritesPolicy
+from tasks.ops_task import ops_task
 from tasks.runlog import run_logger
 from tasks.settings import OpsSettings, load_settings
-from tasks.writers import WritesPolicy
 
 EVENT_PREFIX = "swagger2mcp-ops.maintenance"
 
@@ -141,12 +141,12 @@ def notify(report: MaintenanceReport, phase: str) -> None:
     report.step(f"notify {phase}", "done", f"event {name}")
 
 
-smoke_queries = migrations.run_smoke_queries_task
-health_check = task(health.run_checks, name="maintenance-health-check", cache_policy=NO_CACHE)
+smoke_queries = migrate.run_smoke_queries_task
+health_check = ops_task(health.run_checks, name="maintenance-health-check")
 
 
 def _switch(settings: OpsSettings, report: MaintenanceReport, on: bool) -> MaintenanceChange:
-    change = migrations.set_maintenance_mode_task(settings, on, dry_run=report.dry_run)
+    change = migrate.set_maintenance_mode_task(settings, on, dry_run=report.dry_run)
     status = "done" if change.changed else ("not configured" if not change.configured else "skipped")
     report.step(
         f"maintenance mode {change.mode}", status, f"{change.detail} {' '.join(change.commands)}".strip()
@@ -195,7 +195,7 @@ def maintenance_window(
     settings = load_settings()
     subflow_policy: str = writes_policy
     if run_migrations:
-        migrations.require_configured(settings)
+        migrate.require_configured(settings)
         if writes_policy == "stop" and (
             settings.migrations.maintenance_on_argv or settings.migrations.maintenance_on_url
         ):
@@ -203,10 +203,10 @@ def maintenance_window(
             subflow_policy = "stopped-by-caller"
         if not dry_run:
             # Refused here, before the first notification or switch, when nothing can stop the writers.
-            writers.plan_writer_stop(settings, subflow_policy)
+            migrate.plan_writer_stop(settings, subflow_policy)
     report = MaintenanceReport(
         stack=settings.stack,
-        database=migrations.target_database(settings),
+        database=migrate.target_database(settings),
         dry_run=dry_run,
         message=message,
     )
@@ -232,17 +232,19 @@ def maintenance_window(
                 report.step("migrate", "done", str(report.migration.get("outcome")))
             else:
                 nothing_applied = False
+                failed: dict[str, Any] = {"outcome": "failed"}
                 try:
                     state.result()
                 except Exception as exc:
                     report.migration_error = f"{type(exc).__name__}: {exc}"
-                    report.migration = getattr(exc, "summary", None) or {"outcome": "failed"}
+                    failed = getattr(exc, "summary", None) or failed
                     nothing_applied = isinstance(exc, ApprovalRejected | LockBusy)
+                report.migration = failed
                 # Nothing applied, or the old schema is back and proven: the running application
                 # matches the database again. Anything else keeps the application closed.
-                safe_to_reopen = nothing_applied or report.migration.get("outcome") == "failed-restored"
+                safe_to_reopen = nothing_applied or failed.get("outcome") == "failed-restored"
                 report.failure = f"migration failed: {report.migration_error}"
-                report.step("migrate", "failed", str(report.migration.get("outcome")))
+                report.step("migrate", "failed", str(failed.get("outcome")))
         else:
             report.step("migrate", "skipped", "run_migrations is false")
 

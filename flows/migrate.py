@@ -24,21 +24,25 @@ from prefect.input import RunInput
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from tasks import backups, health, migrations, postgres, reports, writers
+from tasks import backups, health, migrate, postgres, reports
 from tasks.backups import BackupManifest, RestoreResult, TableComparison
 from tasks.errors import ApprovalRejected, OpsError, ParameterError
 from tasks.health import HealthReport, Status
-from tasks.migrations import (
+from tasks.migrate import (
     ApplyRecord,
     InterruptedMigration,
     MigrationPlan,
     MigrationRun,
     MigrationVerifyFailed,
     Verification,
+    WritersNotStoppable,
+    WriterStopPlan,
+    WriterStopRecord,
+    WritesPolicy,
 )
+from tasks.ops_task import ops_task
 from tasks.runlog import run_logger
 from tasks.settings import OpsSettings, load_settings
-from tasks.writers import WritersNotStoppable, WriterStopPlan, WriterStopRecord, WritesPolicy
 
 EVENT_PREFIX = "swagger2mcp-ops.migration"
 SQL_SHOWN_PER_REVISION = 6000
@@ -75,7 +79,7 @@ class MigrationReport:
     database: str
     tool: str
     dry_run: bool
-    target: str = migrations.HEAD
+    target: str = migrate.HEAD
     outcome: str = "started"
     writers_plan: WriterStopPlan | None = None
     writers_refusal: str | None = None
@@ -169,7 +173,7 @@ def render_markdown(report: MigrationReport) -> str:
             "## Interrupted previous run",
             "",
             "```",
-            migrations.describe_interrupted(report.interrupted, report.database),
+            migrate.describe_interrupted(report.interrupted, report.database),
             "```",
         ]
     if report.backup is not None:
@@ -274,11 +278,10 @@ def publish_report(report: MigrationReport) -> None:
     )
 
 
-check_health = task(health.run_checks, name="post-migration-health-check", cache_policy=NO_CACHE)
+check_health = ops_task(health.run_checks, name="post-migration-health-check")
 restore_backup = backups.restore_backup_task.with_options(retries=2, retry_delay_seconds=10)
 compare_to_backup = backups.compare_database_task
-read_manifest = task(backups.resolve_backup_id, name="read-backup-manifest", cache_policy=NO_CACHE)
-unfinished_runs = task(migrations.unfinished_runs, name="find-unfinished-migrations", cache_policy=NO_CACHE)
+read_manifest = ops_task(backups.resolve_backup_id, name="read-backup-manifest")
 
 
 def ask_approval(settings: OpsSettings, report: MigrationReport, what: str) -> str:
@@ -320,13 +323,15 @@ def _restore_and_prove(
     """Restore ``manifest`` into the target, then compare the target with it; both recorded in the report.
 
     The replaced database is always kept (read-only by default) and compared with the backup, so the
-    report names it and lists its tables whose rows changed since the backup's snapshot.
+    report names it and lists its tables whose rows changed since the backup's snapshot (the project's
+    own run marker, written after the backup, is not one of them).
     """
     with timed(report, "restore"):
         # The run holds the database's restore lock (migration_lock) on its own session.
-        report.restore = restore_backup(
+        restored = restore_backup(
             settings, manifest.id, target_database=report.database, database_lock_held=True, keep_old=True
         )
+        report.restore = migrate.without_own_tables(settings, restored)
     with timed(report, "prove-restore"):
         report.comparison = compare_to_backup(settings, manifest, report.database)
     return report.comparison
@@ -360,7 +365,7 @@ def migrate_database(
     approve: bool = False,
     restore_interrupted: bool = False,
     resolve_interrupted_run: str | None = None,
-    target: str = migrations.HEAD,
+    target: str = migrate.HEAD,
     writes_policy: WritesPolicy = "stop",
 ) -> dict[str, Any]:
     """Runbook "Database Migrations": plan, approval, stop writers, backup, apply, verify; restore on failure.
@@ -413,20 +418,20 @@ def migrate_database(
             where the replaced database is kept.
     """
     settings = load_settings()
-    migrations.require_configured(settings)
+    migrate.require_configured(settings)
     if restore_interrupted and resolve_interrupted_run:
         raise ParameterError("pass restore_interrupted or resolve_interrupted_run, not both")
-    migrations.require_target(settings, target)
+    migrate.require_target(settings, target)
     logger = run_logger(__name__)
     report = MigrationReport(
         stack=settings.stack,
-        database=migrations.target_database(settings),
+        database=migrate.target_database(settings),
         tool=settings.migrations.tool,
         dry_run=dry_run,
         target=target,
     )
     try:
-        report.writers_plan = writers.plan_writer_stop(settings, writes_policy)
+        report.writers_plan = migrate.plan_writer_stop(settings, writes_policy)
     except WritersNotStoppable as exc:
         if not dry_run:
             raise
@@ -436,10 +441,10 @@ def migrate_database(
     try:
         with timed(report, "preflight"):
             postgres.probe_postgres_task(settings.postgres)
-        report.lock = migrations.lock_name(settings)
+        report.lock = migrate.lock_name(settings)
         with contextlib.ExitStack() as held:
             with timed(report, "lock-wait"):
-                held.enter_context(migrations.migration_lock(settings, owner=owner))
+                held.enter_context(migrate.migration_lock(settings, owner=owner))
             _migrate(
                 settings,
                 report,
@@ -480,15 +485,15 @@ def _migrate(
 ) -> None:
     """The body of the flow while the lock is held (steps 1-6 of its docstring)."""
     if resolve_run:
-        resolved = migrations.resolve_run_task(settings, resolve_run, note=f"resolved by {flow_run.get_id()}")
+        resolved = migrate.resolve_run_task(settings, resolve_run, note=f"resolved by {flow_run.get_id()}")
         report.notes.append(f"interrupted run {resolved.id} marked resolved by the operator")
     with timed(report, "interrupted-check"):
-        report.interrupted = unfinished_runs(settings)
+        report.interrupted = migrate.unfinished_runs_task(settings)
     if report.interrupted:
         if not restore_interrupted:
             report.outcome = "interrupted-run-found"
             raise InterruptedMigration(
-                migrations.describe_interrupted(report.interrupted, report.database), report.interrupted
+                migrate.describe_interrupted(report.interrupted, report.database), report.interrupted
             )
         _restore_interrupted(settings, report, dry_run=dry_run, approve=approve)
         return
@@ -499,7 +504,7 @@ def _migrate(
         )
 
     with timed(report, "plan"):
-        report.plan = migrations.plan_migrations_task(settings, report.target)
+        report.plan = migrate.plan_migrations_task(settings, report.target)
     if not report.plan.pending:
         report.outcome = "up-to-date"
         return
@@ -509,7 +514,7 @@ def _migrate(
     if dry_run:
         report.outcome = "dry-run"
         report.notes.append("dry run: no backup taken, nothing applied; run with dry_run=false to apply")
-        if not migrations.status_is_read_only(settings):
+        if not migrate.status_is_read_only(settings):
             report.notes.append("the tool's status command may have created its own bookkeeping tables")
         return
 
@@ -527,7 +532,7 @@ def _migrate(
             )
         )
     assert report.writers_plan is not None
-    with timed(report, "writers-window"), writers.writers_stopped(settings, report.writers_plan) as record:
+    with timed(report, "writers-window"), migrate.writers_stopped(settings, report.writers_plan) as record:
         report.writers = record
         _apply_in_window(settings, report)
     with timed(report, "health"):
@@ -555,11 +560,11 @@ def _apply_in_window(settings: OpsSettings, report: MigrationReport) -> None:
     report.outcome = "applying"
     try:
         with timed(report, "apply"):
-            report.applied = migrations.apply_migrations_task(
+            report.applied = migrate.apply_migrations_task(
                 settings, report.plan, backup_id=report.backup.id, flow_run_id=str(flow_run.get_id() or "")
             )
         with timed(report, "verify"):
-            report.verification = migrations.verify_migrations_task(settings, report.plan)
+            report.verification = migrate.verify_migrations_task(settings, report.plan)
         if report.verification.problems:
             raise MigrationVerifyFailed("verification failed: " + "; ".join(report.verification.problems))
     except Exception as exc:
@@ -568,7 +573,7 @@ def _apply_in_window(settings: OpsSettings, report: MigrationReport) -> None:
         logger.error("migration failed (%s); restoring backup %s", report.failure, report.backup.id)
         if report.applied is not None and report.applied.run_id:
             with contextlib.suppress(Exception):
-                migrations.mark_run(settings, report.applied.run_id, "failed", report.failure[:2000])
+                migrate.mark_run(settings, report.applied.run_id, "failed", report.failure[:2000])
         try:
             comparison = _restore_and_prove(settings, report, report.backup)
         except Exception as restore_exc:
@@ -593,7 +598,7 @@ def _apply_in_window(settings: OpsSettings, report: MigrationReport) -> None:
             f" ({comparison.summary()}).{_kept_sentence(report)}",
             report.summary(),
         ) from exc
-    migrations.finish_run_task(settings, report.applied, report.verification)
+    migrate.finish_run_task(settings, report.applied, report.verification)
 
 
 def _restore_interrupted(
@@ -625,7 +630,7 @@ def _restore_interrupted(
         )
     )
     assert report.writers_plan is not None
-    with writers.writers_stopped(settings, report.writers_plan) as record:
+    with migrate.writers_stopped(settings, report.writers_plan) as record:
         report.writers = record
         comparison = _restore_and_prove(settings, report, report.backup)
     if not comparison.matches:

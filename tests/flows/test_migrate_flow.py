@@ -1,7 +1,7 @@
 """migrate-database under the Prefect harness, against the real PostgreSQL (and the real knex CLI).
 
 Every failure case ends with the database equal to the snapshot taken before the run, checked by an
-independent snapshot (tests/fixtures/migrations.py), not only by the flow's own comparison.
+independent snapshot (tests/fixtures/migrate.py), not only by the flow's own comparison.
 """
 
 from __future__ import annotations
@@ -156,11 +156,11 @@ def test_killed_apply_is_detected_and_offered_restore(monkeypatch, mg_env, alemb
     # The apply runs in its own process, under the migration lock, as the flow would run it.
     script = (
         "import sys\n"
-        "from tasks import migrations\n"
+        "from tasks import migrate\n"
         "from tasks.settings import load_settings\n"
         "s = load_settings()\n"
-        "with migrations.migration_lock(s, owner='doomed-run'):\n"
-        "    migrations.apply_migrations(s, migrations.plan_migrations(s), backup_id=sys.argv[1])\n"
+        "with migrate.migration_lock(s, owner='doomed-run'):\n"
+        "    migrate.apply_migrations(s, migrate.plan_migrations(s), backup_id=sys.argv[1])\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", script, manifest.id],

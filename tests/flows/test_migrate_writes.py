@@ -80,12 +80,12 @@ def test_writers_stopped_by_maintenance_hooks_lose_no_write(monkeypatch, mg_env,
     accepted = app_writer.accepted()
     assert len(accepted) > after_run, "the writer did not write again after the window"
     assert accepted <= writer_rows(mg_env["dsn"])
-    # The replaced database is kept; its only changes since the backup are the migration's own (its
-    # INSERT, and the run marker written after the backup).
+    # The replaced database is kept; its only change since the backup is the migration's INSERT (the
+    # run marker written after the backup is this project's bookkeeping, not the application's data).
     kept = summary["kept_database"]
     assert kept
     assert kept.startswith(mg_env["database"] + "__old_")
-    assert summary["kept_changed_tables"] == ["public.users", "swagger2mcp_ops.migration_runs"]
+    assert summary["kept_changed_tables"] == ["public.users"]
     assert kept in message
     assert "public.users" in message
     with psycopg.connect(kept_dsn(mg_env, kept)) as conn:
@@ -117,11 +117,7 @@ def test_keep_running_writes_are_in_the_kept_database_and_listed(monkeypatch, mg
     only_kept = accepted - current
     assert only_kept, "no write landed between the backup and the restore: the test proves nothing"
     assert only_kept <= in_kept
-    assert set(summary["kept_changed_tables"]) == {
-        "public.users",
-        "public.writer_events",
-        "swagger2mcp_ops.migration_runs",
-    }
+    assert set(summary["kept_changed_tables"]) == {"public.users", "public.writer_events"}
     report = artifact_text("migration-teststack")
     assert kept in report
     assert "`public.writer_events`" in report

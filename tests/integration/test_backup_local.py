@@ -314,7 +314,7 @@ def test_restore_waits_for_the_database_lock(source: tuple[str, str], tmp_path: 
 def test_a_migration_and_a_restore_of_one_database_exclude_each_other(
     source: tuple[str, str], tmp_path: Path
 ) -> None:
-    from tasks import migrations
+    from tasks import migrate
 
     name, dsn = source
     settings = backup_settings(
@@ -324,7 +324,7 @@ def test_a_migration_and_a_restore_of_one_database_exclude_each_other(
         migrations={"lock_timeout_seconds": 0.5},
     )
     manifest = backups.create_backup(settings, verify="none")
-    with migrations.migration_lock(settings, owner="migrate-database run-m"):
+    with migrate.migration_lock(settings, owner="migrate-database run-m"):
         # A manual restore waits for the migration, and names it.
         with pytest.raises(LockBusy, match="run-m"):
             backups.restore_backup(settings, manifest.id)
@@ -336,7 +336,7 @@ def test_a_migration_and_a_restore_of_one_database_exclude_each_other(
         psycopg.connect(admin, autocommit=True, application_name="restore-database run-r") as conn,
         advisory_lock(conn, backups.database_lock_name(name), 1),
         pytest.raises(LockBusy, match="run-r"),
-        migrations.migration_lock(settings, owner="migrate-database run-late"),
+        migrate.migration_lock(settings, owner="migrate-database run-late"),
     ):
         pass
     assert scratch_databases(f"{name}__") == []

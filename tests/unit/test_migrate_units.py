@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
 
 from flows.migrate import MigrationReport, render_markdown, render_plan
 from tasks.errors import SettingsError
-from tasks.migrations import MigrationPlan, MigrationRun, RevisionStep, describe_interrupted
+from tasks.migrate import MigrationPlan, MigrationRun, RevisionStep, describe_interrupted
 from tasks.settings import load_settings
 
 
@@ -98,7 +99,7 @@ def test_errors_survive_pickling_with_their_evidence():
     import pickle
 
     from flows.migrate import MigrationFailed
-    from tasks.migrations import InterruptedMigration
+    from tasks.migrate import InterruptedMigration
 
     failed = pickle.loads(pickle.dumps(MigrationFailed("restored", {"outcome": "failed-restored"})))  # noqa: S301
     assert str(failed) == "restored"
@@ -107,3 +108,40 @@ def test_errors_survive_pickling_with_their_evidence():
     run = MigrationRun("r", "applying", "bk", at, at, (), ("a1",), "h", 1, None)
     interrupted = pickle.loads(pickle.dumps(InterruptedMigration("stop", [run])))  # noqa: S301
     assert interrupted.runs == [run]
+
+
+def test_kept_database_changes_leave_out_the_projects_own_tables(monkeypatch):
+    from tasks.backups import RestoreResult, TableComparison, TableDifference
+    from tasks.migrate import without_own_tables
+
+    monkeypatch.setenv("OPS_MIGRATIONS__RUNS_SCHEMA", "ops_book")
+    kept = TableComparison(
+        "app__old_1",
+        "bk-1",
+        tables_compared=3,
+        rows_compared=12,
+        hashes_compared=3,
+        differences=[TableDifference("public.users", 5, 6), TableDifference("ops_book.migration_runs", 0, 1)],
+    )
+    restore = RestoreResult(
+        backup_id="bk-1",
+        target_database="app",
+        scratch_database="app__restore_1",
+        old_database="app__old_1",
+        old_kept=True,
+        terminated_connections=0,
+        comparison=TableComparison("app", "bk-1", 3, 11, 3),
+        commands=[],
+        duration_seconds=1.0,
+        kept_changes=kept,
+        kept_open_command="psql app__old_1",
+    )
+    shown = without_own_tables(load_settings(), restore)
+    assert shown.kept_changed_tables == ["public.users"]
+    assert not any("ops_book" in line for line in shown.kept_lines())
+    # Only the marker changed: the kept database holds no write of the application.
+    only_marker = without_own_tables(
+        load_settings(), replace(restore, kept_changes=replace(kept, differences=kept.differences[1:]))
+    )
+    assert only_marker.kept_changed_tables == []
+    assert "It holds no row that differs from backup bk-1." in only_marker.kept_lines()

@@ -22,9 +22,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from tasks import incidents, migrations
+from tasks import incidents
 from tasks.errors import OpsError, ParameterError, SettingsError
 from tasks.incidents import ReplicaCount
+from tasks.migrate.maintenance import set_maintenance_mode
 from tasks.runlog import run_logger
 from tasks.runtime import Runtime, get_runtime
 from tasks.settings import OpsSettings
@@ -162,22 +163,7 @@ def writers_stopped(settings: OpsSettings, plan: WriterStopPlan) -> Iterator[Wri
         return
     runtime = get_runtime(settings) if plan.method == "runtime" else None
     try:
-        if plan.method == "maintenance":
-            change = migrations.set_maintenance_mode(settings, True, dry_run=False)
-            record.events.append(f"maintenance mode on: {change.detail} {' '.join(change.commands)}".strip())
-        else:
-            assert runtime is not None
-            record.replicas = incidents.record_replicas(runtime, list(plan.services))
-            record.events.append(
-                "replicas read at the start of the window: "
-                + ", ".join(f"{r.service}={r.replicas}" for r in record.replicas)
-            )
-            incidents.scale_services(runtime, {r.service: 0 for r in record.replicas})
-            _wait_stopped(
-                runtime, [r.service for r in record.replicas], settings.runtime.ready_timeout_seconds
-            )
-            record.events.append("scaled to 0: " + ", ".join(r.service for r in record.replicas))
-        record.stopped = True
+        _stop(settings, record, runtime)
         logger.info("writers stopped (%s)", plan.method)
         yield record
     except BaseException:
@@ -188,13 +174,31 @@ def writers_stopped(settings: OpsSettings, plan: WriterStopPlan) -> Iterator[Wri
         raise OpsError(f"the writers could not be started again: {record.resume_error}")
 
 
+def _stop(settings: OpsSettings, record: WriterStopRecord, runtime: Runtime | None) -> None:
+    """Switch maintenance mode on, or record the replica counts and scale the writers to 0 and wait."""
+    if record.plan.method == "maintenance":
+        change = set_maintenance_mode(settings, True, dry_run=False)
+        record.events.append(f"maintenance mode on: {change.detail} {' '.join(change.commands)}".strip())
+    else:
+        assert runtime is not None
+        record.replicas = incidents.record_replicas(runtime, list(record.plan.services))
+        record.events.append(
+            "replicas read at the start of the window: "
+            + ", ".join(f"{r.service}={r.replicas}" for r in record.replicas)
+        )
+        incidents.scale_services(runtime, {r.service: 0 for r in record.replicas})
+        _wait_stopped(runtime, [r.service for r in record.replicas], settings.runtime.ready_timeout_seconds)
+        record.events.append("scaled to 0: " + ", ".join(r.service for r in record.replicas))
+    record.stopped = True
+
+
 def _resume(settings: OpsSettings, record: WriterStopRecord, runtime: Runtime | None) -> None:
     """Start the writers again; a failure is recorded, never raised here (the caller decides)."""
     if record.resumed:
         return
     try:
         if record.plan.method == "maintenance":
-            change = migrations.set_maintenance_mode(settings, False, dry_run=False)
+            change = set_maintenance_mode(settings, False, dry_run=False)
             record.events.append(f"maintenance mode off: {change.detail} {' '.join(change.commands)}".strip())
         elif record.replicas and runtime is not None:
             incidents.scale_services(runtime, {r.service: r.replicas for r in record.replicas})
