@@ -82,7 +82,7 @@ def test_second_lock_holder_waits_then_names_the_first(mg_env):
     settings = load_settings()
     with (
         migrate.migration_lock(settings, owner="migrate-database run-one"),
-        pytest.raises(LockBusy, match=r"held by pid \d+ \(swagger2mcp-ops migrate-database run-one"),
+        pytest.raises(LockBusy, match=r"held by migrate-database run-one .*\(database session pid \d+"),
         migrate.migration_lock(settings, owner="migrate-database run-two"),
     ):
         pytest.fail("two holders")
@@ -93,7 +93,8 @@ def test_second_lock_holder_waits_then_names_the_first(mg_env):
         postgres.connect(settings.postgres, database="postgres") as conn,
     ):
         holders = postgres.advisory_lock_holders(conn, key)
-    assert [h.application_name for h in holders] == ["swagger2mcp-ops migrate-database run-three"]
+    assert len(holders) == 1
+    assert holders[0].application_name.startswith("swagger2mcp-ops migrate-database run-three")
 
 
 def test_knex_status_plan_apply_verify(monkeypatch, mg_env, knex_modules, tmp_path):
