@@ -40,7 +40,9 @@ from psycopg import sql
 from tasks import backups, locks, postgres
 from tasks.commands import CommandResult, run_command
 from tasks.errors import CheckFailed, OpsError, ParameterError, SettingsError
+from tasks.reports import elapsed_ms
 from tasks.runlog import run_logger
+from tasks.secrets import configured_secrets
 from tasks.settings import OpsSettings
 
 RUNS_TABLE = "migration_runs"
@@ -201,8 +203,7 @@ def _dsn(settings: OpsSettings) -> str:
 
 
 def _secrets(settings: OpsSettings) -> list[str]:
-    dsn = _dsn(settings)
-    return [dsn, postgres.libpq_dsn(dsn), urlsplit(dsn).password or ""]
+    return configured_secrets(settings)
 
 
 def target_database(settings: OpsSettings) -> str:
@@ -793,7 +794,7 @@ def run_smoke_queries(settings: OpsSettings) -> list[SmokeResult]:
 
 
 def _ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 2)
+    return elapsed_ms(t0)
 
 
 def verify_migrations(settings: OpsSettings, plan: MigrationPlan) -> Verification:
