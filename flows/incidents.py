@@ -24,16 +24,13 @@ from prefect import flow, pause_flow_run
 from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
 
-from tasks import backups, incidents, locks, postgres, queues, releases, reports
+from tasks import backups, incidents, locks, postgres, queues, redisdb, releases, reports, scaling
 from tasks.errors import ApprovalRejected, CheckFailed, ParameterError
 from tasks.health import HealthReport, Status
 from tasks.incidents import (
     EvidenceBundle,
     EvidenceTampered,
     EvidenceVerification,
-    FlushRecord,
-    KeyCensus,
-    ReplicaCount,
     RollbackProposal,
     RotationPlan,
     RotationRecord,
@@ -41,8 +38,11 @@ from tasks.incidents import (
     StepLog,
     ValidationResult,
 )
+from tasks.redisdb import FlushRecord, KeyCensus
 from tasks.runlog import run_logger
 from tasks.runtime import RuntimeUnavailable, ServiceStatus, get_runtime
+from tasks.scaling import ReplicaCount
+from tasks.secrets import configured_secrets, safe_error
 from tasks.settings import OpsSettings, load_settings
 
 
@@ -89,8 +89,9 @@ def ask_approval(
     ``initial`` pre-fills more fields of the form (the backup to restore).
     """
     try:
-        answer = pause_flow_run(
-            wait_for_input=form.with_initial_data(description=description, approve=False, **initial),  # type: ignore[attr-defined]
+        # The form's own fields (approve, reason...) are read below: typed as Any, not as RunInput.
+        answer: Any = pause_flow_run(
+            wait_for_input=form.with_initial_data(description=description, approve=False, **initial),
             timeout=timeout,
             # Short timeouts (tests, CI) should not wait for the default 10 s poll.
             poll_interval=max(1, min(10, timeout // 4)),
@@ -106,7 +107,7 @@ def ask_approval(
 def _failure_line(exc: BaseException | None, settings: OpsSettings) -> list[str]:
     if exc is None:
         return []
-    return ["", f"**Error:** {incidents.safe_error(exc, settings)}"]
+    return ["", f"**Error:** {safe_error(exc, settings)}"]
 
 
 def _steps_table(steps: StepLog) -> str:
@@ -254,7 +255,7 @@ def outage_triage(
             histories = incidents.service_histories_task(runtime, [s.name for s in statuses])
         except Exception as exc:
             # An unreachable runtime is itself a finding of the triage, not the end of it.
-            runtime_error = incidents.safe_error(exc, settings)
+            runtime_error = safe_error(exc, settings)
             histories = {}
         report = incidents.health_report_task(settings)
         store = releases.ReleaseStore.from_settings(settings)
@@ -263,7 +264,7 @@ def outage_triage(
         try:
             runs = incidents.recent_migration_runs(settings, window=window)
         except Exception as exc:
-            logger.warning("migration runs not read: %s", incidents.safe_error(exc, settings))
+            logger.warning("migration runs not read: %s", safe_error(exc, settings))
             runs = []
         changes = incidents.recent_changes(records, histories, runs, window=window, now=datetime.now(UTC))
         healthy = report.status is Status.HEALTHY and all(s.healthy for s in statuses) and not runtime_error
@@ -519,7 +520,7 @@ def recover_data(
         raise ParameterError("candidates must be at least 1")
     logger = run_logger(__name__)
     key = f"recover-data-{settings.stack}"
-    steps = StepLog(secrets=incidents.settings_secrets(settings))
+    steps = StepLog(secrets=configured_secrets(settings))
     preflight = None
     listing: list[backups.BackupManifest] = []
     recorded: list[ReplicaCount] = []
@@ -560,7 +561,7 @@ def recover_data(
                     " with create_missing=true. Nothing was done"
                 )
             if stop_writes:
-                recorded = incidents.record_replicas_task(runtime, services)
+                recorded = scaling.record_replicas_task(runtime, services)
             replicas = ", ".join(f"{r.service}={r.replicas}" for r in recorded) or "-"
             step.detail = f"backup {manifest.id}; replicas {replicas}"
         if dry_run:
@@ -604,7 +605,7 @@ def recover_data(
                     # Read again: the counts shown for approval may have changed while it waited, and
                     # the services go back to what really ran. Nothing is scaled back if this fails.
                     planned, recorded = recorded, []
-                    recorded = incidents.record_replicas_task(runtime, services)
+                    recorded = scaling.record_replicas_task(runtime, services)
                     changed = [
                         f"{r.service} {p.replicas} -> {r.replicas}"
                         for r in recorded
@@ -613,7 +614,7 @@ def recover_data(
                     ]
                     if changed:
                         logger.info("replicas changed while waiting for approval: %s", ", ".join(changed))
-                    incidents.scale_services_task(runtime, {r.service: 0 for r in recorded})
+                    scaling.scale_services_task(runtime, {r.service: 0 for r in recorded})
                     step.detail = ", ".join(f"{r.service} {r.replicas} -> 0" for r in recorded) + (
                         f" (read again after approval; changed: {', '.join(changed)})" if changed else ""
                     )
@@ -651,8 +652,8 @@ def recover_data(
             if recorded:
                 try:
                     with steps.step("resume: scale back to the recorded counts") as step:
-                        incidents.scale_services_task(runtime, {r.service: r.replicas for r in recorded})
-                        incidents.wait_services_ready_task(
+                        scaling.scale_services_task(runtime, {r.service: r.replicas for r in recorded})
+                        scaling.wait_services_ready_task(
                             runtime,
                             [r.service for r in recorded if r.replicas > 0],
                             settings.runtime.ready_timeout_seconds,
@@ -831,7 +832,7 @@ def security_incident(
     timeout = _timeout(settings, approval_timeout_seconds)
     logger = run_logger(__name__)
     key = f"security-incident-{settings.stack}"
-    steps = StepLog(secrets=incidents.settings_secrets(settings))
+    steps = StepLog(secrets=configured_secrets(settings))
     bundle: EvidenceBundle | None = None
     verification: EvidenceVerification | None = None
     plan: RotationPlan | None = None
@@ -893,7 +894,7 @@ def security_incident(
                 try:
                     with steps.step("rolling restart") as step:
                         changes = incidents.restart_for_new_config_task(settings, runtime, services)
-                        incidents.wait_services_ready_task(
+                        scaling.wait_services_ready_task(
                             runtime, services, settings.runtime.ready_timeout_seconds
                         )
                         step.detail = ", ".join(c.target for c in changes)
@@ -1052,9 +1053,9 @@ def flush_redis(
                     what=f"a FLUSHDB of Redis {settings.redis.masked_url}",
                 )
             )
-        census = incidents.key_census_task(settings, depth=depth)
+        census = redisdb.key_census_task(settings, depth=depth)
         if dry_run:
-            record = incidents.flush_redis_db_task(settings, census, confirm=False)
+            record = redisdb.flush_redis_db_task(settings, census, confirm=False)
             outcome = f"dry run, {census.dbsize} keys would be deleted"
         else:
             if not approved:
@@ -1066,7 +1067,7 @@ def flush_redis(
                     timeout,
                     "nothing was deleted",
                 )
-            record = incidents.flush_redis_db_task(settings, census, confirm=True)
+            record = redisdb.flush_redis_db_task(settings, census, confirm=True)
             outcome = f"flushed {record.keys_before} keys"
             if services:
                 try:

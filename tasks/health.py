@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from tasks import http as http_probe
 from tasks import postgres, queues, redisdb
-from tasks.secrets import mask_url
+from tasks.secrets import mask_url, safe_error
 from tasks.settings import OpsSettings
 
 
@@ -122,7 +122,7 @@ def check_postgres(settings: OpsSettings) -> CheckResult:
     try:
         probe = postgres.probe_postgres(settings.postgres)
     except Exception as exc:
-        return CheckResult(status=Status.UNHEALTHY, error=postgres.safe_error(exc, settings.postgres))
+        return CheckResult(status=Status.UNHEALTHY, error=safe_error(exc, settings.postgres))
     warnings = []
     if probe.latency_ms > limits.postgres_latency_warn_ms:
         warnings.append(f"latency {probe.latency_ms} ms is over {limits.postgres_latency_warn_ms} ms")
@@ -149,7 +149,7 @@ def check_redis(settings: OpsSettings) -> CheckResult:
     try:
         probe = redisdb.probe_redis(settings.redis)
     except Exception as exc:
-        return CheckResult(status=Status.UNHEALTHY, error=redisdb.safe_error(exc, settings.redis))
+        return CheckResult(status=Status.UNHEALTHY, error=safe_error(exc, settings.redis))
     warnings = []
     if probe.latency_ms > limits.redis_latency_warn_ms:
         warnings.append(f"latency {probe.latency_ms} ms is over {limits.redis_latency_warn_ms} ms")
@@ -180,7 +180,7 @@ def check_queues(settings: OpsSettings) -> CheckResult:
     try:
         counts = queues.queue_counts(settings.redis, settings.queue)
     except Exception as exc:
-        return CheckResult(status=Status.UNHEALTHY, error=redisdb.safe_error(exc, settings.redis))
+        return CheckResult(status=Status.UNHEALTHY, error=safe_error(exc, settings.redis))
     totals = {state: sum(q[state] for q in counts) for state in queues.JOB_STATES}
     warnings = []
     if totals["failed"] > limits.failed_jobs_warn:
@@ -207,7 +207,7 @@ def check_http(url: str, settings: OpsSettings) -> CheckResult:
     try:
         probe = http_probe.probe_http(url, timeout=limits.timeout_seconds)
     except Exception as exc:
-        return CheckResult(status=Status.UNHEALTHY, error=http_probe.safe_error(exc))
+        return CheckResult(status=Status.UNHEALTHY, error=safe_error(exc))
     details: dict[str, Any] = {"url": probe.url, "status_code": probe.status_code}
     if isinstance(probe.body, dict):
         details["body"] = probe.body

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from tasks.secrets import mask_text, mask_url
+from tasks.secrets import mask_url
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,3 @@ def probe_http(url: str, *, timeout: float, verify: bool | str = True) -> HttpPr
     return HttpProbe(
         url=mask_url(url), status_code=response.status_code, latency_ms=round(latency_ms, 2), body=body
     )
-
-
-def safe_error(exc: BaseException) -> str:
-    """A one-line error text for reports, any URL password masked."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return mask_text(f"{type(exc).__name__}: {text}")

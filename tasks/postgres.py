@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 
 from tasks.errors import LockBusy
-from tasks.secrets import mask_text
+from tasks.ops_task import ops_task
+from tasks.secrets import safe_error as safe_error  # re-exported; callers pass settings.postgres
 from tasks.settings import PostgresSettings
 
 
@@ -62,14 +61,6 @@ def connect(
         application_name=application_name,
         options=f"-c statement_timeout={int(settings.statement_timeout_seconds * 1000)}",
     )
-
-
-def safe_error(exc: BaseException, settings: PostgresSettings) -> str:
-    """A one-line error text for reports: the DSN's password and any secret pair masked."""
-    secret = settings.dsn.get_secret_value()
-    password = urlsplit(secret).password or ""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return mask_text(text, [secret, password])
 
 
 @dataclass(frozen=True)
@@ -219,4 +210,4 @@ def advisory_lock(
             conn.execute("SELECT pg_advisory_unlock(%s)", (number,))
 
 
-probe_postgres_task = task(probe_postgres, name="probe-postgres", cache_policy=NO_CACHE)
+probe_postgres_task = ops_task(probe_postgres, name="probe-postgres")

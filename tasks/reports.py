@@ -7,6 +7,7 @@ nothing outside one (a plain function called from a script has no run to attach 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 from uuid import UUID
@@ -38,6 +39,11 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
     lines.extend("| " + " | ".join(_cell(v) for v in row) + " |" for row in rows)
     return "\n".join(lines)
+
+
+def elapsed_ms(started: float) -> float:
+    """Milliseconds since ``started`` (a ``time.perf_counter()`` reading), rounded to 0.01 ms."""
+    return round((time.perf_counter() - started) * 1000, 2)
 
 
 def in_run() -> bool:

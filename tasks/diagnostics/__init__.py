@@ -40,7 +40,6 @@ from tasks.diagnostics.model import (
     Evidence,
     Finding,
     Severity,
-    safe_error,
     worst,
 )
 from tasks.diagnostics.postgres_checks import (
@@ -80,6 +79,7 @@ from tasks.diagnostics.system_checks import (
     uploads_findings,
     uploads_permissions,
 )
+from tasks.secrets import safe_error
 
 __all__ = [
     "FLOW_CLEANUP_UPLOADS",

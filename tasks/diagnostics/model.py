@@ -1,6 +1,6 @@
 """The finding model every check shares: severities, findings (with the runbook section they come
-from, the runbook's resolution and the flow that performs it), a check's diagnosis, the whole
-report, and the one way an error is worded in them (one line, secrets masked)."""
+from, the runbook's resolution and the flow that performs it), a check's diagnosis and
+the whole report. An error is worded in them as everywhere (:func:`tasks.secrets.safe_error`)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
-from urllib.parse import urlsplit
-
-from tasks.secrets import mask_text
-from tasks.settings import OpsSettings
 
 # --- Runbook sections and the flows that perform their resolutions ----------------------------------
 
@@ -124,25 +120,3 @@ class DiagnoseReport:
             "checks": {d.check: d.severity.value for d in self.diagnoses},
             "findings": [f.as_row() for f in self.findings()],
         }
-
-
-# --- Errors and text as findings show them ------------------------------------------------------------
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    """``text`` with its whitespace folded, cut to ``limit`` characters."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def configured_secrets(settings: OpsSettings) -> list[str]:
-    """The secrets an error text may quote: the DSN, the Redis URL and their passwords."""
-    values = [settings.postgres.dsn.get_secret_value(), settings.redis.url.get_secret_value()]
-    values += [urlsplit(v).password or "" for v in list(values)]
-    return values
-
-
-def safe_error(exc: BaseException, settings: OpsSettings) -> str:
-    """One line naming the error, every configured secret masked."""
-    text = one_line(str(exc)) or type(exc).__name__
-    return mask_text(f"{type(exc).__name__}: {text}", configured_secrets(settings))

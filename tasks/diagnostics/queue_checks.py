@@ -16,9 +16,9 @@ from tasks.diagnostics.model import (
     Diagnosis,
     Finding,
     Severity,
-    one_line,
 )
 from tasks.diagnostics.redis_checks import unreachable_redis
+from tasks.secrets import one_line
 from tasks.settings import DiagnoseSettings, OpsSettings, RedisSettings
 
 CHECK = "queues"

@@ -7,13 +7,14 @@ import time
 from collections.abc import Callable
 
 from tasks.diagnostics.deadline import with_deadline
-from tasks.diagnostics.model import Diagnosis, Finding, Severity, configured_secrets, one_line, safe_error
+from tasks.diagnostics.model import Diagnosis, Finding, Severity
 from tasks.diagnostics.postgres_checks import long_queries, postgres_connections, top_statements
 from tasks.diagnostics.queue_checks import queue_states
 from tasks.diagnostics.redis_checks import redis_memory
 from tasks.diagnostics.service_checks import services
 from tasks.diagnostics.system_checks import disk_paths, disk_space, network, uploads_permissions
-from tasks.secrets import mask_text
+from tasks.reports import elapsed_ms
+from tasks.secrets import configured_secrets, mask_text, one_line, safe_error
 from tasks.settings import OpsSettings
 
 
@@ -70,7 +71,7 @@ def run_diagnostic(name: str, settings: OpsSettings, long_query_seconds: float |
             "Gather this evidence by hand (the runbook's commands for this check) and look at the error",
             None,
         )
-        return Diagnosis(name, title, None, (finding,), error=text, duration_ms=_ms(started))
+        return Diagnosis(name, title, None, (finding,), error=text, duration_ms=elapsed_ms(started))
     return Diagnosis(
         diagnosis.check,
         diagnosis.title,
@@ -79,9 +80,5 @@ def run_diagnostic(name: str, settings: OpsSettings, long_query_seconds: float |
         None
         if diagnosis.error is None
         else mask_text(one_line(diagnosis.error), configured_secrets(settings)),
-        _ms(started),
+        elapsed_ms(started),
     )
-
-
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 1)

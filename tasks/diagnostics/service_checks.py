@@ -19,12 +19,9 @@ from tasks.diagnostics.model import (
     Diagnosis,
     Finding,
     Severity,
-    configured_secrets,
-    one_line,
-    safe_error,
 )
 from tasks.runtime import ResourceUsage, Runtime, ServiceStatus, get_runtime
-from tasks.secrets import mask_text
+from tasks.secrets import configured_secrets, mask_text, one_line, safe_error
 from tasks.settings import DiagnoseSettings, OpsSettings
 
 CHECK = "services"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from tasks.diagnostics.model import one_line
+from tasks.secrets import one_line
 
 _QUERY_TEXT_LIMIT = 500
 

@@ -4,12 +4,12 @@ target, and the command tool's runner (its environment carries the target's DSN,
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from tasks import postgres
 from tasks.commands import CommandResult, run_command
 from tasks.errors import SettingsError
 from tasks.migrate.model import HEAD
+from tasks.secrets import configured_secrets
 from tasks.settings import OpsSettings
 
 
@@ -19,9 +19,9 @@ def target_dsn(settings: OpsSettings) -> str:
 
 
 def dsn_secrets(settings: OpsSettings) -> list[str]:
-    """Every form of the target's DSN and its password, for masking command lines and output."""
-    dsn = target_dsn(settings)
-    return [dsn, postgres.libpq_dsn(dsn), urlsplit(dsn).password or ""]
+    """Every secret of the settings (the target's DSN in each form, its password...), for masking
+    command lines and output."""
+    return configured_secrets(settings)
 
 
 def target_database(settings: OpsSettings) -> str:

@@ -11,6 +11,7 @@ from tasks import postgres
 from tasks.migrate.config import is_head
 from tasks.migrate.model import MigrationPlan, SmokeResult, Verification
 from tasks.migrate.plan import migration_status
+from tasks.reports import elapsed_ms
 from tasks.settings import OpsSettings
 
 
@@ -31,15 +32,11 @@ def _smoke_query(settings: OpsSettings, query: str, timeout_ms: int) -> SmokeRes
             row = conn.execute(query).fetchone()
             conn.rollback()
     except psycopg.Error as exc:
-        return SmokeResult(query, False, None, postgres.safe_error(exc, settings.postgres), _ms(t0))
+        return SmokeResult(query, False, None, postgres.safe_error(exc, settings.postgres), elapsed_ms(t0))
     value = None if row is None else row[0]
     ok = row is not None and value is not False and value is not None and value != 0
     error = None if ok else f"returned {'no row' if row is None else repr(value)}; expected a truthy value"
-    return SmokeResult(query, ok, None if value is None else str(value)[:200], error, _ms(t0))
-
-
-def _ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 2)
+    return SmokeResult(query, ok, None if value is None else str(value)[:200], error, elapsed_ms(t0))
 
 
 def verify_migrations(settings: OpsSettings, plan: MigrationPlan) -> Verification:

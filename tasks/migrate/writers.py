@@ -17,17 +17,16 @@ refuses, before any side effect, when none is; ``keep-running`` must be chosen e
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from tasks import incidents
+from tasks import scaling
 from tasks.errors import OpsError, ParameterError, SettingsError
-from tasks.incidents import ReplicaCount
 from tasks.migrate.maintenance import set_maintenance_mode
 from tasks.runlog import run_logger
 from tasks.runtime import Runtime, get_runtime
+from tasks.scaling import ReplicaCount
 from tasks.settings import OpsSettings
 
 WritesPolicy = Literal["stop", "keep-running", "stopped-by-caller"]
@@ -127,22 +126,6 @@ def plan_writer_stop(settings: OpsSettings, policy: str) -> WriterStopPlan:
     )
 
 
-def _wait_stopped(runtime: Runtime, services: list[str], timeout: float) -> None:
-    """Wait until no replica of ``services`` is ready (the writers are gone, not only told to go)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        statuses = {s.name: s for s in runtime.list_services() if s.name in services}
-        running = [f"{n} {s.ready}" for n, s in statuses.items() if s.ready > 0]
-        if not running:
-            return
-        if time.monotonic() >= deadline:
-            raise WritersStillRunning(
-                f"the writers did not stop within {timeout:g}s (ready replicas: {', '.join(running)});"
-                " nothing was backed up or applied"
-            )
-        time.sleep(0.2)
-
-
 @contextlib.contextmanager
 def writers_stopped(settings: OpsSettings, plan: WriterStopPlan) -> Iterator[WriterStopRecord]:
     """Stop the writers as ``plan`` says for the block, and start them again in ``finally``.
@@ -181,13 +164,19 @@ def _stop(settings: OpsSettings, record: WriterStopRecord, runtime: Runtime | No
         record.events.append(f"maintenance mode on: {change.detail} {' '.join(change.commands)}".strip())
     else:
         assert runtime is not None
-        record.replicas = incidents.record_replicas(runtime, list(record.plan.services))
+        record.replicas = scaling.record_replicas(runtime, list(record.plan.services))
         record.events.append(
             "replicas read at the start of the window: "
             + ", ".join(f"{r.service}={r.replicas}" for r in record.replicas)
         )
-        incidents.scale_services(runtime, {r.service: 0 for r in record.replicas})
-        _wait_stopped(runtime, [r.service for r in record.replicas], settings.runtime.ready_timeout_seconds)
+        scaling.scale_services(runtime, {r.service: 0 for r in record.replicas})
+        timeout = settings.runtime.ready_timeout_seconds
+        running = scaling.wait_scaled_down(runtime, [r.service for r in record.replicas], timeout)
+        if running:
+            raise WritersStillRunning(
+                f"the writers did not stop within {timeout:g}s (ready replicas: {', '.join(running)});"
+                " nothing was backed up or applied"
+            )
         record.events.append("scaled to 0: " + ", ".join(r.service for r in record.replicas))
     record.stopped = True
 
@@ -201,8 +190,8 @@ def _resume(settings: OpsSettings, record: WriterStopRecord, runtime: Runtime | 
             change = set_maintenance_mode(settings, False, dry_run=False)
             record.events.append(f"maintenance mode off: {change.detail} {' '.join(change.commands)}".strip())
         elif record.replicas and runtime is not None:
-            incidents.scale_services(runtime, {r.service: r.replicas for r in record.replicas})
-            incidents.wait_services_ready(
+            scaling.scale_services(runtime, {r.service: r.replicas for r in record.replicas})
+            scaling.wait_services_ready(
                 runtime,
                 [r.service for r in record.replicas if r.replicas > 0],
                 settings.runtime.ready_timeout_seconds,

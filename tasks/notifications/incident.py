@@ -15,7 +15,7 @@ from prefect.client.schemas.sorting import ArtifactSort
 
 from tasks import incidents, releases
 from tasks.notifications.runs import RunSummary
-from tasks.secrets import mask_text
+from tasks.secrets import configured_secrets, mask_text, safe_error
 from tasks.settings import OpsSettings
 from tasks.storage import open_storage
 
@@ -24,15 +24,7 @@ INCIDENT_FILE = "incident.json"
 
 def all_secrets(settings: OpsSettings) -> list[str]:
     """Every secret of the settings, the notification channels' and SMTP's included."""
-    values = incidents.settings_secrets(settings)
-    notify = settings.notifications
-    for channel in notify.channels.values():
-        values += [
-            s.get_secret_value() for s in (channel.url, channel.routing_key, channel.authorization) if s
-        ]
-    if notify.smtp.password is not None:
-        values.append(notify.smtp.password.get_secret_value())
-    return [v for v in values if v]
+    return configured_secrets(settings)
 
 
 def _json(value: Any) -> bytes:
@@ -61,11 +53,11 @@ def recent_changes(settings: OpsSettings, errors: dict[str, str]) -> list[dict[s
     try:
         records = releases.ReleaseStore.from_settings(settings).all()
     except Exception as exc:  # a missing or unreadable store must not stop the page
-        errors["releases"] = incidents.safe_error(exc, settings)
+        errors["releases"] = safe_error(exc, settings)
     try:
         migrations = incidents.recent_migration_runs(settings, window=window)
     except Exception as exc:  # the database may be what is down
-        errors["migrations"] = incidents.safe_error(exc, settings)
+        errors["migrations"] = safe_error(exc, settings)
     changes = incidents.recent_changes(records, {}, migrations, window=window, now=datetime.now(UTC))
     return [change.as_row() for change in changes]
 
@@ -109,7 +101,7 @@ def collect_incident_bundle(
     try:
         diagnose = latest_diagnose_report(settings.stack)
     except Exception as exc:  # the API answered for the run a moment ago; still, record and go on
-        errors["diagnose"] = incidents.safe_error(exc, settings)
+        errors["diagnose"] = safe_error(exc, settings)
         diagnose = None
     if diagnose is None:
         errors.setdefault("diagnose", f"no diagnose-{settings.stack} report yet: run the diagnose deployment")

@@ -24,7 +24,7 @@ from flows.backup import prune_backups, restore_database
 from flows.incidents import flush_redis, recover_data, security_incident
 from flows.releases import deploy_release, rollback_release
 from flows.uploads import cleanup_uploads, restore_quarantine
-from tasks import backups, incidents, locks
+from tasks import backups, incidents, locks, scaling
 from tasks.errors import LockBusy
 from tasks.releases import ReleaseStore
 from tasks.runtime import get_runtime
@@ -222,7 +222,7 @@ def test_recover_data_refuses_while_another_worker_holds_the_database(
     runtime = get_runtime(settings)
     runtime.scale("worker", 2)
     runtime.wait_ready(["worker"], 20)
-    replicas = {r.service: r.replicas for r in incidents.record_replicas(runtime, ["backend", "worker"])}
+    replicas = {r.service: r.replicas for r in scaling.record_replicas(runtime, ["backend", "worker"])}
     name = backups.database_lock_name(database)
     with lock_held_elsewhere(name, "recover-data", here) as other:
         state = recover_data(backup_id="latest", dry_run=False, approved=True, return_state=True)
@@ -231,7 +231,7 @@ def test_recover_data_refuses_while_another_worker_holds_the_database(
         # Refused before it stopped anything: no scale to 0 (and back) while the other worker recovers.
         assert "scale to 0" not in _run_artifacts(state.state_details.flow_run_id)
         assert {
-            r.service: r.replicas for r in incidents.record_replicas(runtime, ["backend", "worker"])
+            r.service: r.replicas for r in scaling.record_replicas(runtime, ["backend", "worker"])
         } == replicas
         # restore-database takes the same lock and names the holder the same way.
         refused(restore_database(backup_id="latest", dry_run=False, approved=True, return_state=True), other)

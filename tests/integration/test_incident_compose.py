@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import incidents
+from tasks import incidents, scaling
 from tasks.runtime import get_runtime
 from tasks.settings import load_settings
 from tests.fixtures.docker_engine import IMAGE_REPO, DockerEngine
@@ -95,13 +95,13 @@ def test_scale_to_zero_and_back_to_the_recorded_count(secret_project):
     settings = load_settings()
     runtime = get_runtime(settings)
     runtime.scale("worker", 2)
-    recorded = incidents.record_replicas(runtime, ["worker", "not-a-service"])
+    recorded = scaling.record_replicas(runtime, ["worker", "not-a-service"])
     assert [(r.service, r.replicas) for r in recorded] == [("worker", 2)]
-    down = incidents.scale_services(runtime, {"worker": 0})
+    down = scaling.scale_services(runtime, {"worker": 0})
     assert down[0].changed
     assert not [s for s in runtime.list_services() if s.name == "worker" and s.ready]
-    incidents.scale_services(runtime, {r.service: r.replicas for r in recorded})
-    statuses = incidents.wait_services_ready(runtime, ["worker"], 30)
+    scaling.scale_services(runtime, {r.service: r.replicas for r in recorded})
+    statuses = scaling.wait_services_ready(runtime, ["worker"], 30)
     assert [(s.desired, s.ready) for s in statuses] == [(2, 2)]
 
 
@@ -120,7 +120,7 @@ def test_rotated_env_secret_reaches_the_recreated_container(secret_project):
 
     changes = incidents.restart_for_new_config(settings, runtime, ["worker"])
     assert [c.operation for c in changes] == ["recreate"]
-    incidents.wait_services_ready(runtime, ["worker"], 30)
+    scaling.wait_services_ready(runtime, ["worker"], 30)
     expected = {hashlib.sha256(new.encode()).hexdigest()}
     digests = _logged_digests(runtime, expected)
     assert digests == expected

@@ -9,7 +9,7 @@ import pytest
 import redis
 from bullmq import Queue
 
-from tasks import incidents
+from tasks import redisdb
 from tasks.errors import ParameterError
 from tasks.settings import load_settings
 
@@ -45,7 +45,7 @@ def _settings(url: str):
 
 def test_census_groups_keys_and_counts_jobs(filled_db):
     url, size = filled_db
-    census = incidents.key_census(_settings(url))
+    census = redisdb.key_census(_settings(url))
     assert census.db == int(url.rsplit("/", 1)[1])
     assert census.db != 0
     assert census.dbsize == size
@@ -54,12 +54,12 @@ def test_census_groups_keys_and_counts_jobs(filled_db):
     groups = dict(census.groups)
     assert groups["session:*"] == 2
     assert groups["cache:users:*"] == 1
-    assert groups[incidents.NO_PREFIX] == 1
+    assert groups[redisdb.NO_PREFIX] == 1
     assert groups[f"bull:{QUEUE}:*"] == size - 4
     assert [q.name for q in census.queues] == [QUEUE]
     assert census.queues[0]["waiting"] == 3
     assert census.jobs == 3
-    limited = incidents.key_census(_settings(url), max_keys=2)
+    limited = redisdb.key_census(_settings(url), max_keys=2)
     assert not limited.complete
     assert limited.scanned == 2
 
@@ -67,15 +67,15 @@ def test_census_groups_keys_and_counts_jobs(filled_db):
 def test_dry_run_deletes_nothing_and_confirm_flushes_only_this_db(filled_db):
     url, size = filled_db
     settings = _settings(url)
-    census = incidents.key_census(settings)
-    dry = incidents.flush_redis_db(settings, census, confirm=False)
+    census = redisdb.key_census(settings)
+    dry = redisdb.flush_redis_db(settings, census, confirm=False)
     assert dry.dry_run
     assert not dry.changed
     assert dry.keys_before == size
     conn = redis.Redis.from_url(url)
     try:
         assert conn.dbsize() == size
-        record = incidents.flush_redis_db(settings, census, confirm=True)
+        record = redisdb.flush_redis_db(settings, census, confirm=True)
         assert record.changed
         assert (record.keys_before, record.keys_after) == (size, 0)
         assert conn.dbsize() == 0
@@ -86,10 +86,10 @@ def test_dry_run_deletes_nothing_and_confirm_flushes_only_this_db(filled_db):
 
 def test_flush_refuses_when_the_db_changed_since_the_census(filled_db):
     url, size = filled_db
-    census = incidents.key_census(_settings(url))
+    census = redisdb.key_census(_settings(url))
     other = url.rsplit("/", 1)[0] + f"/{(census.db % 15) + 1}"
     with pytest.raises(ParameterError, match="nothing was flushed"):
-        incidents.flush_redis_db(_settings(other), census, confirm=True)
+        redisdb.flush_redis_db(_settings(other), census, confirm=True)
     conn = redis.Redis.from_url(url)
     try:
         assert conn.dbsize() == size

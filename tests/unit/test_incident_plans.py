@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tasks import incidents
+from tasks import incidents, redisdb
 from tasks.errors import SettingsError
 from tasks.incidents import RecentChange, StepLog
 from tasks.releases import ReleaseRecord
@@ -26,12 +26,12 @@ NOW = datetime(2026, 11, 28, 20, 0, tzinfo=UTC)
         ("bull:default:123:lock", 3, "bull:default:123:*"),
         ("bull:default:123", 1, "bull:*"),
         ("session:abc", 2, "session:*"),
-        ("counter", 2, incidents.NO_PREFIX),
+        ("counter", 2, redisdb.NO_PREFIX),
         (":leading", 2, ":*"),
     ],
 )
 def test_key_group(key, depth, group):
-    assert incidents.key_group(key, depth) == group
+    assert redisdb.key_group(key, depth) == group
 
 
 ENV = """# comment: JWT_SECRET=not-this-one
