@@ -21,6 +21,7 @@ from tasks import reports
 from tasks.dependencies import (
     SCOPES,
     SEVERITIES,
+    Advisory,
     AdvisoryDelta,
     AuditReport,
     BuildResult,
@@ -106,14 +107,29 @@ class DependencyRun:
                 for c in (self.update.changes if self.update else ())
             ],
             "advisories_fixed": delta.fixed_by_severity() if delta else {},
+            "fixed_advisories": [
+                {"id": a.id, "package": a.package, "severity": a.severity, "title": a.title, "url": a.url}
+                for a in (delta.fixed if delta else ())
+            ],
             "advisories_remaining": len(self.audit_after.advisories) if self.audit_after else None,
         }
 
 
 def _advisory_ids(delta: AdvisoryDelta | None, package: str) -> str:
+    """``1099001 (high) Prototype pollution in x: https://...`` for each advisory fixed in ``package``."""
     if delta is None:
         return ""
-    return ", ".join(f"{a.id} ({a.severity})" for a in delta.fixed if a.package == package)
+    return ", ".join(
+        f"{a.id} ({a.severity})" + (f" {a.title}" if a.title else "") + (f": {a.url}" if a.url else "")
+        for a in delta.fixed
+        if a.package == package
+    )
+
+
+def _advisory_link(advisory: Advisory) -> str:
+    """The advisory as a markdown link to its page (its number when the audit gave no title)."""
+    title = f"{advisory.title} ({advisory.id})" if advisory.title else advisory.id
+    return f"[{title}]({advisory.url})" if advisory.url else title
 
 
 def change_rows(run: DependencyRun) -> list[dict[str, Any]]:
@@ -195,13 +211,21 @@ def render_markdown(run: DependencyRun) -> str:
                 [[s, before[s], fixed[s], after.get(s, "")] for s in SEVERITIES],
             )
         )
+    if delta is not None and delta.fixed:
+        lines += ["", "## Advisories fixed", ""]
+        lines.append(
+            reports.markdown_table(
+                ["package", "severity", "advisory"],
+                [[a.package, a.severity, _advisory_link(a)] for a in delta.fixed],
+            )
+        )
     if run.audit_after is not None and run.audit_after.advisories:
         lines += ["", "## Advisories remaining", ""]
         lines.append(
             reports.markdown_table(
                 ["package", "severity", "advisory", "vulnerable"],
                 [
-                    [a.package, a.severity, a.title or a.id, a.vulnerable_range]
+                    [a.package, a.severity, _advisory_link(a), a.vulnerable_range]
                     for a in run.audit_after.advisories
                 ],
             )

@@ -305,7 +305,7 @@ def test_report_of_failed_tests_shows_output_and_changes(tmp_path: Path) -> None
         "package": "leftpad-ops",
         "from": "1.0.0",
         "to": "1.0.1",
-        "advisories fixed": "1099001 (high)",
+        "advisories fixed": "1099001 (high) Prototype pollution in leftpad-ops: https://advisories.invalid/1099001",
     } in rows
     assert all(r["package"] != "@scope/old" for r in rows)  # nested installs only in the lockfile diff
     assert "node_modules/wrapper-ops/node_modules/@scope/old" in lockfile_markdown(run)
@@ -319,3 +319,32 @@ def test_nothing_to_do_when_clean() -> None:
     )
     assert plan.actions == ()
     assert deps.plan_updates("latest", clean, [], LOCK_AFTER, PACKAGE_JSON, lambda _: []).actions == ()
+
+
+def test_fixed_advisories_carry_their_title_and_url(tmp_path: Path) -> None:
+    """The report, the package table and the summary name each fixed advisory, not only its number."""
+    run = DependencyRun("stack", "security", tmp_path, deploy_to_staging=False)
+    run.audit_before = deps.parse_audit(AUDIT)
+    run.audit_after = deps.parse_audit({**AUDIT, "vulnerabilities": {}})
+    run.update = deps.UpdateResult(
+        "security",
+        ("npm install leftpad-ops@1.0.1",),
+        tuple(deps.diff_lockfiles(LOCK_BEFORE, LOCK_AFTER)),
+        "a" * 64,
+        "b" * 64,
+    )
+    text = render_markdown(run)
+    fixed = text.split("## Advisories fixed", 1)[1]
+    assert "[Prototype pollution in leftpad-ops (1099001)](https://advisories.invalid/1099001)" in fixed
+    assert "| deep-ops | moderate | ReDoS (7) |" in fixed  # no URL in the audit: the title and number
+    row = next(r for r in change_rows(run) if r["package"] == "leftpad-ops")
+    assert row["advisories fixed"] == (
+        "1099001 (high) Prototype pollution in leftpad-ops: https://advisories.invalid/1099001"
+    )
+    assert {
+        "id": "1099001",
+        "package": "leftpad-ops",
+        "severity": "high",
+        "title": "Prototype pollution in leftpad-ops",
+        "url": "https://advisories.invalid/1099001",
+    } in run.summary()["fixed_advisories"]
