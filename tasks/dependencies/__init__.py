@@ -13,7 +13,8 @@ Where things are:
 - ``versions``: version ranges (the node-semver subset advisories use), ``npm outdated``, published
   versions;
 - ``lockfile``: reading lockfiles and diffing them;
-- ``working_copy``: making the working copy and ``npm ci`` in it;
+- ``working_copy``: the run directory, making the working copy and ``npm ci`` in it, and retention
+  of old run directories;
 - ``planning``: the npm commands each scope needs (``security``, ``minor``, ``latest``);
 - ``apply``: running the plan, the app's tests and the commit in the working copy;
 - ``builds``: the image built from the working copy, tagged from the lockfile;
@@ -87,6 +88,7 @@ from tasks.dependencies.prefect_tasks import (
     install_task,
     outdated_task,
     plan_for_scope_task,
+    prune_working_copies_task,
     run_tests_task,
 )
 from tasks.dependencies.versions import (
@@ -97,11 +99,22 @@ from tasks.dependencies.versions import (
     published_versions,
     satisfies,
 )
-from tasks.dependencies.working_copy import WorkingCopy, check_source, create_working_copy, install
+from tasks.dependencies.working_copy import (
+    RUN_MARKER,
+    WorkingCopy,
+    WorkingCopyPrune,
+    check_source,
+    claim_run_directory,
+    create_working_copy,
+    install,
+    prune_working_copies,
+    run_directory_name,
+)
 
 __all__ = [
     "DEFAULT_BUILD_ARGV",
     "LOCKFILES",
+    "RUN_MARKER",
     "SCOPES",
     "SEVERITIES",
     "TOKEN_ENV",
@@ -123,6 +136,7 @@ __all__ = [
     "UpdateResult",
     "VulnerablePackage",
     "WorkingCopy",
+    "WorkingCopyPrune",
     "apply_updates",
     "apply_updates_task",
     "audit",
@@ -131,6 +145,7 @@ __all__ = [
     "build_image",
     "build_image_task",
     "check_source",
+    "claim_run_directory",
     "commit_update",
     "commit_update_task",
     "compare_audits",
@@ -157,8 +172,11 @@ __all__ = [
     "plan_for_scope",
     "plan_for_scope_task",
     "plan_updates",
+    "prune_working_copies",
+    "prune_working_copies_task",
     "published_versions",
     "read_lockfile",
+    "run_directory_name",
     "run_tests",
     "run_tests_task",
     "satisfies",

@@ -348,3 +348,32 @@ def test_fixed_advisories_carry_their_title_and_url(tmp_path: Path) -> None:
         "title": "Prototype pollution in leftpad-ops",
         "url": "https://advisories.invalid/1099001",
     } in run.summary()["fixed_advisories"]
+
+
+def test_prune_keeps_the_newest_and_any_run_directory_in_use(tmp_path: Path) -> None:
+    """Real directories and locks: a run still holding its directory keeps it, however old it is."""
+    from datetime import UTC, datetime, timedelta
+
+    start = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)
+    names = [deps.run_directory_name(start + timedelta(days=i), "security", f"{i:06x}") for i in range(4)]
+    with deps.claim_run_directory(tmp_path, names[0]) as busy:
+        for name in names[1:]:
+            with deps.claim_run_directory(tmp_path, name) as path:
+                (path / "src" / "node_modules" / "x").mkdir(parents=True)
+        dry = deps.prune_working_copies(tmp_path, 2)
+        assert [p.name for p in dry.removed] == [names[1]]
+        assert all((tmp_path / name).is_dir() for name in names)  # a dry run removes nothing
+
+        done = deps.prune_working_copies(tmp_path, 2, confirm=True)
+
+        assert [p.name for p in done.kept] == [names[3], names[2]]
+        assert done.in_use == (busy,)
+        assert [p.name for p in done.removed] == [names[1]]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [names[0], names[2], names[3]]
+    # Once released, the old directory goes at the next prune.
+    assert [p.name for p in deps.prune_working_copies(tmp_path, 2, confirm=True).removed] == [names[0]]
+    reused = deps.claim_run_directory(tmp_path, names[3])
+    with pytest.raises(deps.DependencyError, match="already exists"), reused:
+        pass
+    with pytest.raises(ValueError, match="at least 1"):
+        deps.prune_working_copies(tmp_path, 0)
