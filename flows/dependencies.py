@@ -38,6 +38,7 @@ from tasks.dependencies import (
     audit_task,
     build_image_task,
     check_source,
+    check_staging_image_task,
     claim_run_directory,
     commit_update_task,
     compare_audits,
@@ -356,6 +357,8 @@ def update_dependencies(
     Raises:
         ParameterError: bad scope or source, or deploy_to_staging with settings that do not point
             at staging; before any side effect.
+        SettingsError: deploy_to_staging, but staging's services do not run ``dependencies.image_name``
+            (checked before anything is built).
         TestsFailed: the tests failed on the update (nothing built or deployed).
         StagingDeployFailed: the staging deploy failed and was rolled back.
     """
@@ -374,6 +377,10 @@ def update_dependencies(
     source = Path(source_dir) if source_dir else settings.dependencies.source_dir
     ensure_tools()
     check_source(source)
+    if deploy_to_staging:
+        # Read-only: a build under another repository name than staging runs would deploy a tag
+        # that repository does not have.
+        check_staging_image_task(settings)
 
     run = DependencyRun(settings.stack, scope, source.resolve(), deploy_to_staging)
     try:

@@ -17,7 +17,8 @@ Where things are:
   of old run directories;
 - ``planning``: the npm commands each scope needs (``security``, ``minor``, ``latest``);
 - ``apply``: running the plan, the app's tests and the commit in the working copy;
-- ``builds``: the image built from the working copy, tagged from the lockfile;
+- ``builds``: the image built from the working copy, tagged from the lockfile, and the check that
+  staging's services run the repository it is built under;
 - ``prefect_tasks``: the Prefect tasks the update-dependencies flow calls.
 
 Import the names below from this package; the modules are how the code is organised, not an API.
@@ -46,8 +47,11 @@ from tasks.dependencies.builds import (
     BuildResult,
     build_command,
     build_image,
+    check_image_against_services,
+    check_staging_image,
     docker_available,
     image_id,
+    image_repository,
     tag_for_lockfile,
 )
 from tasks.dependencies.environment import (
@@ -83,6 +87,7 @@ from tasks.dependencies.prefect_tasks import (
     apply_updates_task,
     audit_task,
     build_image_task,
+    check_staging_image_task,
     commit_update_task,
     create_working_copy_task,
     install_task,
@@ -144,7 +149,10 @@ __all__ = [
     "build_command",
     "build_image",
     "build_image_task",
+    "check_image_against_services",
     "check_source",
+    "check_staging_image",
+    "check_staging_image_task",
     "claim_run_directory",
     "commit_update",
     "commit_update_task",
@@ -156,6 +164,7 @@ __all__ = [
     "docker_available",
     "ensure_tools",
     "image_id",
+    "image_repository",
     "install",
     "install_task",
     "installed_version",

@@ -308,3 +308,31 @@ def test_failed_staging_deploy_ends_failed_with_staging_on_the_previous_release(
     report = artifacts(state)["dependencies-teststack"].data
     assert "staging deploy failed, staging back on the previous release" in report
     assert tree_digest(deps_env["live"]) == deps_env["digest"]
+
+
+def test_an_image_name_the_services_do_not_run_is_refused_before_any_build(
+    ops_env: dict[str, Any],
+    deps_env: dict[str, Any],
+    staging_stack: ComposeStack,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key, value in staging_env(staging_stack, deps_env["tmp"]).items():
+        monkeypatch.setenv(key, value)
+    # The default image name: not the repository staging runs (s2m-ops-test/app).
+    monkeypatch.delenv("OPS_DEPENDENCIES__IMAGE_NAME")
+    before = running_images(staging_stack)
+
+    state = update_dependencies(scope="security", deploy_to_staging=True, return_state=True)
+
+    assert state.is_failed()
+    message = state.message or ""
+    assert "OPS_DEPENDENCIES__IMAGE_NAME" in message
+    assert f"OPS_DEPENDENCIES__IMAGE_NAME={APP_BASE_IMAGE}" in message  # the value that would work
+    assert "swagger2mcp-backend" in message
+    assert not (deps_env["tmp"] / "work").exists()  # no working copy, no install, no build
+    client = staging_stack.engine.client()
+    try:
+        assert client.images.list(name="swagger2mcp-backend") == []
+    finally:
+        client.close()
+    assert running_images(staging_stack) == before

@@ -377,3 +377,24 @@ def test_prune_keeps_the_newest_and_any_run_directory_in_use(tmp_path: Path) -> 
         pass
     with pytest.raises(ValueError, match="at least 1"):
         deps.prune_working_copies(tmp_path, 0)
+
+
+def test_image_repository_and_services_on_different_repositories() -> None:
+    from tasks.errors import SettingsError
+    from tasks.runtime import ServiceStatus
+
+    assert deps.image_repository("docker.io/library/nginx:1.25") == "nginx"
+    assert deps.image_repository("registry:5000/team/app:v1") == "registry:5000/team/app"
+    assert deps.image_repository("app@sha256:" + "0" * 64) == "app"
+    running = [
+        ServiceStatus("backend", "app:v1", 1, 1, "running"),
+        ServiceStatus("nginx", "nginx:1.25", 1, 1, "running"),
+        ServiceStatus("worker", None, 1, 0, "missing"),
+    ]
+    deps.check_image_against_services("docker.io/app", ["backend"], running, "staging")
+    with pytest.raises(
+        SettingsError, match=r"backend runs app; nginx runs nginx: .* one tag to every service"
+    ):
+        deps.check_image_against_services("app", ["backend", "nginx"], running, "staging")
+    with pytest.raises(SettingsError, match=r"worker runs no image now"):
+        deps.check_image_against_services("app", ["backend", "worker"], running, "staging")
