@@ -16,11 +16,13 @@ from typing import Any, Literal
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 
 from tasks import reports
 from tasks.dependencies import (
     SCOPES,
     SEVERITIES,
+    Advisory,
     AdvisoryDelta,
     AuditReport,
     BuildResult,
@@ -31,10 +33,13 @@ from tasks.dependencies import (
     UpdatePlan,
     UpdateResult,
     WorkingCopy,
+    WorkingCopyPrune,
     apply_updates_task,
     audit_task,
     build_image_task,
     check_source,
+    check_staging_image_task,
+    claim_run_directory,
     commit_update_task,
     compare_audits,
     create_working_copy_task,
@@ -43,6 +48,8 @@ from tasks.dependencies import (
     npm_environment,
     outdated_task,
     plan_for_scope_task,
+    prune_working_copies_task,
+    run_directory_name,
     run_tests_task,
     tag_for_lockfile,
 )
@@ -81,6 +88,7 @@ class DependencyRun:
     commit: CommitRecord | None = None
     build: BuildResult | None = None
     staging: str | None = None
+    pruned: WorkingCopyPrune | None = None
     outcome: str = "running"
     error: str | None = None
 
@@ -97,7 +105,8 @@ class DependencyRun:
             "outcome": self.outcome,
             "source": str(self.source),
             "working_copy": str(self.working_copy.path) if self.working_copy else None,
-            "branch": self.working_copy.branch if self.working_copy else None,
+            # The branch exists only when the update was committed on it.
+            "branch": self.commit.branch if self.commit and self.commit.changed else None,
             "commit": self.commit.commit if self.commit and self.commit.changed else None,
             "image": self.build.ref if self.build else None,
             "staging": self.staging,
@@ -106,14 +115,30 @@ class DependencyRun:
                 for c in (self.update.changes if self.update else ())
             ],
             "advisories_fixed": delta.fixed_by_severity() if delta else {},
+            "fixed_advisories": [
+                {"id": a.id, "package": a.package, "severity": a.severity, "title": a.title, "url": a.url}
+                for a in (delta.fixed if delta else ())
+            ],
             "advisories_remaining": len(self.audit_after.advisories) if self.audit_after else None,
+            "working_copies_removed": [str(p) for p in self.pruned.removed] if self.pruned else [],
         }
 
 
 def _advisory_ids(delta: AdvisoryDelta | None, package: str) -> str:
+    """``1099001 (high) Prototype pollution in x: https://...`` for each advisory fixed in ``package``."""
     if delta is None:
         return ""
-    return ", ".join(f"{a.id} ({a.severity})" for a in delta.fixed if a.package == package)
+    return ", ".join(
+        f"{a.id} ({a.severity})" + (f" {a.title}" if a.title else "") + (f": {a.url}" if a.url else "")
+        for a in delta.fixed
+        if a.package == package
+    )
+
+
+def _advisory_link(advisory: Advisory) -> str:
+    """The advisory as a markdown link to its page (its number when the audit gave no title)."""
+    title = f"{advisory.title} ({advisory.id})" if advisory.title else advisory.id
+    return f"[{title}]({advisory.url})" if advisory.url else title
 
 
 def change_rows(run: DependencyRun) -> list[dict[str, Any]]:
@@ -150,6 +175,18 @@ def lockfile_markdown(run: DependencyRun) -> str:
     )
 
 
+def _prune_line(pruned: WorkingCopyPrune) -> str:
+    """Retention of the run directories, in one line of the report."""
+    text = f"old working copies: keeping the newest {pruned.keep} in `{pruned.work_dir}`"
+    if pruned.removed:
+        text += f"; removed {', '.join(f'`{p.name}`' for p in pruned.removed)}"
+    if pruned.in_use:
+        text += f"; in use by another run, kept: {', '.join(f'`{p.name}`' for p in pruned.in_use)}"
+    if pruned.failed:
+        text += "; **could not remove** " + ", ".join(f"`{p.name}` ({why})" for p, why in pruned.failed)
+    return text
+
+
 def render_markdown(run: DependencyRun) -> str:
     """The run as markdown: outcome, changes, advisories fixed and remaining, tests, build, staging."""
     wc = run.working_copy
@@ -160,7 +197,7 @@ def render_markdown(run: DependencyRun) -> str:
         + (f" at commit `{wc.source_commit[:12]}`" if wc and wc.source_commit else ""),
     ]
     if wc is not None:
-        lines.append(f"- working copy: `{wc.path}`, branch `{wc.branch}`")
+        lines.append(f"- working copy: `{wc.path}`")
     if run.commit is not None and run.commit.changed:
         lines.append(
             f"- change committed: `{run.commit.commit[:12]}` on `{run.commit.branch}`; to promote it, in the "
@@ -170,6 +207,8 @@ def render_markdown(run: DependencyRun) -> str:
         lines.append(f"- image: `{run.build.ref}` ({run.build.image_id[:19]})")
     if run.staging is not None:
         lines.append(f"- staging: {run.staging}")
+    if run.pruned is not None:
+        lines.append(f"- {_prune_line(run.pruned)}")
     if run.error:
         lines += ["", "## What failed", "", run.error]
     rows = change_rows(run)
@@ -195,13 +234,21 @@ def render_markdown(run: DependencyRun) -> str:
                 [[s, before[s], fixed[s], after.get(s, "")] for s in SEVERITIES],
             )
         )
+    if delta is not None and delta.fixed:
+        lines += ["", "## Advisories fixed", ""]
+        lines.append(
+            reports.markdown_table(
+                ["package", "severity", "advisory"],
+                [[a.package, a.severity, _advisory_link(a)] for a in delta.fixed],
+            )
+        )
     if run.audit_after is not None and run.audit_after.advisories:
         lines += ["", "## Advisories remaining", ""]
         lines.append(
             reports.markdown_table(
                 ["package", "severity", "advisory", "vulnerable"],
                 [
-                    [a.package, a.severity, a.title or a.id, a.vulnerable_range]
+                    [a.package, a.severity, _advisory_link(a), a.vulnerable_range]
                     for a in run.audit_after.advisories
                 ],
             )
@@ -288,12 +335,13 @@ def update_dependencies(
 ) -> dict[str, Any]:
     """Runbook "Updating Dependencies": audit, update, test, build, deploy to staging, report.
 
-    1. A working copy of the application's checkout (``dependencies.source_dir``; never modified) on
-       a new branch, installed with ``npm ci``; ``npm audit`` and ``npm outdated`` before.
+    1. A working copy of the application's checkout (``dependencies.source_dir``; never modified),
+       installed with ``npm ci``; ``npm audit`` and ``npm outdated`` before.
     2. Update by scope: ``security`` (only what fixes advisories), ``minor`` (``npm update``, within
        ranges) or ``latest``; the lockfile diff is captured.
     3. The app's tests (``dependencies.test_argv``); a failure stops here, its output in the report.
-    4. The change is committed on the branch; the image is built, tagged ``deps-<lockfile sha>``.
+    4. The change is committed on a new branch (none when nothing changed); the image is built,
+       tagged ``deps-<lockfile sha>``.
     5. Staging through ``deploy-release``; a failed deploy is rolled back by it and this run fails.
     6. Audit after; the report (markdown, package table, lockfile diff) is published also on failure.
 
@@ -309,6 +357,8 @@ def update_dependencies(
     Raises:
         ParameterError: bad scope or source, or deploy_to_staging with settings that do not point
             at staging; before any side effect.
+        SettingsError: deploy_to_staging, but staging's services do not run ``dependencies.image_name``
+            (checked before anything is built).
         TestsFailed: the tests failed on the update (nothing built or deployed).
         StagingDeployFailed: the staging deploy failed and was rolled back.
     """
@@ -327,6 +377,10 @@ def update_dependencies(
     source = Path(source_dir) if source_dir else settings.dependencies.source_dir
     ensure_tools()
     check_source(source)
+    if deploy_to_staging:
+        # Read-only: a build under another repository name than staging runs would deploy a tag
+        # that repository does not have.
+        check_staging_image_task(settings)
 
     run = DependencyRun(settings.stack, scope, source.resolve(), deploy_to_staging)
     try:
@@ -342,11 +396,28 @@ def update_dependencies(
 
 
 def _update(settings: OpsSettings, run: DependencyRun, *, build: bool) -> None:
+    """The run in its own run directory (held as in use while it lasts); then older run directories
+    beyond ``dependencies.keep_working_copies`` are removed, whatever the outcome."""
+    deps = settings.dependencies
+    work_dir = deps.work_dir.resolve()
+    # Two runs in the same second must not share a working copy.
+    name = run_directory_name(run.started, run.scope, uuid.uuid4().hex[:6])
+    with claim_run_directory(work_dir, name, flow_run_id=_flow_run_id()) as run_dir:
+        try:
+            _steps(settings, run, run_dir, build=build)
+        finally:
+            run.pruned = prune_working_copies_task(work_dir, deps.keep_working_copies, confirm=True)
+
+
+def _flow_run_id() -> str | None:
+    context = FlowRunContext.get()
+    return str(context.flow_run.id) if context and context.flow_run else None
+
+
+def _steps(settings: OpsSettings, run: DependencyRun, run_dir: Path, *, build: bool) -> None:
     """The steps of the flow, in runbook order; ``run`` records each result as it comes."""
     deps = settings.dependencies
     stamp = run.started.strftime("%Y%m%dT%H%M%SZ")
-    # Two runs in the same second must not share a working copy.
-    run_dir = deps.work_dir.resolve() / f"{stamp}-{run.scope}-{uuid.uuid4().hex[:6]}"
     env = npm_environment(deps, run_dir)
 
     branch = f"{deps.branch_prefix}{run.scope}-{stamp}"

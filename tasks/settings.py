@@ -1022,6 +1022,15 @@ class DependenciesSettings(_Section):
     work_dir: Path = Field(
         default=Path("./var/dependencies"), description="where working copies of the source are made"
     )
+    keep_working_copies: int = Field(
+        default=5,
+        ge=1,
+        description=(
+            "run directories (working copy with node_modules) kept in work_dir, newest first; each run"
+            " removes the older ones it made (marked .swagger2mcp-ops-run), never one in use or anything"
+            " else"
+        ),
+    )
     registry_url: str | None = Field(
         default=None,
         description="npm registry URL; default: the project's own .npmrc or npm's default",

@@ -13,10 +13,12 @@ Where things are:
 - ``versions``: version ranges (the node-semver subset advisories use), ``npm outdated``, published
   versions;
 - ``lockfile``: reading lockfiles and diffing them;
-- ``working_copy``: making the working copy and ``npm ci`` in it;
+- ``working_copy``: the run directory, making the working copy and ``npm ci`` in it, and retention
+  of old run directories;
 - ``planning``: the npm commands each scope needs (``security``, ``minor``, ``latest``);
 - ``apply``: running the plan, the app's tests and the commit in the working copy;
-- ``builds``: the image built from the working copy, tagged from the lockfile;
+- ``builds``: the image built from the working copy, tagged from the lockfile, and the check that
+  staging's services run the repository it is built under;
 - ``prefect_tasks``: the Prefect tasks the update-dependencies flow calls.
 
 Import the names below from this package; the modules are how the code is organised, not an API.
@@ -45,8 +47,11 @@ from tasks.dependencies.builds import (
     BuildResult,
     build_command,
     build_image,
+    check_image_against_services,
+    check_staging_image,
     docker_available,
     image_id,
+    image_repository,
     tag_for_lockfile,
 )
 from tasks.dependencies.environment import (
@@ -82,11 +87,13 @@ from tasks.dependencies.prefect_tasks import (
     apply_updates_task,
     audit_task,
     build_image_task,
+    check_staging_image_task,
     commit_update_task,
     create_working_copy_task,
     install_task,
     outdated_task,
     plan_for_scope_task,
+    prune_working_copies_task,
     run_tests_task,
 )
 from tasks.dependencies.versions import (
@@ -97,11 +104,22 @@ from tasks.dependencies.versions import (
     published_versions,
     satisfies,
 )
-from tasks.dependencies.working_copy import WorkingCopy, check_source, create_working_copy, install
+from tasks.dependencies.working_copy import (
+    RUN_MARKER,
+    WorkingCopy,
+    WorkingCopyPrune,
+    check_source,
+    claim_run_directory,
+    create_working_copy,
+    install,
+    prune_working_copies,
+    run_directory_name,
+)
 
 __all__ = [
     "DEFAULT_BUILD_ARGV",
     "LOCKFILES",
+    "RUN_MARKER",
     "SCOPES",
     "SEVERITIES",
     "TOKEN_ENV",
@@ -123,6 +141,7 @@ __all__ = [
     "UpdateResult",
     "VulnerablePackage",
     "WorkingCopy",
+    "WorkingCopyPrune",
     "apply_updates",
     "apply_updates_task",
     "audit",
@@ -130,7 +149,11 @@ __all__ = [
     "build_command",
     "build_image",
     "build_image_task",
+    "check_image_against_services",
     "check_source",
+    "check_staging_image",
+    "check_staging_image_task",
+    "claim_run_directory",
     "commit_update",
     "commit_update_task",
     "compare_audits",
@@ -141,6 +164,7 @@ __all__ = [
     "docker_available",
     "ensure_tools",
     "image_id",
+    "image_repository",
     "install",
     "install_task",
     "installed_version",
@@ -157,8 +181,11 @@ __all__ = [
     "plan_for_scope",
     "plan_for_scope_task",
     "plan_updates",
+    "prune_working_copies",
+    "prune_working_copies_task",
     "published_versions",
     "read_lockfile",
+    "run_directory_name",
     "run_tests",
     "run_tests_task",
     "satisfies",

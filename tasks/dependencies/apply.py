@@ -82,11 +82,15 @@ class CommitRecord:
 
 
 def commit_update(npm: NpmEnvironment, wc: WorkingCopy, message: str) -> CommitRecord:
-    """Commit package.json and the lockfile on the working copy's branch (nothing else is staged)."""
+    """Commit package.json and the lockfile on a new branch ``wc.branch`` (nothing else is staged).
+
+    The branch is created here, with the commit: when nothing changed there is no commit and no branch.
+    """
     files = [name for name in ("package.json", *LOCKFILES) if (wc.path / name).is_file()]
     npm.git(["add", "--", *files], wc.path)
     staged = npm.git(["diff", "--cached", "--name-only"], wc.path).stdout.split()
     if staged:
+        npm.git(["checkout", "--quiet", "-b", wc.branch], wc.path)
         npm.git(["commit", "--quiet", "--message", message], wc.path)
     commit = npm.git(["rev-parse", "HEAD"], wc.path).stdout.strip()
     return CommitRecord(wc.path, wc.branch, commit, tuple(staged), bool(staged))

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from tasks.dependencies.advisories import audit
 from tasks.dependencies.apply import apply_updates, commit_update, run_tests
-from tasks.dependencies.builds import build_image
+from tasks.dependencies.builds import build_image, check_staging_image
 from tasks.dependencies.planning import plan_for_scope
 from tasks.dependencies.versions import outdated
-from tasks.dependencies.working_copy import create_working_copy, install
+from tasks.dependencies.working_copy import create_working_copy, install, prune_working_copies
 from tasks.ops_task import ops_task
 
 create_working_copy_task = ops_task(create_working_copy, name="create-working-copy")
@@ -25,3 +25,5 @@ apply_updates_task = ops_task(apply_updates, name="apply-updates")
 run_tests_task = ops_task(run_tests, name="run-app-tests")
 commit_update_task = ops_task(commit_update, name="commit-update")
 build_image_task = ops_task(build_image, name="build-image")
+prune_working_copies_task = ops_task(prune_working_copies, name="prune-working-copies")
+check_staging_image_task = ops_task(check_staging_image, name="check-staging-image")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,6 +93,76 @@ def test_bad_parameters_fail_before_any_side_effect(deps_env: dict[str, Any]) ->
     assert "deploy_to_staging needs settings that point at staging" in (state.message or "")
     assert not (deps_env["tmp"] / "work").exists()
     assert tree_digest(deps_env["live"]) == deps_env["digest"]
+
+
+def git(repo: Path, *args: str) -> str:
+    """A git command in ``repo`` (the operator's own git, as the report's promote step uses it)."""
+    result = subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, timeout=60
+    )
+    return result.stdout
+
+
+def test_a_run_with_nothing_to_update_leaves_no_branch(deps_env: dict[str, Any]) -> None:
+    first = update_dependencies(scope="security", deploy_to_staging=False, build=False, return_state=True)
+    assert first.is_completed(), first.message
+    done = first.result()
+    assert done["outcome"] == "tested and committed"
+    # The operator promotes the update as the report says, then the next run finds nothing to do.
+    live = deps_env["live"]
+    git(live, "fetch", "--quiet", done["working_copy"], done["branch"])
+    git(live, "merge", "--quiet", "--ff-only", "FETCH_HEAD")
+
+    second = update_dependencies(scope="security", deploy_to_staging=False, build=False, return_state=True)
+
+    assert second.is_completed(), second.message
+    summary = second.result()
+    assert summary["outcome"] == "nothing to update"
+    assert summary["branch"] is None
+    assert summary["commit"] is None
+    # The working copy holds only the branch it was cloned on: no update branch at the unchanged base.
+    branches = git(Path(summary["working_copy"]), "branch", "--format=%(refname:short)").split()
+    assert branches == ["main"]
+    assert "deps/" not in artifacts(second)["dependencies-teststack"].data
+
+
+def test_old_working_copies_are_removed_and_nothing_else(
+    deps_env: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPS_DEPENDENCIES__KEEP_WORKING_COPIES", "1")
+    work = deps_env["tmp"] / "work"
+    # What an operator keeps beside the runs: none of it was made by a run, so none of it may go.
+    foreign_dir = work / "notes"
+    foreign_dir.mkdir(parents=True)
+    (foreign_dir / "keep.txt").write_text("mine")
+    look_alike = work / "20000101T000000Z-security-abcdef"  # a run's name, but no marker
+    look_alike.mkdir()
+    (look_alike / "data").write_text("mine")
+    outside = deps_env["tmp"] / "outside"
+    outside.mkdir()
+    (outside / ".swagger2mcp-ops-run").write_text("{}")
+    (work / "20000101T000000Z-minor-abcdef").symlink_to(outside)  # a run's name and marker, via a link
+    (work / "plain-file").write_text("mine")
+    foreign = sorted(p.name for p in work.iterdir())
+
+    failed = update_dependencies(scope="latest", deploy_to_staging=False, build=False, return_state=True)
+    assert failed.is_failed()  # the app's tests fail on 2.0.0
+    first = next(p for p in work.iterdir() if p.name not in foreign)
+    assert (first / "src" / "node_modules").is_dir()
+
+    state = update_dependencies(scope="security", deploy_to_staging=False, build=False, return_state=True)
+
+    assert state.is_completed(), state.message
+    summary = state.result()
+    newest = Path(summary["working_copy"]).parent
+    # The failed run's clone (node_modules included) is gone; the newest run and the rest remain.
+    assert sorted(p.name for p in work.iterdir()) == sorted([*foreign, newest.name])
+    assert summary["working_copies_removed"] == [str(first)]
+    assert (newest / "src" / "node_modules" / PACKAGE).is_dir()
+    assert (foreign_dir / "keep.txt").read_text() == "mine"
+    assert (look_alike / "data").read_text() == "mine"
+    assert (outside / ".swagger2mcp-ops-run").is_file()
+    assert first.name in artifacts(state)["dependencies-teststack"].data
 
 
 STAGING_PORT = 15572  # this area's own port, apart from the runtime tests' stacks
@@ -237,3 +308,31 @@ def test_failed_staging_deploy_ends_failed_with_staging_on_the_previous_release(
     report = artifacts(state)["dependencies-teststack"].data
     assert "staging deploy failed, staging back on the previous release" in report
     assert tree_digest(deps_env["live"]) == deps_env["digest"]
+
+
+def test_an_image_name_the_services_do_not_run_is_refused_before_any_build(
+    ops_env: dict[str, Any],
+    deps_env: dict[str, Any],
+    staging_stack: ComposeStack,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key, value in staging_env(staging_stack, deps_env["tmp"]).items():
+        monkeypatch.setenv(key, value)
+    # The default image name: not the repository staging runs (s2m-ops-test/app).
+    monkeypatch.delenv("OPS_DEPENDENCIES__IMAGE_NAME")
+    before = running_images(staging_stack)
+
+    state = update_dependencies(scope="security", deploy_to_staging=True, return_state=True)
+
+    assert state.is_failed()
+    message = state.message or ""
+    assert "OPS_DEPENDENCIES__IMAGE_NAME" in message
+    assert f"OPS_DEPENDENCIES__IMAGE_NAME={APP_BASE_IMAGE}" in message  # the value that would work
+    assert "swagger2mcp-backend" in message
+    assert not (deps_env["tmp"] / "work").exists()  # no working copy, no install, no build
+    client = staging_stack.engine.client()
+    try:
+        assert client.images.list(name="swagger2mcp-backend") == []
+    finally:
+        client.close()
+    assert running_images(staging_stack) == before

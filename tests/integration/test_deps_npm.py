@@ -13,9 +13,10 @@ import pytest
 from pydantic import SecretStr
 
 from tasks import dependencies as deps
-from tasks.errors import CommandError, ParameterError
-from tasks.settings import DependenciesSettings
-from tests.fixtures.npm_registry import ADVISORY_ID, PACKAGE, FixtureApp, tree_digest
+from tasks.errors import CommandError, ParameterError, SettingsError
+from tasks.settings import DependenciesSettings, load_settings
+from tests.fixtures.docker_engine import RuntimeTarget
+from tests.fixtures.npm_registry import ADVISORY_ID, APP_BASE_IMAGE, PACKAGE, FixtureApp, tree_digest
 
 pytestmark = pytest.mark.integration
 
@@ -161,3 +162,24 @@ def test_registry_token_is_required_and_masked(npm_fixture_app: FixtureApp, tmp_
     with pytest.raises(CommandError) as failure:
         deps.install(env, wc)
     assert "wrong-token-value-123" not in str(failure.value)
+
+
+def test_image_name_is_checked_against_what_the_services_run(
+    runtime_target: RuntimeTarget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Compose (the real Docker Engine) and Kubernetes (the emulator): the services run
+    ``s2m-ops-test/app:v1``, so only that repository can take a deploy of the built tag."""
+    monkeypatch.setenv("OPS_RUNTIME__ENVIRONMENT", "staging")
+    monkeypatch.setenv("OPS_DEPENDENCIES__IMAGE_NAME", APP_BASE_IMAGE)
+    statuses = deps.check_staging_image(load_settings())
+    assert {s.name: s.image for s in statuses} == {
+        "backend": f"{APP_BASE_IMAGE}:v1",
+        "worker": f"{APP_BASE_IMAGE}:v1",
+    }
+
+    monkeypatch.setenv("OPS_DEPENDENCIES__IMAGE_NAME", "registry.example:5000/s2m-ops-test/app")
+    with pytest.raises(SettingsError) as refused:
+        deps.check_staging_image(load_settings())
+    message = str(refused.value)
+    assert "backend and worker run s2m-ops-test/app" in message
+    assert f"OPS_DEPENDENCIES__IMAGE_NAME={APP_BASE_IMAGE}" in message

@@ -305,7 +305,7 @@ def test_report_of_failed_tests_shows_output_and_changes(tmp_path: Path) -> None
         "package": "leftpad-ops",
         "from": "1.0.0",
         "to": "1.0.1",
-        "advisories fixed": "1099001 (high)",
+        "advisories fixed": "1099001 (high) Prototype pollution in leftpad-ops: https://advisories.invalid/1099001",
     } in rows
     assert all(r["package"] != "@scope/old" for r in rows)  # nested installs only in the lockfile diff
     assert "node_modules/wrapper-ops/node_modules/@scope/old" in lockfile_markdown(run)
@@ -319,3 +319,82 @@ def test_nothing_to_do_when_clean() -> None:
     )
     assert plan.actions == ()
     assert deps.plan_updates("latest", clean, [], LOCK_AFTER, PACKAGE_JSON, lambda _: []).actions == ()
+
+
+def test_fixed_advisories_carry_their_title_and_url(tmp_path: Path) -> None:
+    """The report, the package table and the summary name each fixed advisory, not only its number."""
+    run = DependencyRun("stack", "security", tmp_path, deploy_to_staging=False)
+    run.audit_before = deps.parse_audit(AUDIT)
+    run.audit_after = deps.parse_audit({**AUDIT, "vulnerabilities": {}})
+    run.update = deps.UpdateResult(
+        "security",
+        ("npm install leftpad-ops@1.0.1",),
+        tuple(deps.diff_lockfiles(LOCK_BEFORE, LOCK_AFTER)),
+        "a" * 64,
+        "b" * 64,
+    )
+    text = render_markdown(run)
+    fixed = text.split("## Advisories fixed", 1)[1]
+    assert "[Prototype pollution in leftpad-ops (1099001)](https://advisories.invalid/1099001)" in fixed
+    assert "| deep-ops | moderate | ReDoS (7) |" in fixed  # no URL in the audit: the title and number
+    row = next(r for r in change_rows(run) if r["package"] == "leftpad-ops")
+    assert row["advisories fixed"] == (
+        "1099001 (high) Prototype pollution in leftpad-ops: https://advisories.invalid/1099001"
+    )
+    assert {
+        "id": "1099001",
+        "package": "leftpad-ops",
+        "severity": "high",
+        "title": "Prototype pollution in leftpad-ops",
+        "url": "https://advisories.invalid/1099001",
+    } in run.summary()["fixed_advisories"]
+
+
+def test_prune_keeps_the_newest_and_any_run_directory_in_use(tmp_path: Path) -> None:
+    """Real directories and locks: a run still holding its directory keeps it, however old it is."""
+    from datetime import UTC, datetime, timedelta
+
+    start = datetime(2026, 1, 5, 2, 0, tzinfo=UTC)
+    names = [deps.run_directory_name(start + timedelta(days=i), "security", f"{i:06x}") for i in range(4)]
+    with deps.claim_run_directory(tmp_path, names[0]) as busy:
+        for name in names[1:]:
+            with deps.claim_run_directory(tmp_path, name) as path:
+                (path / "src" / "node_modules" / "x").mkdir(parents=True)
+        dry = deps.prune_working_copies(tmp_path, 2)
+        assert [p.name for p in dry.removed] == [names[1]]
+        assert all((tmp_path / name).is_dir() for name in names)  # a dry run removes nothing
+
+        done = deps.prune_working_copies(tmp_path, 2, confirm=True)
+
+        assert [p.name for p in done.kept] == [names[3], names[2]]
+        assert done.in_use == (busy,)
+        assert [p.name for p in done.removed] == [names[1]]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [names[0], names[2], names[3]]
+    # Once released, the old directory goes at the next prune.
+    assert [p.name for p in deps.prune_working_copies(tmp_path, 2, confirm=True).removed] == [names[0]]
+    reused = deps.claim_run_directory(tmp_path, names[3])
+    with pytest.raises(deps.DependencyError, match="already exists"), reused:
+        pass
+    with pytest.raises(ValueError, match="at least 1"):
+        deps.prune_working_copies(tmp_path, 0)
+
+
+def test_image_repository_and_services_on_different_repositories() -> None:
+    from tasks.errors import SettingsError
+    from tasks.runtime import ServiceStatus
+
+    assert deps.image_repository("docker.io/library/nginx:1.25") == "nginx"
+    assert deps.image_repository("registry:5000/team/app:v1") == "registry:5000/team/app"
+    assert deps.image_repository("app@sha256:" + "0" * 64) == "app"
+    running = [
+        ServiceStatus("backend", "app:v1", 1, 1, "running"),
+        ServiceStatus("nginx", "nginx:1.25", 1, 1, "running"),
+        ServiceStatus("worker", None, 1, 0, "missing"),
+    ]
+    deps.check_image_against_services("docker.io/app", ["backend"], running, "staging")
+    with pytest.raises(
+        SettingsError, match=r"backend runs app; nginx runs nginx: .* one tag to every service"
+    ):
+        deps.check_image_against_services("app", ["backend", "nginx"], running, "staging")
+    with pytest.raises(SettingsError, match=r"worker runs no image now"):
+        deps.check_image_against_services("app", ["backend", "worker"], running, "staging")
