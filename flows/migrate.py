@@ -24,8 +24,8 @@ from prefect.input import RunInput
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from tasks import backups, health, migrations, postgres, reports, writers
-from tasks.backups import BackupManifest, RestoreResult, TableComparison
+from tasks import backup, health, migrations, postgres, reports, writers
+from tasks.backup import BackupManifest, RestoreResult, TableComparison
 from tasks.errors import ApprovalRejected, OpsError, ParameterError
 from tasks.health import HealthReport, Status
 from tasks.migrations import (
@@ -275,9 +275,9 @@ def publish_report(report: MigrationReport) -> None:
 
 
 check_health = task(health.run_checks, name="post-migration-health-check", cache_policy=NO_CACHE)
-restore_backup = backups.restore_backup_task.with_options(retries=2, retry_delay_seconds=10)
-compare_to_backup = backups.compare_database_task
-read_manifest = task(backups.resolve_backup_id, name="read-backup-manifest", cache_policy=NO_CACHE)
+restore_backup = backup.restore_backup_task.with_options(retries=2, retry_delay_seconds=10)
+compare_to_backup = backup.compare_database_task
+read_manifest = backup.read_backup_manifest_task
 unfinished_runs = task(migrations.unfinished_runs, name="find-unfinished-migrations", cache_policy=NO_CACHE)
 
 
@@ -309,7 +309,7 @@ def ask_approval(settings: OpsSettings, report: MigrationReport, what: str) -> s
 def take_backup(settings: OpsSettings, report: MigrationReport) -> BackupManifest:
     """The backup a failure restores: catalog-verified, with per-table content hashes."""
     with timed(report, "backup"):
-        report.backup = backups.create_backup_task(settings, verify="catalog", content_hashes=True)
+        report.backup = backup.create_backup_task(settings, verify="catalog", content_hashes=True)
     run_logger(__name__).info("backup %s taken before migrating", report.backup.id)
     return report.backup
 

@@ -37,7 +37,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 
-from tasks import backups, locks, postgres
+from tasks import backup as backups
+from tasks import locks, postgres
 from tasks.commands import CommandResult, run_command
 from tasks.errors import CheckFailed, OpsError, ParameterError, SettingsError
 from tasks.runlog import run_logger
