@@ -123,7 +123,7 @@ def _project_env(storage_dir: Path, database: str) -> dict[str, str]:
 
 def _child_backup() -> None:
     """In a fresh process: the project's dump+store+checksum step; prints the manifest as JSON."""
-    from tasks.backups import create_backup
+    from tasks.backup import create_backup
     from tasks.settings import load_settings
 
     settings = load_settings()
@@ -143,7 +143,7 @@ def _project_settings(env: dict[str, str]) -> OpsSettings:
 
 def _child_drill(backup_id: str) -> None:
     """In a fresh process: the restore drill (scratch database, compare with the manifest, drop)."""
-    from tasks.backups import verify_backup
+    from tasks.backup import verify_backup
     from tasks.settings import load_settings
 
     result = verify_backup(load_settings(), backup_id, "restore")
@@ -189,7 +189,7 @@ def main() -> int:
         settings = _project_settings(env)
 
         def project_dump() -> harness.Sample:
-            from tasks.backups import create_backup
+            from tasks.backup import create_backup
 
             return harness.run_callable(
                 lambda: create_backup(settings, verify="none", content_hashes=True).size_bytes
@@ -216,7 +216,7 @@ def main() -> int:
 
         def drill_of(backup_id: str) -> Callable[[], harness.Sample]:
             def project_drill() -> harness.Sample:
-                from tasks.backups import verify_backup
+                from tasks.backup import verify_backup
 
                 _drop(RESTORE_TARGET)
 
@@ -230,7 +230,7 @@ def main() -> int:
             return project_drill
 
         if "restore" in parts:
-            from tasks.backups import create_backup
+            from tasks.backup import create_backup
 
             if not raw_file.exists():
                 raw_dump()

@@ -19,8 +19,8 @@ from prefect import flow, pause_flow_run
 from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
 
-from tasks import backups, locks, reports
-from tasks.backups import (
+from tasks import backup, locks, reports
+from tasks.backup import (
     BackupCorrupt,
     BackupManifest,
     PruneResult,
@@ -215,7 +215,7 @@ def _swap_back(
         raise ParameterError(
             "swap_back needs target_database: the database whose restore is undone; nothing was done"
         )
-    plan = backups.swap_back_preflight_task(settings, kept, target_database=target_database)
+    plan = backup.swap_back_preflight_task(settings, kept, target_database=target_database)
     description = render_swap_back(plan)
     if dry_run:
         reports.publish_markdown(
@@ -231,7 +231,7 @@ def _swap_back(
     reports.publish_markdown(key, f"# Undo: waiting for approval\n\n{description}", "Undo plan")
     if not approved:
         _ask_restore_approval(settings, description, approval_timeout_seconds)
-    result = backups.swap_back_task(settings, kept, target_database=target_database)
+    result = backup.swap_back_task(settings, kept, target_database=target_database)
     reports.publish_markdown(
         key, _restore_done_markdown(result, "Undo (swap back)"), f"Undo of {target_database}: done"
     )
@@ -281,7 +281,7 @@ def backup_database(
     logger = run_logger(__name__)
     key = f"backup-{settings.stack}"
     try:
-        manifest = backups.create_backup_task(
+        manifest = backup.create_backup_task(
             settings,
             database=database,
             verify="none",
@@ -289,14 +289,14 @@ def backup_database(
         )
         verification: Verification | None = None
         if verify != "none":
-            verification = backups.verify_backup_task(settings, manifest.id, verify)
-            manifest = backups.resolve_backup_task(settings, manifest.id)
+            verification = backup.verify_backup_task(settings, manifest.id, verify)
+            manifest = backup.resolve_backup_task(settings, manifest.id)
         pruned: PruneResult | None = None
         # A backup that failed its verification must not push a good one out of keep-last.
         if prune and (verification is None or verification.ok):
             with _prune_lock(settings) if confirm_prune else contextlib.nullcontext():
-                pruned = backups.delete_backups_task(
-                    settings, backups.retention_plan_task(settings, manifest.database), confirm=confirm_prune
+                pruned = backup.delete_backups_task(
+                    settings, backup.retention_plan_task(settings, manifest.database), confirm=confirm_prune
                 )
         status = "ok" if verification is None or verification.ok else "FAILED verification"
         markdown = f"# Backup of {manifest.database}: **{status}**\n\n{render_manifest(manifest)}"
@@ -340,9 +340,9 @@ def verify_backup(
     settings = load_settings()
     key = f"verify-backup-{settings.stack}"
     try:
-        manifest = backups.resolve_backup_task(settings, backup_id, database=database)
-        result = backups.verify_backup_task(settings, manifest.id, level)
-        listing = backups.list_backups_task(settings, database)
+        manifest = backup.resolve_backup_task(settings, backup_id, database=database)
+        result = backup.verify_backup_task(settings, manifest.id, level)
+        listing = backup.list_backups_task(settings, database)
         _publish_listing(settings, listing)
         status = "ok" if result.ok else "FAILED"
         reports.publish_markdown(
@@ -396,7 +396,7 @@ def prune_backups(database: str | None = None, confirm: bool = False) -> dict[st
     dumps, incomplete multipart uploads) older than ``backup.orphan_grace_hours`` are removed too.
 
     Args:
-        database: limit pruning to one database's backups.
+        database: limit pruning to one database's backup.
         confirm: delete what the plan selects; without it the plan is only reported.
 
     Returns:
@@ -410,10 +410,10 @@ def prune_backups(database: str | None = None, confirm: bool = False) -> dict[st
     settings = load_settings()
     key = f"prune-backups-{settings.stack}"
     try:
-        # Plan and delete under one lock: two workers never select and delete the same backups.
+        # Plan and delete under one lock: two workers never select and delete the same backup.
         with _prune_lock(settings) if confirm else contextlib.nullcontext():
-            plan = backups.retention_plan_task(settings, database)
-            result = backups.delete_backups_task(settings, plan, confirm=confirm)
+            plan = backup.retention_plan_task(settings, database)
+            result = backup.delete_backups_task(settings, plan, confirm=confirm)
         reports.publish_markdown(
             key,
             "# Backup retention" + (" (dry run)" if result.dry_run else "") + "\n\n" + render_prune(result),
@@ -421,7 +421,7 @@ def prune_backups(database: str | None = None, confirm: bool = False) -> dict[st
         )
         if plan.unknown:
             # Fail the run so someone looks: these backups can be neither used nor pruned.
-            raise backups.ManifestUnreadable(
+            raise backup.ManifestUnreadable(
                 f"{len(plan.unknown)} backup(s) have an unreadable manifest and were kept:"
                 f" {', '.join(u.backup_id for u in plan.unknown)}; see the prune report, repair or"
                 " remove each manifest by hand"
@@ -434,7 +434,7 @@ def prune_backups(database: str | None = None, confirm: bool = False) -> dict[st
             "unfinished": [u.key for u in plan.unfinished] + plan.orphans,
         }
     except BaseException as exc:
-        if not isinstance(exc, backups.ManifestUnreadable):
+        if not isinstance(exc, backup.ManifestUnreadable):
             _publish_failure(key, "Backup retention", exc)
         raise
 
@@ -495,12 +495,12 @@ def restore_database(
                 approved=approved,
                 approval_timeout_seconds=approval_timeout_seconds,
             )
-        manifest = backups.resolve_backup_task(settings, backup_id)
-        plan = backups.restore_preflight_task(
+        manifest = backup.resolve_backup_task(settings, backup_id)
+        plan = backup.restore_preflight_task(
             settings, manifest, target_database=target_database, keep_old=keep_old
         )
         if not plan.target_exists and not create_missing:
-            raise backups.DatabaseNotFound(
+            raise backup.DatabaseNotFound(
                 f"target database {plan.target_database!r} does not exist; nothing was done. Pass"
                 " create_missing=true to restore it as a new database"
             )
@@ -521,8 +521,8 @@ def restore_database(
         reports.publish_markdown(key, f"# Restore: waiting for approval\n\n{preflight_md}", "Restore plan")
         if not approved:
             _ask_restore_approval(settings, preflight_md, approval_timeout_seconds)
-        backups.checksum_backup_task(settings, manifest)
-        result: RestoreResult = backups.restore_backup_task(
+        backup.checksum_backup_task(settings, manifest)
+        result: RestoreResult = backup.restore_backup_task(
             settings,
             manifest.id,
             target_database=plan.target_database,

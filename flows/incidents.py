@@ -24,7 +24,7 @@ from prefect import flow, pause_flow_run
 from prefect.exceptions import FlowPauseTimeout
 from prefect.input import RunInput
 
-from tasks import backups, incidents, locks, postgres, queues, redisdb, releases, reports, scaling
+from tasks import backup, incidents, locks, postgres, queues, redisdb, releases, reports, scaling
 from tasks.errors import ApprovalRejected, CheckFailed, ParameterError
 from tasks.health import HealthReport, Status
 from tasks.incidents import (
@@ -348,7 +348,7 @@ def outage_triage(
 # --- Data Loss / Corruption -----------------------------------------------------------------------
 
 
-def _backup_rows(listing: list[backups.BackupManifest], chosen: str | None) -> list[dict[str, Any]]:
+def _backup_rows(listing: list[backup.BackupManifest], chosen: str | None) -> list[dict[str, Any]]:
     now = datetime.now(UTC)
     rows = []
     for m in listing:
@@ -375,12 +375,12 @@ def render_recovery(
     stack: str,
     outcome: str,
     steps: StepLog,
-    preflight: backups.RestorePreflight | None,
-    listing: list[backups.BackupManifest],
+    preflight: backup.RestorePreflight | None,
+    listing: list[backup.BackupManifest],
     recorded: list[ReplicaCount],
     validations: list[ValidationResult],
     report: HealthReport | None,
-    restore: backups.RestoreResult | None,
+    restore: backup.RestoreResult | None,
 ) -> str:
     """The recovery as markdown: plan, every step with its timing, evidence, validation, health."""
     lines = [f"# Data recovery of {stack}: {outcome}", "", "## Steps", "", _steps_table(steps)]
@@ -431,8 +431,8 @@ def render_recovery(
 def _validation_next_steps(
     error: CheckFailed,
     settings: OpsSettings,
-    manifest: backups.BackupManifest,
-    restore: backups.RestoreResult | None,
+    manifest: backup.BackupManifest,
+    restore: backup.RestoreResult | None,
     report: HealthReport,
     candidates: list[str],
 ) -> str:
@@ -522,11 +522,11 @@ def recover_data(
     key = f"recover-data-{settings.stack}"
     steps = StepLog(secrets=configured_secrets(settings))
     preflight = None
-    listing: list[backups.BackupManifest] = []
+    listing: list[backup.BackupManifest] = []
     recorded: list[ReplicaCount] = []
     validations: list[ValidationResult] = []
     report: HealthReport | None = None
-    restore: backups.RestoreResult | None = None
+    restore: backup.RestoreResult | None = None
     outcome = "failed"
     error: BaseException | None = None
     held = contextlib.ExitStack()
@@ -538,7 +538,7 @@ def recover_data(
             held.enter_context(
                 locks.exclusive(
                     settings,
-                    backups.database_lock_name(database),
+                    backup.database_lock_name(database),
                     operation="recover-data",
                     what=f"a recovery, restore or migration of database {database}",
                     timeout=settings.backup.lock_timeout_seconds,
@@ -550,13 +550,13 @@ def recover_data(
             # The application's database (the DSN's) unless another is named: candidates, "latest" and
             # an explicit id are all of that database, so a backup of another one is never swapped in.
             database = target_database or postgres.database_name(settings.postgres.dsn.get_secret_value())
-            listing = backups.list_backups_task(settings, database)[:candidates]
-            manifest = backups.resolve_backup_task(settings, backup_id, database=database)
-            preflight = backups.restore_preflight_task(
+            listing = backup.list_backups_task(settings, database)[:candidates]
+            manifest = backup.resolve_backup_task(settings, backup_id, database=database)
+            preflight = backup.restore_preflight_task(
                 settings, manifest, target_database=database, keep_old=True
             )
             if not preflight.target_exists:
-                raise backups.DatabaseNotFound(
+                raise backup.DatabaseNotFound(
                     f"target database {preflight.target_database!r} does not exist; use restore-database"
                     " with create_missing=true. Nothing was done"
                 )
@@ -592,8 +592,8 @@ def recover_data(
                     backup_id=manifest.id,
                 )
             if answer.backup_id and answer.backup_id != manifest.id:
-                manifest = backups.resolve_backup_task(settings, answer.backup_id, database=database)
-                preflight = backups.restore_preflight_task(
+                manifest = backup.resolve_backup_task(settings, answer.backup_id, database=database)
+                preflight = backup.restore_preflight_task(
                     settings, manifest, target_database=preflight.target_database, keep_old=True
                 )
                 logger.info("the approval chose backup %s", manifest.id)
@@ -619,9 +619,9 @@ def recover_data(
                         f" (read again after approval; changed: {', '.join(changed)})" if changed else ""
                     )
             with steps.step(f"restore {manifest.id}") as step:
-                backups.checksum_backup_task(settings, manifest)
+                backup.checksum_backup_task(settings, manifest)
                 # Automatic path: the replaced database is always kept, never dropped.
-                restore = backups.restore_backup_task(
+                restore = backup.restore_backup_task(
                     settings,
                     manifest.id,
                     target_database=preflight.target_database,

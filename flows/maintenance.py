@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from flows.migrate import migrate_database
-from tasks import backups, health, migrate, reports
+from tasks import backup, health, migrate, reports
 from tasks.errors import ApprovalRejected, CheckFailed, LockBusy
 from tasks.health import HealthReport, Status
 from tasks.migrate import MaintenanceChange, SmokeResult, WritesPolicy
@@ -218,7 +218,7 @@ def maintenance_window(
         if dry_run:
             report.step("backup", "skipped", "dry run: would back up and verify at catalog level")
         else:
-            manifest = backups.create_backup_task(settings, verify="catalog", content_hashes=True)
+            manifest = backup.create_backup_task(settings, verify="catalog", content_hashes=True)
             report.backup_id = manifest.id
             report.step("backup", "done", f"backup {manifest.id}, {manifest.total_rows} rows")
 

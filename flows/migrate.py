@@ -24,8 +24,8 @@ from prefect.input import RunInput
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from tasks import backups, health, migrate, postgres, reports
-from tasks.backups import BackupManifest, RestoreResult, TableComparison
+from tasks import backup, health, migrate, postgres, reports
+from tasks.backup import BackupManifest, RestoreResult, TableComparison
 from tasks.errors import ApprovalRejected, OpsError, ParameterError
 from tasks.health import HealthReport, Status
 from tasks.migrate import (
@@ -279,9 +279,9 @@ def publish_report(report: MigrationReport) -> None:
 
 
 check_health = ops_task(health.run_checks, name="post-migration-health-check")
-restore_backup = backups.restore_backup_task.with_options(retries=2, retry_delay_seconds=10)
-compare_to_backup = backups.compare_database_task
-read_manifest = ops_task(backups.resolve_backup_id, name="read-backup-manifest")
+restore_backup = backup.restore_backup_task.with_options(retries=2, retry_delay_seconds=10)
+compare_to_backup = backup.compare_database_task
+read_manifest = backup.read_backup_manifest_task
 
 
 def ask_approval(settings: OpsSettings, report: MigrationReport, what: str) -> str:
@@ -312,7 +312,7 @@ def ask_approval(settings: OpsSettings, report: MigrationReport, what: str) -> s
 def take_backup(settings: OpsSettings, report: MigrationReport) -> BackupManifest:
     """The backup a failure restores: catalog-verified, with per-table content hashes."""
     with timed(report, "backup"):
-        report.backup = backups.create_backup_task(settings, verify="catalog", content_hashes=True)
+        report.backup = backup.create_backup_task(settings, verify="catalog", content_hashes=True)
     run_logger(__name__).info("backup %s taken before migrating", report.backup.id)
     return report.backup
 

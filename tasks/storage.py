@@ -17,6 +17,7 @@ boto3 is imported only when an S3 storage is opened.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import hashlib
@@ -131,7 +132,7 @@ class Storage(Protocol):
 
     def delete(self, key: str) -> bool: ...
 
-    def list_unfinished(self, prefix: str) -> list[UnfinishedObject]: ...
+    def list_unfinished(self, prefix: str) -> builtins.list[UnfinishedObject]: ...
 
     def discard_unfinished(self, item: UnfinishedObject) -> None: ...
 
@@ -283,7 +284,7 @@ class LocalStorage:
             path.with_name(path.name + _LOCK_SUFFIX).unlink(missing_ok=True)
         return existed
 
-    def list_unfinished(self, prefix: str) -> list[UnfinishedObject]:
+    def list_unfinished(self, prefix: str) -> builtins.list[UnfinishedObject]:
         base = self.root / prefix if prefix else self.root
         if not base.is_dir():
             return []
@@ -543,7 +544,7 @@ class S3Storage:
             raise self._error("delete", full, exc) from None
         return existed
 
-    def list_unfinished(self, prefix: str) -> list[UnfinishedObject]:
+    def list_unfinished(self, prefix: str) -> builtins.list[UnfinishedObject]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")

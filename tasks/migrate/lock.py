@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from tasks import backups, locks, postgres
+from tasks import backup, locks, postgres
 from tasks.migrate.config import target_database
 from tasks.runlog import run_logger
 from tasks.settings import OpsSettings
@@ -22,7 +22,7 @@ def migration_lock(settings: OpsSettings, *, owner: str) -> Iterator[str]:
 
     The locks live on the maintenance database: a restore replaces the target database (its
     sessions are terminated), and the locks must survive that. Holding the restore lock too
-    (:func:`tasks.backups.database_lock_name`) keeps a manual restore from replacing the database in
+    (:func:`tasks.backup.database_lock_name`) keeps a manual restore from replacing the database in
     the middle of a migration, and a migration from starting during a restore; the run's own restore
     is told the lock is held.
 
@@ -41,7 +41,7 @@ def migration_lock(settings: OpsSettings, *, owner: str) -> Iterator[str]:
         application_name=holder.application_name(),
     )
     timeout = settings.migrations.lock_timeout_seconds
-    database_lock = backups.database_lock_name(target_database(settings))
+    database_lock = backup.database_lock_name(target_database(settings))
     with (
         conn,
         postgres.advisory_lock(conn, name, timeout, holder=holder.describe()),

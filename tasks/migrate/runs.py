@@ -18,7 +18,7 @@ import psycopg
 from psycopg import sql
 
 from tasks import postgres
-from tasks.backups import RestoreResult
+from tasks.backup import RestoreResult
 from tasks.migrate.config import target_database
 from tasks.migrate.model import (
     ApplyRecord,

@@ -27,7 +27,7 @@ from pathlib import Path
 import zstandard
 from pydantic import BaseModel, Field
 
-from tasks.backups import BackupCorrupt, BackupNotFound, Verification, new_backup_id
+from tasks.backup import BackupCorrupt, BackupNotFound, Verification, new_backup_id
 from tasks.commands import run_command, stream_command
 from tasks.errors import OpsError
 from tasks.runlog import run_logger

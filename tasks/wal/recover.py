@@ -10,7 +10,7 @@ logical backups' proven path onto the app's server.
    ``postgres`` (same major) as ``wal.server_os_user`` and wait until it has promoted;
 3. copy the database logically (``pg_dump | pg_restore``) into a new database on the app's server,
    compare every table's row count and content hash with the scratch instance, then swap the two by
-   rename under the database's advisory lock (``tasks.backups``); the replaced database is kept.
+   rename under the database's advisory lock (``tasks.backup``); the replaced database is kept.
 
 The scratch instance and directory are removed at the end, also on failure.
 """
@@ -35,8 +35,10 @@ from pathlib import Path
 
 import psycopg
 
-from tasks import backups, postgres
-from tasks.backups import CONTENT_HASH_ALGORITHM, TableComparison, compare_stats, table_stats
+from tasks import backup, postgres
+from tasks.backup import CONTENT_HASH_ALGORITHM, TableComparison, compare_stats, table_stats
+from tasks.backup.database import _maintenance, _scratch_database, _tool_connection
+from tasks.backup.restore.swap import _database_owner, _swap
 from tasks.commands import stream_command
 from tasks.errors import CommandError, OpsError, ParameterError
 from tasks.runlog import run_logger
@@ -371,7 +373,7 @@ def _wait_promoted(server: ScratchServer, proc: subprocess.Popen[bytes], timeout
 def _copy(settings: OpsSettings, server: ScratchServer, source_db: str, dest_db: str) -> list[str]:
     """``pg_dump`` from the scratch instance piped into ``pg_restore`` on the app's server."""
     cfg = settings.backup
-    dbname, env, secrets = backups._tool_connection(settings, dest_db)
+    dbname, env, secrets = _tool_connection(settings, dest_db)
     dump = [
         cfg.pg_dump,
         "--format=custom",
@@ -391,7 +393,7 @@ def _copy(settings: OpsSettings, server: ScratchServer, source_db: str, dest_db:
     return [" ".join(source.argv), " ".join(sink.argv)]
 
 
-def _stats(conninfo: str) -> dict[str, backups.TableStats]:
+def _stats(conninfo: str) -> dict[str, backup.TableStats]:
     with psycopg.connect(conninfo, autocommit=True) as conn, conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         return table_stats(conn, algorithm=CONTENT_HASH_ALGORITHM)
@@ -427,10 +429,10 @@ def restore_to_point(
                 raise PointRestoreError(
                     f"database {target!r} did not exist at {plan.target}; nothing was touched"
                 )
-        copy_name = backups.scratch_name(target, "pitr")
-        with backups._maintenance(settings) as lock_conn:
-            owner = backups._database_owner(lock_conn, target)
-        with backups._scratch_database(settings, copy_name, owner=owner) as copy:
+        copy_name = backup.scratch_name(target, "pitr")
+        with _maintenance(settings) as lock_conn:
+            owner = _database_owner(lock_conn, target)
+        with _scratch_database(settings, copy_name, owner=owner) as copy:
             try:
                 commands += _copy(settings, server, target, copy)
             except CommandError as exc:
@@ -449,16 +451,16 @@ def restore_to_point(
                 )
             reached = server.reached()
             with (
-                backups._maintenance(settings) as lock_conn,
+                _maintenance(settings) as lock_conn,
                 postgres.advisory_lock(
-                    lock_conn, backups.database_lock_name(target), settings.backup.lock_timeout_seconds
+                    lock_conn, backup.database_lock_name(target), settings.backup.lock_timeout_seconds
                 ),
             ):
                 old = None
-                if backups.database_exists(settings, target):
+                if backup.database_exists(settings, target):
                     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
                     old = target[: 63 - len(stamp) - 6] + f"__old_{stamp}"
-                backups._swap(settings, target, copy, old)
+                _swap(settings, target, copy, old)
             commands.append(
                 f"ALTER DATABASE {target} RENAME TO {old}; ALTER DATABASE {copy} RENAME TO {target}"
                 if old

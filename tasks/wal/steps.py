@@ -3,7 +3,7 @@ without Prefect: the restore_command and the archiver never load it)."""
 
 from __future__ import annotations
 
-from tasks.backups import BackupCorrupt, BackupNotFound
+from tasks.backup import BackupCorrupt, BackupNotFound
 from tasks.errors import ParameterError
 from tasks.ops_task import ops_task
 from tasks.wal.archive import WalArchiveError

@@ -15,7 +15,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Fl
 from prefect.flow_runs import resume_flow_run
 
 from flows.backup import backup_database, prune_backups, restore_database, verify_backup
-from tasks import backups
+from tasks import backup
 from tasks.settings import load_settings
 from tests.fixtures.s3 import populate_backup_source, scratch_databases
 
@@ -162,8 +162,8 @@ def test_latest_verified_skips_a_newer_unverified_backup(backup_env: dict[str, A
     first = backup_database(verify="restore", prune=False)
     second = backup_database(verify="none", prune=False)
     settings = load_settings()
-    assert backups.resolve_backup_id(settings, "latest").id == second["id"]
-    assert backups.resolve_backup_id(settings, "latest-verified").id == first["id"]
+    assert backup.resolve_backup_id(settings, "latest").id == second["id"]
+    assert backup.resolve_backup_id(settings, "latest-verified").id == first["id"]
 
 
 def test_prune_flow_keeps_an_unreadable_backup_reports_it_and_fails(backup_env: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from flows.backup import prune_backups, restore_database
 from flows.incidents import flush_redis, recover_data, security_incident
 from flows.releases import deploy_release, rollback_release
 from flows.uploads import cleanup_uploads, restore_quarantine
-from tasks import backups, incidents, locks, scaling
+from tasks import backup, incidents, locks, scaling
 from tasks.errors import LockBusy
 from tasks.releases import ReleaseStore
 from tasks.runtime import get_runtime
@@ -136,15 +136,15 @@ def test_prune_refuses_while_another_worker_prunes_the_storage(prefect_harness, 
     with psycopg.connect(ops_env["dsn"], autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int)")
     for _ in range(2):
-        backups.create_backup(settings, verify="checksum")
-    listed = [m.id for m in backups.list_backups(settings)]
+        backup.create_backup(settings, verify="checksum")
+    listed = [m.id for m in backup.list_backups(settings)]
     assert len(listed) == 2
     with lock_held_elsewhere(locks.prune_lock_name(settings), "prune-backups", here) as other:
         refused(prune_backups(confirm=True, return_state=True), other)
-        assert [m.id for m in backups.list_backups(settings)] == listed
+        assert [m.id for m in backup.list_backups(settings)] == listed
     result = prune_backups(confirm=True)
     assert len(result["deleted"]) == 1
-    assert len(backups.list_backups(settings)) == 1
+    assert len(backup.list_backups(settings)) == 1
 
 
 async def _add_jobs(url: str, queue: str, count: int) -> None:
@@ -216,14 +216,14 @@ def test_recover_data_refuses_while_another_worker_holds_the_database(
         conn.execute("CREATE TABLE widgets (id int PRIMARY KEY)")
         conn.execute("INSERT INTO widgets SELECT generate_series(1, 50)")
     settings = load_settings()
-    backups.create_backup(settings, verify="checksum")
+    backup.create_backup(settings, verify="checksum")
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DELETE FROM widgets WHERE id > 10")
     runtime = get_runtime(settings)
     runtime.scale("worker", 2)
     runtime.wait_ready(["worker"], 20)
     replicas = {r.service: r.replicas for r in scaling.record_replicas(runtime, ["backend", "worker"])}
-    name = backups.database_lock_name(database)
+    name = backup.database_lock_name(database)
     with lock_held_elsewhere(name, "recover-data", here) as other:
         state = recover_data(backup_id="latest", dry_run=False, approved=True, return_state=True)
         refused(state, other)

@@ -19,7 +19,7 @@ from bullmq import Queue
 from prefect.flow_runs import resume_flow_run
 
 from flows.incidents import flush_redis, outage_triage, recover_data, security_incident
-from tasks import backups, incidents
+from tasks import backup, incidents
 from tasks.releases import ReleaseStore
 from tasks.runtime import get_runtime
 from tasks.settings import load_settings
@@ -237,7 +237,7 @@ def damaged_database(kube_env, kube_stack, monkeypatch):
         conn.execute("CREATE TABLE widgets (id int PRIMARY KEY, name text NOT NULL)")
         conn.execute("INSERT INTO widgets SELECT g, 'w' || g FROM generate_series(1, 50) g")
     settings = load_settings()
-    manifest = backups.create_backup(settings, verify="checksum")
+    manifest = backup.create_backup(settings, verify="checksum")
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DELETE FROM widgets WHERE id > 10")
     runtime = get_runtime(settings)
@@ -268,7 +268,7 @@ def test_recover_data_dry_run_then_restore_with_scale_to_zero_and_back(
     assert _replicas(kube_stack) == {"backend": 1, "worker": 2}
 
     # A backup taken after the damage is "latest"; the approval form picks the good one instead.
-    backups.create_backup(load_settings(), verify="checksum")
+    backup.create_backup(load_settings(), verify="checksum")
     results: dict[str, Any] = {}
     thread = threading.Thread(
         target=lambda: results.update(

@@ -149,10 +149,10 @@ def test_killed_apply_is_detected_and_offered_restore(monkeypatch, mg_env, alemb
     sleeping = Revision("r2_slow", "slow backfill", "op.execute('SELECT pg_sleep(60)')")
     use(monkeypatch, alembic_env([ADD_NAME, sleeping, NOT_NULL]))
     before = snapshot(mg_env["dsn"])
-    from tasks import backups
+    from tasks import backup
     from tasks.settings import load_settings
 
-    manifest = backups.create_backup(load_settings(), verify="catalog")
+    manifest = backup.create_backup(load_settings(), verify="catalog")
     # The apply runs in its own process, under the migration lock, as the flow would run it.
     script = (
         "import sys\n"

@@ -175,7 +175,7 @@ def test_refuses_before_anything_without_a_way_to_stop_writers(monkeypatch, mg_e
 def test_approval_wait_precedes_the_backup(monkeypatch, mg_env, alembic_env):
     from prefect.flow_runs import resume_flow_run
 
-    from tasks import backups
+    from tasks import backup
     from tasks.settings import load_settings
 
     use(monkeypatch, alembic_env([ADD_NAME]))
@@ -187,7 +187,7 @@ def test_approval_wait_precedes_the_backup(monkeypatch, mg_env, alembic_env):
     try:
         paused = _paused("migrate-database")
         # While the run waits for approval, no backup exists yet.
-        assert backups.list_backups(load_settings()) == []
+        assert backup.list_backups(load_settings()) == []
         approved_at = time.time()
         resume_flow_run(paused, run_input={"approve": True, "note": "go"})
     finally:
@@ -195,7 +195,7 @@ def test_approval_wait_precedes_the_backup(monkeypatch, mg_env, alembic_env):
     state = states["run"]
     assert state.is_completed(), state.message
     summary = state.result()
-    (manifest,) = backups.list_backups(load_settings())
+    (manifest,) = backup.list_backups(load_settings())
     assert manifest.id == summary["backup_id"]
     assert manifest.started_at.timestamp() >= approved_at
     assert summary["timings"]["approval"] > 0

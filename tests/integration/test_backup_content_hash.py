@@ -8,16 +8,18 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tasks import backups
+from tasks import backup
+from tasks.backup.manifest import _storage
+from tasks.backup.stats import _STATS_SESSION, _one_table_stats
 from tests.fixtures.s3 import backup_settings, populate_backup_source, scratch_databases
 
 pytestmark = pytest.mark.integration
 
 
-def table_hash(dsn: str, table: str, algorithm: str = backups.HASH_TYPED_COLUMNS) -> tuple[int, str | None]:
+def table_hash(dsn: str, table: str, algorithm: str = backup.HASH_TYPED_COLUMNS) -> tuple[int, str | None]:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(backups._STATS_SESSION)
-        stats = backups._one_table_stats(conn, "public", table, algorithm=algorithm)
+        conn.execute(_STATS_SESSION)
+        stats = _one_table_stats(conn, "public", table, algorithm=algorithm)
     return stats.rows, stats.content_hash
 
 
@@ -42,9 +44,9 @@ def test_typed_hash_tells_apart_what_the_text_of_the_rows_tells_apart(pg_databas
     assert make(dsn, "t", cols, f"{second}, {first}") == reference
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SET TimeZone = 'Asia/Tokyo'")
-        conn.execute(backups._STATS_SESSION)
-        assert backups._one_table_stats(conn, "public", "t", algorithm=backups.HASH_TYPED_COLUMNS) == (
-            backups.TableStats(rows=2, content_hash=reference)
+        conn.execute(_STATS_SESSION)
+        assert _one_table_stats(conn, "public", "t", algorithm=backup.HASH_TYPED_COLUMNS) == (
+            backup.TableStats(rows=2, content_hash=reference)
         )
     # Values that compare equal but print differently, values swapped between rows or columns, NULL
     # for a value: all differ.
@@ -89,21 +91,21 @@ def test_a_manifest_with_row_text_hashes_still_verifies(pg_database: tuple[str, 
     name, dsn = pg_database
     populate_backup_source(dsn, rows=50)
     settings = backup_settings(dsn, f"file://{tmp_path}")
-    manifest = backups.create_backup(settings, verify="none")
-    assert manifest.content_hash_algorithm == backups.HASH_TYPED_COLUMNS
+    manifest = backup.create_backup(settings, verify="none")
+    assert manifest.content_hash_algorithm == backup.HASH_TYPED_COLUMNS
     # The same backup as an older version recorded it: row-text hashes, named by that algorithm.
     with psycopg.connect(dsn, autocommit=True) as conn:
-        old = backups.table_stats(conn, algorithm=backups.HASH_ROW_TEXT)
+        old = backup.table_stats(conn, algorithm=backup.HASH_ROW_TEXT)
     assert old.keys() == manifest.tables.keys()
     assert old != manifest.tables
-    manifest.tables, manifest.content_hash_algorithm = old, backups.HASH_ROW_TEXT
-    storage = backups._storage(settings)
-    backups.write_manifest(storage, manifest)
-    result = backups.verify_backup(settings, manifest.id, "restore")
+    manifest.tables, manifest.content_hash_algorithm = old, backup.HASH_ROW_TEXT
+    storage = _storage(settings)
+    backup.write_manifest(storage, manifest)
+    result = backup.verify_backup(settings, manifest.id, "restore")
     assert result.ok, result.detail
     # A hash this version cannot compute is refused before any scratch database is made.
     manifest.content_hash_algorithm = "some-future-hash-v9"
-    backups.write_manifest(storage, manifest)
-    with pytest.raises(backups.BackupError, match="some-future-hash-v9"):
-        backups.verify_backup(settings, manifest.id, "restore")
+    backup.write_manifest(storage, manifest)
+    with pytest.raises(backup.BackupError, match="some-future-hash-v9"):
+        backup.verify_backup(settings, manifest.id, "restore")
     assert scratch_databases(f"{name}__") == []

@@ -13,8 +13,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tasks import backups
-from tasks.backups import BackupCorrupt, BackupNotFound, DatabaseNotFound, RestoreFailed
+from tasks import backup
+from tasks.backup import BackupCorrupt, BackupNotFound, DatabaseNotFound, RestoreFailed
+from tasks.backup.manifest import _storage
 from tasks.errors import LockBusy
 from tasks.postgres import advisory_lock
 from tests.fixtures.s3 import backup_settings, drop_databases, populate_backup_source, scratch_databases
@@ -45,7 +46,7 @@ def test_backup_and_restore_drill_match_the_manifest(
 ) -> None:
     name, dsn = source
     settings = backup_settings(dsn, f"file://{tmp_path}", backup={"restore_jobs": jobs})
-    manifest = backups.create_backup(settings, verify="restore")
+    manifest = backup.create_backup(settings, verify="restore")
 
     assert manifest.database == name
     assert manifest.tables["public.items"].rows == 500
@@ -59,8 +60,8 @@ def test_backup_and_restore_drill_match_the_manifest(
     assert manifest.size_bytes < manifest.raw_size_bytes  # compressed
     # No scratch database is left behind.
     assert scratch_databases(f"{name}__") == []
-    assert [m.id for m in backups.list_backups(settings)] == [manifest.id]
-    latest = backups.latest_verified(settings, name, "restore")
+    assert [m.id for m in backup.list_backups(settings)] == [manifest.id]
+    latest = backup.latest_verified(settings, name, "restore")
     assert latest is not None
     assert latest.id == manifest.id
 
@@ -73,15 +74,15 @@ def test_restore_drill_reports_a_table_whose_content_or_count_differs(
     # table must still be found, and a table checked before the post-data section counts too.
     _name, dsn = source
     settings = backup_settings(dsn, f"file://{tmp_path}", backup={"restore_jobs": jobs})
-    manifest = backups.create_backup(settings, verify="none")
+    manifest = backup.create_backup(settings, verify="none")
     names = sorted(manifest.tables)
     assert len(names) >= 2
     first, last = names[0], names[-1]
     assert manifest.tables[first].content_hash is not None
     manifest.tables[first].content_hash = str(int(manifest.tables[first].content_hash) + 1)
     manifest.tables[last].rows += 1
-    backups.write_manifest(backups._storage(settings), manifest)
-    result = backups.verify_backup(settings, manifest.id, "restore")
+    backup.write_manifest(_storage(settings), manifest)
+    result = backup.verify_backup(settings, manifest.id, "restore")
     assert not result.ok
     assert first in result.detail, result.detail
     assert last in result.detail, result.detail
@@ -106,14 +107,14 @@ def test_counts_come_from_the_dump_snapshot_under_concurrent_writes(
     thread.start()
     try:
         time.sleep(0.2)
-        manifest = backups.create_backup(settings, verify="none")
+        manifest = backup.create_backup(settings, verify="none")
         time.sleep(0.2)
     finally:
         stop.set()
         thread.join()
     total = _rows(dsn, "SELECT count(*) FROM items")[0][0]
     assert manifest.tables["public.items"].rows < total  # rows kept coming after the snapshot
-    result = backups.verify_backup(settings, manifest.id, "restore")
+    result = backup.verify_backup(settings, manifest.id, "restore")
     assert result.ok, result.detail
 
 
@@ -122,7 +123,7 @@ def test_corrupted_or_truncated_object_is_refused_before_any_restore(
 ) -> None:
     name, dsn = source
     settings = backup_settings(dsn, f"file://{tmp_path}")
-    manifest = backups.create_backup(settings, verify="none")
+    manifest = backup.create_backup(settings, verify="none")
     stored = tmp_path / manifest.data_key
     original = stored.read_bytes()
 
@@ -132,17 +133,17 @@ def test_corrupted_or_truncated_object_is_refused_before_any_restore(
     stored.write_bytes(bytes(flipped))
     _rows(dsn, "DELETE FROM items WHERE id <= 10")
     with pytest.raises(BackupCorrupt, match="sha256"):
-        backups.restore_backup(settings, manifest.id)
+        backup.restore_backup(settings, manifest.id)
     assert scratch_databases(f"{name}__") == []
     assert _rows(dsn, "SELECT count(*) FROM items")[0][0] == 490  # untouched
 
     stored.write_bytes(original[: len(original) // 2])
     with pytest.raises(BackupCorrupt, match="truncated"):
-        backups.restore_backup(settings, manifest.id)
-    check = backups.verify_backup(settings, manifest.id, "checksum")
+        backup.restore_backup(settings, manifest.id)
+    check = backup.verify_backup(settings, manifest.id, "checksum")
     assert not check.ok
     assert "truncated" in check.detail
-    assert backups.latest_verified(settings, name, "checksum") is None
+    assert backup.latest_verified(settings, name, "checksum") is None
     assert scratch_databases(f"{name}__") == []
 
 
@@ -150,15 +151,15 @@ def test_corrupted_or_truncated_object_is_refused_before_any_restore(
 def test_restore_swaps_atomically_and_cuts_sessions(source: tuple[str, str], tmp_path: Path) -> None:
     name, dsn = source
     settings = backup_settings(dsn, f"file://{tmp_path}")
-    manifest = backups.create_backup(settings, verify="catalog")
+    manifest = backup.create_backup(settings, verify="catalog")
     _rows(dsn, "DELETE FROM items WHERE id > 100; CREATE TABLE added_later (x int)")
     holder = psycopg.connect(dsn, autocommit=True)
     try:
-        plan = backups.restore_preflight(settings, manifest, keep_old=True)
+        plan = backup.restore_preflight(settings, manifest, keep_old=True)
         assert plan.target_exists
         assert any(c.pid == holder.info.backend_pid for c in plan.connections)
 
-        result = backups.restore_backup(settings, manifest.id, keep_old=True)
+        result = backup.restore_backup(settings, manifest.id, keep_old=True)
 
         assert result.comparison.matches
         assert result.comparison.rows_compared == manifest.total_rows
@@ -180,7 +181,7 @@ def test_restore_swaps_atomically_and_cuts_sessions(source: tuple[str, str], tmp
     drop_databases(leftovers)
 
     # keep_old=False drops the replaced database; running it again gives the same data.
-    again = backups.restore_backup(settings, manifest.id)
+    again = backup.restore_backup(settings, manifest.id)
     assert again.comparison.matches
     assert not again.old_kept
     assert scratch_databases(f"{name}__") == []
@@ -189,14 +190,14 @@ def test_restore_swaps_atomically_and_cuts_sessions(source: tuple[str, str], tmp
 def test_restore_that_fails_verification_leaves_the_target(source: tuple[str, str], tmp_path: Path) -> None:
     name, dsn = source
     settings = backup_settings(dsn, f"file://{tmp_path}")
-    manifest = backups.create_backup(settings, verify="none")
+    manifest = backup.create_backup(settings, verify="none")
     # A manifest claiming other counts than the dump holds: the restored copy cannot match it.
     storage_manifest = manifest.model_copy(deep=True)
     storage_manifest.tables["public.items"].rows += 1
-    backups.write_manifest(backups._storage(settings), storage_manifest)
+    backup.write_manifest(_storage(settings), storage_manifest)
     _rows(dsn, "DELETE FROM items WHERE id > 400")
     with pytest.raises(RestoreFailed, match="was not touched"):
-        backups.restore_backup(settings, manifest.id)
+        backup.restore_backup(settings, manifest.id)
     assert _rows(dsn, "SELECT count(*) FROM items")[0][0] == 400
     assert scratch_databases(f"{name}__") == []
 
@@ -207,30 +208,30 @@ def test_unknown_backup_or_database_fails_clearly_and_touches_nothing(
     name, dsn = source
     settings = backup_settings(dsn, f"file://{tmp_path}")
     with pytest.raises(DatabaseNotFound, match="ops_bk_no_such_db"):
-        backups.create_backup(settings, database="ops_bk_no_such_db")
+        backup.create_backup(settings, database="ops_bk_no_such_db")
     assert not (tmp_path / "data").exists()
     with pytest.raises(BackupNotFound, match="no finished backup"):
-        backups.resolve_backup_id(settings, "latest")
-    manifest = backups.create_backup(settings, verify="none")
+        backup.resolve_backup_id(settings, "latest")
+    manifest = backup.create_backup(settings, verify="none")
     with pytest.raises(BackupNotFound, match="no backup '20200101T000000Z-nope-000000'"):
-        backups.restore_backup(settings, "20200101T000000Z-nope-000000")
+        backup.restore_backup(settings, "20200101T000000Z-nope-000000")
     with pytest.raises(BackupNotFound, match="not a backup id"):
-        backups.verify_backup(settings, "../../etc/passwd", "checksum")
-    with pytest.raises(backups.BackupNotVerified, match="restore verification"):
-        backups.resolve_backup_id(settings, "latest-verified")
+        backup.verify_backup(settings, "../../etc/passwd", "checksum")
+    with pytest.raises(backup.BackupNotVerified, match="restore verification"):
+        backup.resolve_backup_id(settings, "latest-verified")
     with pytest.raises(DatabaseNotFound, match="ops_bk_missing_target"):
-        backups.restore_backup(settings, manifest.id, target_database="ops_bk_missing_target")
+        backup.restore_backup(settings, manifest.id, target_database="ops_bk_missing_target")
     assert scratch_databases("ops_bk_missing_target") == []
     assert scratch_databases(f"{name}__") == []
-    assert backups.read_manifest(backups._storage(settings), manifest.id).verifications == []
+    assert backup.read_manifest(_storage(settings), manifest.id).verifications == []
 
 
 def test_wrong_database_credentials_fail_clearly_with_the_secret_masked(tmp_path: Path) -> None:
     settings = backup_settings(
         "postgresql://ops_bk_no_such_role:Sup3rS3cretPw@127.0.0.1:5432/postgres", f"file://{tmp_path}"
     )
-    with pytest.raises(backups.BackupError) as caught:
-        backups.create_backup(settings)
+    with pytest.raises(backup.BackupError) as caught:
+        backup.create_backup(settings)
     message = str(caught.value)
     assert "ops_bk_no_such_role" in message
     assert "OPS_POSTGRES__DSN" in message
@@ -240,10 +241,10 @@ def test_wrong_database_credentials_fail_clearly_with_the_secret_masked(tmp_path
 
 _KILL_CHILD = """
 import sys
-from tasks import backups
+from tasks import backup
 from tests.fixtures.s3 import backup_settings
 settings = backup_settings(sys.argv[1], sys.argv[2], backup={"zstd_level": 22})
-backups.create_backup(settings, verify="none")
+backup.create_backup(settings, verify="none")
 """
 
 
@@ -278,20 +279,20 @@ def test_killed_mid_dump_leaves_no_manifest_and_the_next_run_succeeds(
     assert child.returncode == -signal.SIGKILL
     assert not (tmp_path / "manifests").exists()
     settings = backup_settings(dsn, url, backup={"orphan_grace_hours": 0.0001})
-    assert backups.list_backups(settings) == []
+    assert backup.list_backups(settings) == []
 
-    manifest = backups.create_backup(settings, verify="catalog")
-    assert [m.id for m in backups.list_backups(settings)] == [manifest.id]
+    manifest = backup.create_backup(settings, verify="catalog")
+    assert [m.id for m in backup.list_backups(settings)] == [manifest.id]
     assert manifest.verifications[-1].ok
 
     # The interrupted object is found by the retention plan and removed only when confirmed.
     time.sleep(0.5)
-    plan = backups.retention_plan(settings)
+    plan = backup.retention_plan(settings)
     assert [u.key for u in plan.unfinished] == [f"data/{partial.name.removesuffix('.partial')}"]
-    dry = backups.delete_backups(settings, plan, confirm=False)
+    dry = backup.delete_backups(settings, plan, confirm=False)
     assert dry.dry_run
     assert partial.exists()
-    done = backups.delete_backups(settings, plan, confirm=True)
+    done = backup.delete_backups(settings, plan, confirm=True)
     assert done.discarded_unfinished == [plan.unfinished[0].key]
     assert not partial.exists()
     assert _data_files(tmp_path) == [f"{manifest.id}.dump.zst"]
@@ -300,14 +301,14 @@ def test_killed_mid_dump_leaves_no_manifest_and_the_next_run_succeeds(
 def test_restore_waits_for_the_database_lock(source: tuple[str, str], tmp_path: Path) -> None:
     name, dsn = source
     settings = backup_settings(dsn, f"file://{tmp_path}", backup={"lock_timeout_seconds": 0.5})
-    manifest = backups.create_backup(settings, verify="none")
+    manifest = backup.create_backup(settings, verify="none")
     admin = dsn.rpartition("/")[0] + "/postgres"
     with (
         psycopg.connect(admin, autocommit=True, application_name="other-ops-run") as conn,
         advisory_lock(conn, f"swagger2mcp-ops:database:{name}", 1),
         pytest.raises(LockBusy, match="other-ops-run"),
     ):
-        backups.restore_backup(settings, manifest.id)
+        backup.restore_backup(settings, manifest.id)
     assert scratch_databases(f"{name}__") == []
 
 
@@ -323,18 +324,18 @@ def test_a_migration_and_a_restore_of_one_database_exclude_each_other(
         backup={"lock_timeout_seconds": 0.5},
         migrations={"lock_timeout_seconds": 0.5},
     )
-    manifest = backups.create_backup(settings, verify="none")
+    manifest = backup.create_backup(settings, verify="none")
     with migrate.migration_lock(settings, owner="migrate-database run-m"):
         # A manual restore waits for the migration, and names it.
         with pytest.raises(LockBusy, match="run-m"):
-            backups.restore_backup(settings, manifest.id)
+            backup.restore_backup(settings, manifest.id)
         # The migration's own restore (on its failure) goes on under the lock its run holds.
-        result = backups.restore_backup(settings, manifest.id, database_lock_held=True, keep_old=False)
+        result = backup.restore_backup(settings, manifest.id, database_lock_held=True, keep_old=False)
         assert result.comparison.matches
     admin = dsn.rpartition("/")[0] + "/postgres"
     with (
         psycopg.connect(admin, autocommit=True, application_name="restore-database run-r") as conn,
-        advisory_lock(conn, backups.database_lock_name(name), 1),
+        advisory_lock(conn, backup.database_lock_name(name), 1),
         pytest.raises(LockBusy, match="run-r"),
         migrate.migration_lock(settings, owner="migrate-database run-late"),
     ):
@@ -350,7 +351,7 @@ def test_restore_keeps_the_databases_settings_privileges_and_comment(
     role = f"{name}_reader"
     admin = dsn.rpartition("/")[0] + "/postgres"
     settings = backup_settings(dsn, f"file://{tmp_path}")
-    manifest = backups.create_backup(settings, verify="none")
+    manifest = backup.create_backup(settings, verify="none")
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE ROLE "{role}"')
     try:
@@ -378,7 +379,7 @@ def test_restore_keeps_the_databases_settings_privileges_and_comment(
 
         before = properties()
         assert before[1] == 40
-        backups.restore_backup(settings, manifest.id, keep_old=False)
+        backup.restore_backup(settings, manifest.id, keep_old=False)
         assert properties() == before
         with psycopg.connect(dsn, autocommit=True) as conn:
             assert conn.execute("SHOW search_path").fetchone() == ('app, "Other Schema", public',)

@@ -10,7 +10,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tasks import backups
+from tasks import backup
+from tasks.backup.database import _scratch_database
+from tasks.backup.manifest import _storage
+from tasks.backup.restore import pipeline as restore_pipeline
+from tasks.backup.restore.streams import _DataSplit
 from tests.fixtures.s3 import backup_settings, populate_backup_source, scratch_databases
 
 pytestmark = pytest.mark.integration
@@ -32,16 +36,16 @@ def restore_copy(dsn: str, tmp_path: Path, *, unlogged_load: bool) -> tuple[dict
     settings = backup_settings(
         dsn, f"file://{tmp_path}", backup={"restore_jobs": 2, "spool_dir": str(tmp_path)}
     )
-    manifest = backups.create_backup(settings, verify="none")
-    storage = backups._storage(settings)
-    name = backups.scratch_name(manifest.database, "paths")
-    with backups._scratch_database(settings, name, owner=None):
-        backups.restore_into(settings, storage, manifest, name, unlogged_load=unlogged_load)
+    manifest = backup.create_backup(settings, verify="none")
+    storage = _storage(settings)
+    name = backup.scratch_name(manifest.database, "paths")
+    with _scratch_database(settings, name, owner=None):
+        backup.restore_into(settings, storage, manifest, name, unlogged_load=unlogged_load)
         copy_dsn = dsn.rpartition("/")[0] + "/" + name
         kinds = persistence(copy_dsn)
         with psycopg.connect(copy_dsn, autocommit=True) as conn:
             row = conn.execute("SELECT count(*) FROM pg_constraint WHERE contype = 'f'").fetchone()
-        comparison = backups.compare_database_to_manifest(settings, manifest, name)
+        comparison = backup.compare_database_to_manifest(settings, manifest, name)
     assert not list(tmp_path.glob("*.catalog")), "the catalog file is removed"
     return kinds, int(row[0]) if row else 0, comparison.matches
 
@@ -102,7 +106,7 @@ def test_a_catalog_larger_than_the_part_kept_is_read_again(
     populate_backup_source(dsn, rows=300)
     add_foreign_key(dsn)
     # Keep less than the catalog: pre-data, data and post-data must come from readings of the object.
-    monkeypatch.setattr(backups, "_CATALOG_LIMIT", 512)
+    monkeypatch.setattr(restore_pipeline, "_CATALOG_LIMIT", 512)
     kinds, foreign_keys, matches = restore_copy(dsn, tmp_path, unlogged_load=True)
     assert foreign_keys == 1
     assert matches
@@ -121,7 +125,7 @@ def test_the_data_splits_at_the_largest_table_in_archive_order(tmp_path: Path) -
             "3370; 0 0 SEQUENCE SET public big_id_seq postgres",
         ]
     )
-    manifest = backups.BackupManifest.model_validate(
+    manifest = backup.BackupManifest.model_validate(
         {
             "id": "x",
             "database": "d",
@@ -138,7 +142,7 @@ def test_the_data_splits_at_the_largest_table_in_archive_order(tmp_path: Path) -
             },
         }
     )
-    split = backups._DataSplit.of(manifest, listing, tmp_path / "x.catalog")
+    split = _DataSplit.of(manifest, listing, tmp_path / "x.catalog")
     assert split is not None
     # The second stream takes the largest table's data and the data after it; the first stops early.
     assert split.rest.read_text().splitlines() == [
@@ -152,14 +156,14 @@ def test_the_data_splits_at_the_largest_table_in_archive_order(tmp_path: Path) -
     ]
     # The largest first in the archive: it alone goes apart.
     manifest.tables["public.a_small"].bytes = 10**10
-    split = backups._DataSplit.of(manifest, listing, tmp_path / "y.catalog")
+    split = _DataSplit.of(manifest, listing, tmp_path / "y.catalog")
     assert split is not None
     assert split.rest.read_text().splitlines() == ["3366; 0 17335 TABLE DATA public a_small postgres"]
     # One table with data, or an empty largest table: nothing to split.
     only_one = "\n".join(line for line in listing.splitlines() if "big" not in line and "c_after" not in line)
-    assert backups._DataSplit.of(manifest, only_one, tmp_path / "z") is None
+    assert _DataSplit.of(manifest, only_one, tmp_path / "z") is None
     manifest.tables["public.a_small"].rows = 0
-    assert backups._DataSplit.of(manifest, listing, tmp_path / "z") is None
+    assert _DataSplit.of(manifest, listing, tmp_path / "z") is None
 
 
 @pytest.mark.parametrize(
@@ -177,7 +181,7 @@ def test_a_failure_in_either_data_stream_fails_the_drill_and_leaves_nothing_behi
         )
     spool = str(tmp_path / "spool")
     settings = backup_settings(dsn, f"file://{tmp_path}", backup={"restore_jobs": 2, "spool_dir": spool})
-    manifest = backups.create_backup(settings, verify="none")
+    manifest = backup.create_backup(settings, verify="none")
     assert max(manifest.tables, key=lambda t: manifest.tables[t].bytes or 0) == "public.items"
     admin = dsn.rpartition("/")[0] + "/postgres"
     killed: list[int] = []
@@ -200,7 +204,7 @@ def test_a_failure_in_either_data_stream_fails_the_drill_and_leaves_nothing_behi
     watcher.start()
     started = time.monotonic()
     try:
-        result = backups.verify_backup(settings, manifest.id, "restore")
+        result = backup.verify_backup(settings, manifest.id, "restore")
     finally:
         stop.set()
         watcher.join()

@@ -15,7 +15,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from tasks import backups
+from tasks import backup as backups  # "backup" names a manifest in these tests
+from tasks.backup.manifest import _storage
 from tasks.storage import Storage, StorageError, WriteConflict, open_storage
 from tests.fixtures.s3 import (
     SECRET_KEY,
@@ -171,7 +172,7 @@ def test_retention_dry_run_lists_and_confirm_deletes_keeping_newest_verified(
     assert not done.dry_run
     assert done.deleted_backups == [middle.id]
     assert [m.id for m in backups.list_backups(settings)] == [newest.id, oldest.id]
-    storage = backups._storage(settings)
+    storage = _storage(settings)
     assert not storage.exists(backups.data_key(middle.id))
     assert storage.exists(backups.data_key(oldest.id))
 
@@ -181,7 +182,7 @@ def test_retention_dry_run_lists_and_confirm_deletes_keeping_newest_verified(
 
 def _break_manifest(settings: Any, backup_id: str, how: str) -> bytes:
     """Make a manifest unreadable the way it happens: cut short, or written by a newer version."""
-    storage = backups._storage(settings)
+    storage = _storage(settings)
     key = backups.manifest_key(backup_id)
     raw = storage.get_bytes(key)
     if how == "truncated":
@@ -220,7 +221,7 @@ def test_prune_never_deletes_a_backup_whose_manifest_it_cannot_read(
     done = backups.prune_backups(settings, confirm=True)
     assert done.deleted_backups == [older.id]
     assert done.deleted_objects == []
-    storage = backups._storage(settings)
+    storage = _storage(settings)
     assert storage.exists(backups.data_key(only_verified.id))
     assert storage.get_bytes(backups.manifest_key(only_verified.id)) == broken
     assert [m.id for m in backups.list_backups(settings)] == [newest.id]
@@ -245,7 +246,7 @@ def test_the_only_verified_backup_and_its_unreadable_sibling_are_both_kept(
     }
     assert [u.backup_id for u in done.plan.unknown] == [sibling.id]
     assert not done.changed
-    storage = backups._storage(settings)
+    storage = _storage(settings)
     for backup in (verified, sibling, newest):
         assert storage.exists(backups.data_key(backup.id))
         assert storage.exists(backups.manifest_key(backup.id))
@@ -258,7 +259,7 @@ def test_orphan_data_without_a_manifest_is_removed_only_past_the_grace(
     populate_backup_source(dsn, rows=20)
     settings = storage_for_retention(dsn, orphan_grace_hours=0.001)  # 3.6 s
     backup = backups.create_backup(settings, verify="checksum")
-    storage = backups._storage(settings)
+    storage = _storage(settings)
     old = backups.data_key("20200101T000000Z-gone-aaaaaa")
     finishing = backups.data_key("20200101T000000Z-finishing-bbbbbb")
     young = backups.data_key("20200101T000000Z-young-cccccc")
@@ -312,7 +313,6 @@ def test_conditional_put_writes_only_over_the_version_it_read(any_storage: Stora
 
 _VERIFY_CHILD = """
 import json, pathlib, sys, time
-from tasks import backups
 from tests.fixtures.s3 import backup_settings
 args = json.loads(sys.argv[1])
 settings = backup_settings(args["dsn"], args["url"], storage=args["storage"])
@@ -375,7 +375,7 @@ def test_concurrent_verifications_of_one_backup_are_all_recorded(
     finally:
         codes = [c.wait(timeout=300) for c in children]
     assert codes == [0, 0]
-    recorded = backups.read_manifest(backups._storage(settings), manifest.id).verifications
+    recorded = backups.read_manifest(_storage(settings), manifest.id).verifications
     assert len(recorded) == 2 * rounds
     assert all(v.level == "checksum" and v.ok for v in recorded)
     if proxy is not None:

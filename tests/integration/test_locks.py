@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from prefect import flow
 
-from tasks import backups, locks, migrate
+from tasks import backup, locks, migrate
 from tasks.errors import LockBusy
 from tasks.settings import load_settings
 
@@ -103,7 +103,7 @@ def test_the_migration_lock_names_its_flow_run(prefect_harness, ops_env):
         settings = load_settings()
         with migrate.migration_lock(settings, owner="migrate-database"):
             seen["holder"] = locks.Holder.current("migrate-database")
-            seen["refusal"] = _refusal(backups.database_lock_name(ops_env["database"]))
+            seen["refusal"] = _refusal(backup.database_lock_name(ops_env["database"]))
 
     migrating()
     assert LONG_NAME in seen["refusal"]

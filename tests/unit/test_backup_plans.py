@@ -6,8 +6,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tasks import backups
-from tasks.backups import BackupManifest, TableStats, Verification
+from tasks import backup
+from tasks.backup import BackupManifest, TableStats, Verification
+from tasks.backup.database import _tool_connection
+from tasks.backup.manifest import _valid_backup_id
+from tasks.errors import ParameterError
 from tasks.settings import load_settings
 
 
@@ -35,7 +38,7 @@ def _nightly(days: int, start: datetime) -> list[BackupManifest]:
 def test_retention_keeps_last_and_one_per_day_week_month() -> None:
     start = datetime(2026, 11, 28, 2, 15, tzinfo=UTC)
     manifests = _nightly(120, start)
-    decisions = backups.plan_retention(
+    decisions = backup.plan_retention(
         manifests, keep_last=3, keep_daily=7, keep_weekly=4, keep_monthly=3, timezone="UTC"
     )
     kept = {d.backup_id: d.reasons for d in decisions if d.keep}
@@ -60,7 +63,7 @@ def test_retention_keeps_last_and_one_per_day_week_month() -> None:
 def test_retention_two_backups_a_day_keeps_newest_of_each_day() -> None:
     start = datetime(2026, 11, 28, 23, 0, tzinfo=UTC)
     manifests = [_manifest(f"b{i}", start - timedelta(hours=12 * i)) for i in range(6)]
-    decisions = backups.plan_retention(manifests, keep_last=1, keep_daily=3, keep_weekly=0, keep_monthly=0)
+    decisions = backup.plan_retention(manifests, keep_last=1, keep_daily=3, keep_weekly=0, keep_monthly=0)
     assert [d.backup_id for d in decisions if d.keep] == ["b0", "b2", "b4"]
 
 
@@ -68,8 +71,8 @@ def test_retention_day_boundaries_follow_the_timezone() -> None:
     # 23:30 UTC on the 27th is already the 28th in Berlin: both are "the 28th" there.
     a = _manifest("late", datetime(2026, 11, 27, 23, 30, tzinfo=UTC))
     b = _manifest("early", datetime(2026, 11, 27, 22, 30, tzinfo=UTC))
-    utc = backups.plan_retention([a, b], keep_last=0, keep_daily=2, keep_weekly=0, keep_monthly=0)
-    berlin = backups.plan_retention(
+    utc = backup.plan_retention([a, b], keep_last=0, keep_daily=2, keep_weekly=0, keep_monthly=0)
+    berlin = backup.plan_retention(
         [a, b], keep_last=0, keep_daily=2, keep_weekly=0, keep_monthly=0, timezone="Europe/Berlin"
     )
     assert [d.keep for d in utc] == [True, False]  # same UTC day: only the newest
@@ -79,7 +82,7 @@ def test_retention_day_boundaries_follow_the_timezone() -> None:
 def test_protected_backup_is_kept_outside_every_tier() -> None:
     start = datetime(2026, 11, 28, tzinfo=UTC)
     manifests = _nightly(10, start)
-    decisions = backups.plan_retention(
+    decisions = backup.plan_retention(
         manifests, keep_last=1, keep_daily=0, keep_weekly=0, keep_monthly=0, protected=["b007"]
     )
     kept = {d.backup_id: d.reasons for d in decisions if d.keep}
@@ -114,7 +117,7 @@ def test_compare_stats_reports_each_kind_of_difference() -> None:
         "public.c": TableStats(rows=5, content_hash="3"),
         "public.extra": TableStats(rows=0),
     }
-    result = backups.compare_stats(expected, actual, database="db", backup_id="id")
+    result = backup.compare_stats(expected, actual, database="db", backup_id="id")
     assert not result.matches
     reasons = {d.table: d.reason for d in result.differences}
     assert reasons == {
@@ -123,7 +126,7 @@ def test_compare_stats_reports_each_kind_of_difference() -> None:
         "public.gone": "missing from the database",
         "public.extra": "not in the backup",
     }
-    same = backups.compare_stats(expected, dict(expected), database="db", backup_id="id")
+    same = backup.compare_stats(expected, dict(expected), database="db", backup_id="id")
     assert same.matches
     assert same.hashes_compared == 3
     assert same.rows_compared == 7
@@ -131,13 +134,13 @@ def test_compare_stats_reports_each_kind_of_difference() -> None:
 
 
 def test_backup_ids_sort_by_time_and_scratch_names_fit_postgres() -> None:
-    first = backups.new_backup_id("my db/x", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
-    second = backups.new_backup_id("my db/x", datetime(2026, 1, 2, 3, 4, 6, tzinfo=UTC))
+    first = backup.new_backup_id("my db/x", datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
+    second = backup.new_backup_id("my db/x", datetime(2026, 1, 2, 3, 4, 6, tzinfo=UTC))
     assert first.startswith("20260102T030405Z-my-db-x-")
     assert first < second
-    assert backups._valid_backup_id(first)
-    assert not backups._valid_backup_id("../../etc/passwd")
-    name = backups.scratch_name("d" * 80, "restore")
+    assert _valid_backup_id(first)
+    assert not _valid_backup_id("../../etc/passwd")
+    name = backup.scratch_name("d" * 80, "restore")
     assert len(name.encode()) <= 63
     assert "__restore_" in name
 
@@ -146,7 +149,7 @@ def test_tool_connection_keeps_the_password_out_of_argv() -> None:
     settings = load_settings(
         postgres={"dsn": "postgresql://app:s3cr%40t@db.example:5433/app?sslmode=require"}
     )
-    dbname, env, secret_values = backups._tool_connection(settings, "other")
+    dbname, env, secret_values = _tool_connection(settings, "other")
     assert dbname == "postgresql://app@db.example:5433/other?sslmode=require"
     assert env["PGPASSWORD"] == "s3cr@t"
     assert "s3cr@t" in secret_values
@@ -155,5 +158,5 @@ def test_tool_connection_keeps_the_password_out_of_argv() -> None:
 @pytest.mark.parametrize("level", ["none", "full"])
 def test_verify_rejects_unknown_level_before_anything(level: str) -> None:
     settings = load_settings(storage={"url": "file:///nonexistent-ops-bk"})
-    with pytest.raises(backups.ParameterError, match="verification level"):
-        backups.verify_backup(settings, "x", level)  # type: ignore[arg-type]
+    with pytest.raises(ParameterError, match="verification level"):
+        backup.verify_backup(settings, "x", level)  # type: ignore[arg-type]

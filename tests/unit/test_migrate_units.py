@@ -111,7 +111,7 @@ def test_errors_survive_pickling_with_their_evidence():
 
 
 def test_kept_database_changes_leave_out_the_projects_own_tables(monkeypatch):
-    from tasks.backups import RestoreResult, TableComparison, TableDifference
+    from tasks.backup import RestoreResult, TableComparison, TableDifference
     from tasks.migrate import without_own_tables
 
     monkeypatch.setenv("OPS_MIGRATIONS__RUNS_SCHEMA", "ops_book")
