@@ -1,4 +1,8 @@
-.PHONY: setup run test lint bench
+.PHONY: setup run test lint bench image
+
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= swagger2mcp-ops:$(VERSION)
+BASE_IMAGE ?= python:3.11-slim-bookworm
 
 setup:
 	scripts/setup.sh --dev --system
@@ -17,3 +21,7 @@ lint:
 bench:
 	scripts/setup.sh --dev
 	.venv/bin/python -m bench
+
+# The image for docker/kubernetes work pools and workers (Dockerfile); override IMAGE and BASE_IMAGE.
+image:
+	docker build --build-arg BASE_IMAGE=$(BASE_IMAGE) --tag $(IMAGE) .

@@ -25,7 +25,10 @@ fi
 # The dev lock is a superset of the runtime lock: syncing it makes the venv exactly the dev set; the
 # runtime lock is only installed on top (never removing the test tools of a dev venv).
 stamp=.venv/.installed-$(sha256sum "$lock" | cut -c1-16)
-if [ ! -f "$stamp" ]; then
+dev_stamp=.venv/.installed-$(sha256sum requirements-dev.lock | cut -c1-16)
+if [ "$lock" = requirements.lock ] && [ -f "$dev_stamp" ]; then
+  : # a venv synced from the dev lock already holds every runtime pin: nothing to install
+elif [ ! -f "$stamp" ]; then
   echo "setup: installing $lock into .venv"
   if [ "$lock" = requirements-dev.lock ]; then
     uv pip sync --quiet --python .venv/bin/python "$lock"
