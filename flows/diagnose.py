@@ -15,8 +15,9 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import diagnostics, reports
-from tasks.diagnostics import DiagnoseReport, Diagnosis, QueuesEvidence, ServicesEvidence, Severity
+from tasks import diagnose as diagnostics  # the flow below is named diagnose
+from tasks import reports
+from tasks.diagnose import DiagnoseReport, Diagnosis, QueuesEvidence, ServicesEvidence, Severity
 from tasks.errors import CheckFailed, ParameterError
 from tasks.runlog import run_logger
 from tasks.settings import load_settings

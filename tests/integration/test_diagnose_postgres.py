@@ -11,8 +11,8 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from tasks import diagnostics as d
-from tasks.diagnostics import Severity
+from tasks import diagnose as d
+from tasks.diagnose import Severity
 from tasks.settings import DiagnoseSettings, PostgresSettings
 from tests.fixtures.core import PG_ADMIN_DSN
 from tests.fixtures.diag_services import DIAG_CLOSED_PORT

@@ -8,8 +8,8 @@ import asyncio
 from bullmq import Worker
 from pydantic import SecretStr
 
-from tasks import diagnostics as d
-from tasks.diagnostics import Severity
+from tasks import diagnose as d
+from tasks.diagnose import Severity
 from tasks.settings import DiagnoseSettings, OpsSettings, QueueSettings, RedisSettings
 from tests.fixtures.diag_services import (
     DIAG_CLOSED_PORT,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks import diagnostics as d
-from tasks.diagnostics import Severity
+from tasks import diagnose as d
+from tasks.diagnose import Severity
 from tasks.settings import KubernetesRuntimeSettings, OpsSettings, RuntimeSettings
 from tests.fixtures.kube import LOG_ANNOTATION
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from tasks import diagnostics as d
-from tasks.diagnostics import Severity
+from tasks import diagnose as d
+from tasks.diagnose import Severity
 from tasks.settings import (
     DiagnoseSettings,
     HealthSettings,

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tasks import diagnostics as d
-from tasks.diagnostics import Severity
+from tasks import diagnose as d
+from tasks.diagnose import Severity
 from tasks.queues import JobInfo, QueueCounts, StalledJob
 from tasks.runtime import ResourceUsage, ServiceStatus
 from tasks.settings import DiagnoseSettings

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasks import redisdb
-from tasks.diagnostics.model import FLOW_CLEAN_JOBS, FLOW_RESTART, RB_REDIS, Diagnosis, Finding, Severity
+from tasks.diagnose.model import FLOW_CLEAN_JOBS, FLOW_RESTART, RB_REDIS, Diagnosis, Finding, Severity
 from tasks.settings import DiagnoseSettings, RedisSettings
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tasks.diagnostics.deadline import with_deadline
-from tasks.diagnostics.model import (
+from tasks.diagnose.deadline import with_deadline
+from tasks.diagnose.model import (
     FLOW_CLEANUP_UPLOADS,
     FLOW_RESTART,
     RB_DATABASE,

@@ -4,7 +4,7 @@ every time, so nothing is cached (as for every ops task)."""
 
 from __future__ import annotations
 
-from tasks.diagnostics.runner import run_diagnostic
+from tasks.diagnose.runner import run_diagnostic
 from tasks.ops_task import ops_task
 
 run_diagnostic_task = ops_task(run_diagnostic, name="run-diagnostic", task_run_name="diagnose-{name}")

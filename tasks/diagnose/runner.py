@@ -6,13 +6,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from tasks.diagnostics.deadline import with_deadline
-from tasks.diagnostics.model import Diagnosis, Finding, Severity
-from tasks.diagnostics.postgres_checks import long_queries, postgres_connections, top_statements
-from tasks.diagnostics.queue_checks import queue_states
-from tasks.diagnostics.redis_checks import redis_memory
-from tasks.diagnostics.service_checks import services
-from tasks.diagnostics.system_checks import disk_paths, disk_space, network, uploads_permissions
+from tasks.diagnose.deadline import with_deadline
+from tasks.diagnose.model import Diagnosis, Finding, Severity
+from tasks.diagnose.postgres_checks import long_queries, postgres_connections, top_statements
+from tasks.diagnose.queue_checks import queue_states
+from tasks.diagnose.redis_checks import redis_memory
+from tasks.diagnose.service_checks import services
+from tasks.diagnose.system_checks import disk_paths, disk_space, network, uploads_permissions
 from tasks.reports import elapsed_ms
 from tasks.secrets import configured_secrets, mask_text, one_line, safe_error
 from tasks.settings import OpsSettings

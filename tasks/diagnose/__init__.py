@@ -20,7 +20,7 @@ Where things are:
 Import the names below from this package; the modules are how the code is organised, not an API.
 """
 
-from tasks.diagnostics.model import (
+from tasks.diagnose.model import (
     FLOW_CLEAN_JOBS,
     FLOW_CLEANUP_UPLOADS,
     FLOW_OUTAGE,
@@ -42,7 +42,7 @@ from tasks.diagnostics.model import (
     Severity,
     worst,
 )
-from tasks.diagnostics.postgres_checks import (
+from tasks.diagnose.postgres_checks import (
     ConnectionGroup,
     ConnectionsEvidence,
     LongQueriesEvidence,
@@ -54,13 +54,13 @@ from tasks.diagnostics.postgres_checks import (
     postgres_connections,
     top_statements,
 )
-from tasks.diagnostics.prefect_tasks import run_diagnostic_task
-from tasks.diagnostics.queue_checks import QueuesEvidence, queue_findings, queue_states
-from tasks.diagnostics.redis_checks import RedisMemory, read_redis_memory, redis_memory, redis_memory_findings
-from tasks.diagnostics.runner import all_diagnostics, run_diagnostic
-from tasks.diagnostics.service_checks import LogTail, ServicesEvidence, scan_log, service_findings, services
-from tasks.diagnostics.sql_text import mask_sql_literals, shown_query
-from tasks.diagnostics.system_checks import (
+from tasks.diagnose.prefect_tasks import run_diagnostic_task
+from tasks.diagnose.queue_checks import QueuesEvidence, queue_findings, queue_states
+from tasks.diagnose.redis_checks import RedisMemory, read_redis_memory, redis_memory, redis_memory_findings
+from tasks.diagnose.runner import all_diagnostics, run_diagnostic
+from tasks.diagnose.service_checks import LogTail, ServicesEvidence, scan_log, service_findings, services
+from tasks.diagnose.sql_text import mask_sql_literals, shown_query
+from tasks.diagnose.system_checks import (
     DiskEvidence,
     DiskSpace,
     DnsLookup,

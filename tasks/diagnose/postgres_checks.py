@@ -11,7 +11,7 @@ import psycopg
 from psycopg import sql
 
 from tasks import postgres
-from tasks.diagnostics.model import (
+from tasks.diagnose.model import (
     FLOW_RESTART,
     RB_DATABASE,
     RB_DB_LOAD,
@@ -20,7 +20,7 @@ from tasks.diagnostics.model import (
     Finding,
     Severity,
 )
-from tasks.diagnostics.sql_text import shown_query
+from tasks.diagnose.sql_text import shown_query
 from tasks.settings import DiagnoseSettings, PostgresSettings
 
 

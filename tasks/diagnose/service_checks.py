@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.diagnostics.model import (
+from tasks.diagnose.model import (
     FLOW_OUTAGE,
     FLOW_RESTART,
     RB_CPU,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasks import queues
-from tasks.diagnostics.model import (
+from tasks.diagnose.model import (
     FLOW_RESTART,
     FLOW_RETRY,
     RB_WORKER,
@@ -17,7 +17,7 @@ from tasks.diagnostics.model import (
     Finding,
     Severity,
 )
-from tasks.diagnostics.redis_checks import unreachable_redis
+from tasks.diagnose.redis_checks import unreachable_redis
 from tasks.secrets import one_line
 from tasks.settings import DiagnoseSettings, OpsSettings, RedisSettings
 
