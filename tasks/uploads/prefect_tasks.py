@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
+from tasks.ops_task import ops_task
 from tasks.reports import Progress
 from tasks.runlog import run_logger
 from tasks.uploads.cleanup import clean_uploads
@@ -16,15 +14,13 @@ from tasks.uploads.locations import disk_usage
 from tasks.uploads.quarantine import prepare_quarantine, purge_quarantine, restore_quarantine_run
 from tasks.uploads.remove import remove_planned
 
-check_root_task = task(check_root, name="check-uploads-root", cache_policy=NO_CACHE)
-prepare_quarantine_task = task(prepare_quarantine, name="prepare-uploads-quarantine", cache_policy=NO_CACHE)
-disk_usage_task = task(disk_usage, name="disk-usage", cache_policy=NO_CACHE, retries=1)
-clean_uploads_task = task(clean_uploads, name="clean-uploads", cache_policy=NO_CACHE)
-remove_planned_task = task(remove_planned, name="remove-planned-uploads", cache_policy=NO_CACHE)
-purge_quarantine_task = task(purge_quarantine, name="purge-uploads-quarantine", cache_policy=NO_CACHE)
-restore_quarantine_task = task(
-    restore_quarantine_run, name="restore-uploads-quarantine", cache_policy=NO_CACHE
-)
+check_root_task = ops_task(check_root, name="check-uploads-root")
+prepare_quarantine_task = ops_task(prepare_quarantine, name="prepare-uploads-quarantine")
+disk_usage_task = ops_task(disk_usage, name="disk-usage", retries=1)
+clean_uploads_task = ops_task(clean_uploads, name="clean-uploads")
+remove_planned_task = ops_task(remove_planned, name="remove-planned-uploads")
+purge_quarantine_task = ops_task(purge_quarantine, name="purge-uploads-quarantine")
+restore_quarantine_task = ops_task(restore_quarantine_run, name="restore-uploads-quarantine")
 
 
 def progress_reporter(key: str, total: int | None, every: int = 20000) -> Callable[[int], None]:
