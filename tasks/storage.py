@@ -51,6 +51,10 @@ class ObjectNotFound(StorageError):
     """The object does not exist in the storage."""
 
 
+class StorageCredentialsError(StorageError):
+    """No usable credentials for the S3 storage (a setting to fix, not a network problem)."""
+
+
 class WriteConflict(StorageError):
     """A conditional write found the object changed (or already there) since it was read."""
 
@@ -415,6 +419,15 @@ class S3Storage:
             cls = ObjectNotFound if code in {"NoSuchKey", "404", "NotFound"} else StorageError
             text = f"S3 {action} failed on {where}: {code} {message}; {hint}"
             return cls(mask_text(text, self._secrets))
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+
+        if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+            text = (
+                f"S3 {action} failed on {where}: no usable credentials ({exc}); set"
+                " OPS_STORAGE__ACCESS_KEY_ID and OPS_STORAGE__SECRET_ACCESS_KEY, or give the process an"
+                " AWS profile or role"
+            )
+            return StorageCredentialsError(mask_text(text, self._secrets))
         text = f"S3 {action} failed on {where}: {type(exc).__name__}: {exc}; check the endpoint and network"
         return StorageError(mask_text(text, self._secrets))
 
