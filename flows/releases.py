@@ -35,7 +35,16 @@ from tasks.releases import (
     read_migration_revision,
 )
 from tasks.runlog import run_logger
-from tasks.runtime import ChangeRecord, Runtime, ServicesNotReady, ServiceStatus, get_runtime, image_with_tag
+from tasks.runtime import (
+    ChangeRecord,
+    Runtime,
+    ServicesNotReady,
+    ServiceStatus,
+    check_image_reference,
+    check_image_tag,
+    get_runtime,
+    image_with_tag,
+)
 from tasks.settings import OpsSettings, load_settings
 
 
@@ -118,6 +127,29 @@ def _run_migration(approve: bool) -> str:
     return f"Migration: done ({result if isinstance(result, str) else 'see the migrate-database run'})."
 
 
+def check_release_input(image_tag: str | None, images: dict[str, str] | None) -> None:
+    """``image_tag`` and every image of ``images`` follow the OCI reference grammar.
+
+    Raises:
+        ParameterError: one does not (``1.0;id``, ``$(id)``, ``-rf``, a newline...); nothing was done.
+    """
+    if not image_tag and not images:
+        raise ParameterError("give image_tag (one tag for every service) or images (service -> image)")
+    problems = []
+    if image_tag is not None:
+        try:
+            check_image_tag(image_tag)
+        except ValueError as exc:
+            problems.append(f"image_tag: {exc}")
+    for service, image in (images or {}).items():
+        try:
+            check_image_reference(image)
+        except ValueError as exc:
+            problems.append(f"images[{service!r}]: {exc}")
+    if problems:
+        raise ParameterError("; ".join(problems) + ". Nothing was done.")
+
+
 def _target_images(
     current: dict[str, str | None],
     services: Sequence[str],
@@ -194,8 +226,10 @@ def deploy_release(
     Args:
         environment: must equal ``runtime.environment`` of the settings (a guard against deploying to
             the wrong stack); also names the release store.
-        image_tag: one tag for every service (``backend:1.4.1`` -> ``backend:1.4.2``).
-        images: service -> full image reference; wins over ``image_tag`` for those services.
+        image_tag: one tag for every service (``backend:1.4.1`` -> ``backend:1.4.2``), or a digest
+            (``sha256:...``); checked against the OCI grammar (``[A-Za-z0-9_][A-Za-z0-9._-]{0,127}``).
+        images: service -> full image reference (``registry:5000/team/app:1.4.2``, ``...@sha256:...``),
+            checked against the OCI reference grammar; wins over ``image_tag`` for those services.
         migrate: run the database migration (migrate-database flow) before switching images.
         timeout_seconds: readiness timeout, for the deploy and again for a rollback.
         smoke_urls: URLs that must answer 2xx (added to ``runtime.smoke_urls``).
@@ -206,7 +240,8 @@ def deploy_release(
         The release record (id, images, migration revision, status) and the health report.
 
     Raises:
-        ParameterError: bad input; nothing was changed.
+        ParameterError: bad input (a tag or image outside the OCI reference grammar, an unknown
+            service...); nothing was changed.
         DeployFailed: the deploy failed; the message says why and whether the rollback restored health.
         LockBusy: another deploy or rollback of the environment runs (on any worker; it is named);
             nothing was changed.
@@ -221,6 +256,7 @@ def deploy_release(
         )
     if timeout_seconds <= 0:
         raise ParameterError(f"timeout_seconds must be positive, not {timeout_seconds}")
+    check_release_input(image_tag, images)
     services = list(settings.runtime.services)
     urls = list(smoke_urls or []) + list(settings.runtime.smoke_urls)
     runtime = get_runtime(settings)

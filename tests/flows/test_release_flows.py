@@ -146,3 +146,28 @@ def test_rollback_waits_for_approval_and_a_refusal_changes_nothing(release_env):
         outcome["state"].result()
     assert _version(release_env.health_url) == "200 v3"
     assert [r.kind for r in _store().all()] == ["baseline", "deploy"]
+
+
+BAD_RELEASE_INPUTS = [
+    {"image_tag": "1.0;id"},
+    {"image_tag": "$(id)"},
+    {"image_tag": "-rf"},
+    {"image_tag": "1.0\nid"},
+    {"images": {"backend": "s2m-ops-test/app:$(id)"}},
+    {"images": {"backend": "-rf"}},
+    {"images": {"backend": "s2m-ops-test/app:v3\nid"}},
+    {"images": {"backend": "s2m-ops-test/App:v3"}},
+]
+
+
+def test_deploy_refuses_tags_and_images_outside_the_oci_grammar_before_anything(release_env):
+    for bad in BAD_RELEASE_INPUTS:
+        state = deploy_release(timeout_seconds=15, return_state=True, **bad)
+        assert state.is_failed(), bad
+        assert "Nothing was done" in (state.message or ""), (bad, state.message)
+        with pytest.raises(Exception, match="is not a"):
+            state.result()
+    # Nothing recorded, nothing switched: the store is empty and v1 still serves.
+    assert _store().all() == []
+    assert _version(release_env.health_url) == "200 v1"
+    assert {s.image for s in release_env.runtime().list_services()} == {release_env.images["v1"]}
