@@ -22,12 +22,20 @@ from prefect.context import FlowRunContext
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
-from flows.services import change_lines, health_lines, list_services, status_table, verify_health, wait_ready
+from flows.services import (
+    change_lines,
+    health_lines,
+    list_services,
+    readiness_lines,
+    status_table,
+    wait_until_ready,
+)
 from tasks import locks, releases, reports
 from tasks.errors import ApprovalRejected, CheckFailed, OpsError, ParameterError
 from tasks.health import HealthReport
 from tasks.releases import (
     MigrationRevision,
+    Readiness,
     ReleaseNotFound,
     ReleaseRecord,
     ReleaseStore,
@@ -49,7 +57,8 @@ from tasks.settings import OpsSettings, load_settings
 
 
 class DeployFailed(OpsError):
-    """The deploy failed and was rolled back (or the rollback failed too: the message says which)."""
+    """The deploy failed: rolled back, or nothing was switched (the message says which), or the
+    rollback failed too."""
 
 
 class RollbackApproval(RunInput):
@@ -101,17 +110,30 @@ def _rollback_to(
     timeout: float,
     scope: releases.VerificationScope,
     smoke_urls: list[str],
-) -> tuple[list[RollbackStep], list[ChangeRecord], list[ServiceStatus], HealthReport | None, list[str]]:
+) -> tuple[list[RollbackStep], list[ChangeRecord], list[ServiceStatus], Readiness | None, list[str]]:
     """Plan, apply, wait and verify a return to ``target_images``; failures are returned, not raised."""
     services = list(target_images)
     steps = releases.plan_rollback(list_services(runtime), target_images, histories(runtime, services))
     records = apply_rollback(runtime, steps) if any(s.changes for s in steps) else []
     try:
-        statuses = wait_ready(runtime, services, timeout)
+        ready = wait_until_ready(runtime, settings, services, timeout, scope, smoke_urls)
     except ServicesNotReady as exc:
         return steps, records, exc.statuses, None, [str(exc)]
-    report = verify_health(settings, scope, smoke_urls)
-    return steps, records, statuses, report, releases.verification_failures(report)
+    return steps, records, ready.statuses, ready, ready.failures
+
+
+def _switched(
+    runtime: Runtime, records: Sequence[ChangeRecord], before: dict[str, str | None], services: Sequence[str]
+) -> bool:
+    """Whether a failed deploy changed any service: a change record says so, or the runtime shows
+    another image than before. When the runtime cannot be read, assume it did (and roll back)."""
+    if any(record.changed for record in records):
+        return True
+    try:
+        live = {s.name: s.image for s in runtime.list_services()}
+    except Exception:
+        return True
+    return any(live.get(service) != before.get(service) for service in services)
 
 
 def _run_migration(approve: bool) -> str:
@@ -216,9 +238,13 @@ def deploy_release(
        (``image_tag`` applied to every service's current image, ``images`` per service).
     2. Record the release running now (the rollback target) with the database migration revision.
     3. Optional migration through the migrate-database flow (``migrate``).
-    4. Set the images, wait until ready, run the health check and the smoke URLs.
-    5. Any failure: roll back to the recorded release (undo to the kept revision, or set the old
-       images), wait, check health again, and end Failed with the reason and the rollback's outcome.
+    4. Set the images and wait until ready: the runtime's own readiness (rollout status, Docker
+       healthchecks), then the health check and the smoke URLs polled until they pass, all within
+       ``timeout_seconds``; the report shows how long each took.
+    5. Any failure after a service was switched: roll back to the recorded release (undo to the kept
+       revision, or set the old images), wait the same way, and end Failed with the reason and the
+       rollback's outcome. A failure before any switch (a missing image) ends Failed saying that
+       nothing was switched.
 
     CI: ``prefect deployment run 'deploy-release/staging' -p image_tag=1.4.2 --watch`` exits 0 only
     when this run completed.
@@ -231,7 +257,8 @@ def deploy_release(
         images: service -> full image reference (``registry:5000/team/app:1.4.2``, ``...@sha256:...``),
             checked against the OCI reference grammar; wins over ``image_tag`` for those services.
         migrate: run the database migration (migrate-database flow) before switching images.
-        timeout_seconds: readiness timeout, for the deploy and again for a rollback.
+        timeout_seconds: readiness timeout (runtime readiness plus health polling), for the deploy and
+            again for a rollback.
         smoke_urls: URLs that must answer 2xx (added to ``runtime.smoke_urls``).
         health_scope: ``full`` health check, or ``services`` (the app's endpoints only).
         approve_migration: pre-approve the migration (CI, staging); otherwise it waits in the UI.
@@ -268,6 +295,8 @@ def deploy_release(
     before: list[ServiceStatus] = []
     after: list[ServiceStatus] = []
     report: HealthReport | None = None
+    readiness: Readiness | None = None
+    rollback_readiness: Readiness | None = None
     records: list[ChangeRecord] = []
     lock = contextlib.ExitStack()
     try:
@@ -316,17 +345,37 @@ def deploy_release(
                 revision = migration_revision(settings)
             records = set_images(runtime, target)
             try:
-                after = wait_ready(runtime, list(target), timeout_seconds)
+                readiness = wait_until_ready(
+                    runtime, settings, list(target), timeout_seconds, health_scope, urls
+                )
             except ServicesNotReady as exc:
                 after = exc.statuses
                 raise
-            report = verify_health(settings, health_scope, urls)
-            failures = releases.verification_failures(report)
-            if failures:
-                raise CheckFailed(f"health check after the deploy failed: {'; '.join(failures)}")
+            after, report = readiness.statuses, readiness.report
+            if readiness.failures:
+                raise CheckFailed(
+                    f"health check after the deploy failed (still failing after {timeout_seconds:g}s):"
+                    f" {'; '.join(readiness.failures)}"
+                )
         except Exception as exc:
             reason = str(exc)
             release = store.update(release, status="failed", note=reason[:2000])
+            if not _switched(runtime, records, current, list(target)):
+                # Nothing to roll back: saying "rolled back ... health is back" would be untrue.
+                release = store.update(release, status="not-switched")
+                after = [s for s in list_services(runtime) if s.name in services]
+                outcome = "failed, nothing switched"
+                lines += [
+                    "",
+                    f"**Deploy failed before any service was switched:** {reason}",
+                    "",
+                    f"Nothing was switched: the services still run {baseline.label}; no rollback was needed.",
+                ]
+                logger.error("deploy of %s failed before any switch: %s", release.id, reason)
+                raise DeployFailed(
+                    f"deploy of {release.id} failed and nothing was switched (the services still run"
+                    f" {baseline.id}; no rollback was needed): {reason}"
+                ) from exc
             lines += ["", f"**Deploy failed:** {reason}", "", f"Rolling back to {baseline.label}."]
             if migrate and revision.revision != baseline.migration_revision:
                 lines.append(
@@ -335,9 +384,10 @@ def deploy_release(
                 )
             logger.error("deploy of %s failed: %s; rolling back to %s", release.id, reason, baseline.id)
             try:
-                steps, undo, after, report, failures = _rollback_to(
+                steps, undo, after, rollback_readiness, failures = _rollback_to(
                     runtime, settings, baseline.images, timeout_seconds, health_scope, urls
                 )
+                report = rollback_readiness.report if rollback_readiness else None
             except Exception as rollback_error:
                 steps, undo, failures = [], [], [f"the rollback itself failed: {rollback_error}"]
             records += undo
@@ -364,6 +414,7 @@ def deploy_release(
             "release": release.model_dump(mode="json"),
             "previous_release": baseline.id,
             "health": report.as_runbook() if report else None,
+            "readiness": readiness.as_dict() if readiness else None,
         }
     finally:
         lock.close()
@@ -387,6 +438,12 @@ def deploy_release(
             "",
             status_table(after),
             "",
+            *readiness_lines(readiness),
+            *(
+                ["## Readiness after the rollback", "", *rollback_readiness.lines(), ""]
+                if rollback_readiness
+                else []
+            ),
             *health_lines(report),
             "",
             "## Recent releases",
@@ -487,6 +544,7 @@ def rollback_release(
     records: list[ChangeRecord] = []
     after: list[ServiceStatus] = []
     report: HealthReport | None = None
+    readiness: Readiness | None = None
     label = "?"
     crossed: list[str] = []
     lock = contextlib.ExitStack()
@@ -533,12 +591,18 @@ def rollback_release(
                 )
         records = apply_rollback(runtime, steps)
         try:
-            after = wait_ready(runtime, list(target_images), timeout_seconds)
+            readiness = wait_until_ready(
+                runtime,
+                settings,
+                list(target_images),
+                timeout_seconds,
+                health_scope,
+                list(settings.runtime.smoke_urls),
+            )
         except ServicesNotReady as exc:
             after = exc.statuses
             raise CheckFailed(f"rolled back to {label}, but the services are not ready: {exc}") from exc
-        report = verify_health(settings, health_scope, list(settings.runtime.smoke_urls))
-        failures = releases.verification_failures(report)
+        after, report, failures = readiness.statuses, readiness.report, readiness.failures
         status = "failed" if failures else "succeeded"
         store.record(
             kind="rollback",
@@ -562,7 +626,8 @@ def rollback_release(
             "plan": [s.describe() for s in steps],
             "changes": [r.__dict__ | {"commands": list(r.commands)} for r in records],
             "forced_across_migrations": crossed,
-            "health": report.as_runbook(),
+            "health": report.as_runbook() if report else None,
+            "readiness": readiness.as_dict(),
         }
     except Exception as exc:
         problem = str(exc)
@@ -585,6 +650,7 @@ def rollback_release(
             "",
             status_table(after),
             "",
+            *readiness_lines(readiness),
             *health_lines(report),
             "",
             "## Recent releases",

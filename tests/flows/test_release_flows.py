@@ -16,6 +16,7 @@ import pytest
 from flows.releases import deploy_release, rollback_release
 from tasks.releases import ReleaseStore
 from tasks.settings import load_settings
+from tests.fixtures.docker_engine import SLOW_LISTEN_SECONDS, compose_env
 
 pytestmark = [pytest.mark.flow, pytest.mark.integration]
 
@@ -58,8 +59,13 @@ def test_deploy_then_rollback_returns_to_the_first_release(release_env):
     assert kinds == [("baseline", "recorded"), ("deploy", "succeeded"), ("rollback", "succeeded")]
 
 
-@pytest.mark.parametrize("bad", ["unhealthy", "missing"])
+@pytest.mark.parametrize(
+    ("bad", "runtime_target"),
+    [("unhealthy", "compose"), ("unhealthy", "kubernetes"), ("missing", "kubernetes")],
+    indirect=["runtime_target"],
+)
 def test_bad_tag_rolls_back_to_v1(release_env, bad):
+    # Kubernetes switches the template before the pull fails (ErrImagePull): that switch is rolled back.
     images = {"backend": release_env.images["v2"] if bad == "unhealthy" else release_env.missing_image}
     state = deploy_release(images=images, timeout_seconds=15, return_state=True)
     assert state.is_failed()
@@ -171,3 +177,55 @@ def test_deploy_refuses_tags_and_images_outside_the_oci_grammar_before_anything(
     assert _store().all() == []
     assert _version(release_env.health_url) == "200 v1"
     assert {s.image for s in release_env.runtime().list_services()} == {release_env.images["v1"]}
+
+
+def _artifact(key: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert found, f"no artifact {key}"
+    return str(max(found, key=lambda a: a.created).data)
+
+
+@pytest.mark.parametrize("runtime_target", ["compose"], indirect=True)
+def test_a_missing_image_on_compose_switches_nothing_and_says_so(release_env):
+    state = deploy_release(
+        images={"backend": release_env.missing_image}, timeout_seconds=15, return_state=True
+    )
+    assert state.is_failed()
+    message = state.message or ""
+    assert "nothing was switched" in message
+    assert "rolled back" not in message
+    assert "health is back" not in message
+    assert _version(release_env.health_url) == "200 v1"
+    records = _store().all()
+    assert records[-1].kind == "deploy"
+    assert records[-1].status == "not-switched"
+    report = _artifact("deploy-release-staging")
+    assert "failed, nothing switched" in report
+    assert "Rolling back" not in report
+    assert _store().latest_good().images["backend"] == release_env.images["v1"]
+
+
+@pytest.fixture
+def slow_env(prefect_harness, ops_env, slow_compose_stack, tmp_path, monkeypatch):
+    for key, value in compose_env(slow_compose_stack, tmp_path / "releases").items():
+        monkeypatch.setenv(key, value)
+    return slow_compose_stack
+
+
+def test_a_good_release_whose_server_needs_seconds_to_listen_is_not_rolled_back(slow_env):
+    """Compose without a Docker healthcheck calls the container ready at once; the health URL is
+    polled until the timeout, and the report shows how long each wait took."""
+    result = deploy_release(image_tag="v3", timeout_seconds=40)
+    assert result["release"]["status"] == "succeeded"
+    assert _version(slow_env.health_url) == "200 v3"
+    readiness = result["readiness"]
+    assert readiness["services_ready_seconds"] < SLOW_LISTEN_SECONDS
+    assert readiness["checks"][f"http:{slow_env.health_url}"] >= SLOW_LISTEN_SECONDS - 2
+    report = _artifact("deploy-release-staging")
+    assert "## Readiness" in report
+    assert f"http:{slow_env.health_url}" in report
+    assert [(r.kind, r.status) for r in _store().all()] == [("baseline", "recorded"), ("deploy", "succeeded")]
