@@ -31,7 +31,7 @@ from flows.services import (
     wait_until_ready,
 )
 from tasks import locks, releases, reports
-from tasks.errors import ApprovalRejected, CheckFailed, OpsError, ParameterError
+from tasks.errors import ApprovalRejected, CheckFailed, LockBusy, OpsError, ParameterError, SettingsError
 from tasks.health import HealthReport
 from tasks.releases import (
     MigrationRevision,
@@ -54,11 +54,24 @@ from tasks.runtime import (
     image_with_tag,
 )
 from tasks.settings import OpsSettings, load_settings
+from tasks.writers import WritesPolicy, plan_writer_stop
 
 
 class DeployFailed(OpsError):
     """The deploy failed: rolled back, or nothing was switched (the message says which), or the
     rollback failed too."""
+
+
+class DeployNotApplied(DeployFailed):
+    """The deploy was refused before any service was switched (its migration was refused)."""
+
+
+class MigrationRefused(OpsError):
+    """The deploy's migration was refused or not approved: nothing was migrated or switched."""
+
+
+# A migration that stops with one of these applied nothing: the deploy is "not applied", not rolled back.
+_MIGRATION_REFUSALS = (SettingsError, ParameterError, ApprovalRejected, LockBusy)
 
 
 class RollbackApproval(RunInput):
@@ -136,16 +149,31 @@ def _switched(
     return any(live.get(service) != before.get(service) for service in services)
 
 
-def _run_migration(approve: bool) -> str:
-    """The migrations flow as a subflow when this installation has it; a report line either way."""
+def _run_migration(approve: bool, writes_policy: str) -> str:
+    """The migrations flow as a subflow when this installation has it; a report line either way.
+
+    Raises:
+        MigrationRefused: the migration refused to start or was not approved (nothing was applied).
+    """
     try:
         module = importlib.import_module("flows.migrate")
     except ImportError:
         return "Migration: skipped (flows.migrate is not installed here)."
     migrate = module.migrate_database
     accepted = inspect.signature(migrate.fn).parameters
-    kwargs = {k: v for k, v in {"dry_run": False, "approve": approve}.items() if k in accepted}
-    result = migrate(**kwargs)
+    wanted = {"dry_run": False, "approve": approve, "approved": approve, "writes_policy": writes_policy}
+    kwargs = {k: v for k, v in wanted.items() if k in accepted}
+    try:
+        result = migrate(**kwargs)
+    except _MIGRATION_REFUSALS as exc:
+        raise MigrationRefused(f"the migration was refused: {exc}") from exc
+    if isinstance(result, dict):
+        writers = result.get("writers") or {}
+        how = writers.get("policy") if isinstance(writers, dict) else None
+        return (
+            f"Migration: {result.get('outcome', 'done')} (writes_policy={how or writes_policy};"
+            " see the migrate-database run)."
+        )
     return f"Migration: done ({result if isinstance(result, str) else 'see the migrate-database run'})."
 
 
@@ -231,6 +259,7 @@ def deploy_release(
     smoke_urls: list[str] | None = None,
     health_scope: Literal["full", "services"] = "full",
     approve_migration: bool = False,
+    writes_policy: WritesPolicy = "stop",
 ) -> dict[str, Any]:
     """CI staging deploy (runbook "Deploy to staging first, then production"), with auto-rollback.
 
@@ -262,6 +291,9 @@ def deploy_release(
         smoke_urls: URLs that must answer 2xx (added to ``runtime.smoke_urls``).
         health_scope: ``full`` health check, or ``services`` (the app's endpoints only).
         approve_migration: pre-approve the migration (CI, staging); otherwise it waits in the UI.
+        writes_policy: how the migration treats the application's writers, passed to migrate-database:
+            ``stop`` (default: maintenance mode, or the writing services scaled to 0 for the window;
+            refused, before anything, when neither is configured) or ``keep-running``.
 
     Returns:
         The release record (id, images, migration revision, status) and the health report.
@@ -269,6 +301,8 @@ def deploy_release(
     Raises:
         ParameterError: bad input (a tag or image outside the OCI reference grammar, an unknown
             service...); nothing was changed.
+        DeployNotApplied: ``migrate`` and the migration was refused (nothing stops the writers under
+            ``writes_policy=stop``, approval rejected, lock busy); no service was switched.
         DeployFailed: the deploy failed; the message says why and whether the rollback restored health.
         LockBusy: another deploy or rollback of the environment runs (on any worker; it is named);
             nothing was changed.
@@ -300,6 +334,16 @@ def deploy_release(
     records: list[ChangeRecord] = []
     lock = contextlib.ExitStack()
     try:
+        if migrate:
+            # Refused here, before the lock, the release store or any service is touched.
+            try:
+                plan_writer_stop(settings, writes_policy)
+            except (SettingsError, ParameterError) as exc:
+                outcome = "not applied"
+                lines.append(f"**Not applied:** the migration would be refused: {exc}")
+                raise DeployNotApplied(
+                    f"not applied: the migration would be refused: {exc}. No service was switched."
+                ) from exc
         lock.enter_context(
             locks.exclusive(
                 settings,
@@ -341,7 +385,7 @@ def deploy_release(
         lines.append(f"Recorded the running release {baseline.label} as the rollback target.")
         try:
             if migrate:
-                lines.append(_run_migration(approve_migration))
+                lines.append(_run_migration(approve_migration, writes_policy))
                 revision = migration_revision(settings)
             records = set_images(runtime, target)
             try:
@@ -364,6 +408,15 @@ def deploy_release(
                 # Nothing to roll back: saying "rolled back ... health is back" would be untrue.
                 release = store.update(release, status="not-switched")
                 after = [s for s in list_services(runtime) if s.name in services]
+                if isinstance(exc, MigrationRefused):
+                    outcome = "not applied"
+                    lines += ["", f"**Not applied:** {reason}", "", "No service was switched."]
+                    raise DeployNotApplied(f"not applied: {reason}. No service was switched.") from exc
+                if migrate and revision.revision != baseline.migration_revision:
+                    lines.append(
+                        f"The migration was applied: the database is at {revision.revision!r} (the running"
+                        f" release ran at {baseline.migration_revision!r})."
+                    )
                 outcome = "failed, nothing switched"
                 lines += [
                     "",

@@ -229,3 +229,58 @@ def test_a_good_release_whose_server_needs_seconds_to_listen_is_not_rolled_back(
     assert "## Readiness" in report
     assert f"http:{slow_env.health_url}" in report
     assert [(r.kind, r.status) for r in _store().all()] == [("baseline", "recorded"), ("deploy", "succeeded")]
+
+
+@pytest.fixture
+def migrating_env(prefect_harness, mg_env, alembic_env, monkeypatch):
+    """A database with a pending Alembic migration, and no runtime (nothing can stop the writers)."""
+    from tests.fixtures.migrations import ADD_NAME, use
+
+    use(monkeypatch, alembic_env([ADD_NAME]))
+    monkeypatch.setenv("OPS_RUNTIME__RELEASE_STORE", str(mg_env["tmp"] / "releases"))
+    return mg_env
+
+
+def _alembic_revision(dsn: str) -> str | None:
+    with psycopg.connect(dsn) as conn:
+        exists = conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()[0]
+        if not exists:
+            return None
+        return conn.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+
+
+def test_a_migration_that_would_be_refused_leaves_the_deploy_not_applied(migrating_env):
+    state = deploy_release(
+        images={"backend": "s2m-ops-test/app:v3"}, migrate=True, approve_migration=True, return_state=True
+    )
+    assert state.is_failed()
+    message = state.message or ""
+    assert "not applied:" in message
+    assert 'writes_policy="keep-running"' in message
+    assert "OPS_MIGRATIONS__MAINTENANCE_ON_ARGV" in message
+    assert "No service was switched" in message
+    assert "rolled back" not in message
+    assert _alembic_revision(migrating_env["dsn"]) is None
+    assert _store().all() == []
+    report = _artifact("deploy-release-staging")
+    assert "**not applied**" in report
+    assert "writes_policy" in report
+
+
+def test_writes_policy_reaches_the_migration(migrating_env):
+    # keep-running lets the migration run without a way to stop the writers; with no runtime the
+    # images cannot be switched afterwards, and the deploy says that nothing was switched.
+    state = deploy_release(
+        images={"backend": "s2m-ops-test/app:v3"},
+        migrate=True,
+        approve_migration=True,
+        writes_policy="keep-running",
+        return_state=True,
+    )
+    assert state.is_failed()
+    assert "nothing was switched" in (state.message or "")
+    assert _alembic_revision(migrating_env["dsn"]) == "r1_add_name"
+    report = _artifact("deploy-release-staging")
+    assert "writes_policy=keep-running" in report
+    assert "The migration was applied" in report
+    assert _store().all()[-1].status == "not-switched"
