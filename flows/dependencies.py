@@ -312,6 +312,12 @@ def deploy_staging(settings: OpsSettings, tag: str) -> str:
             staging_restored=True,
         )
     record = deploys[-1]
+    if record.status == "not-switched":
+        raise StagingDeployFailed(
+            f"staging deploy of image tag {tag} (release {record.id}) failed before any service was"
+            f" switched; staging still runs {record.previous_id}. deploy-release: {why}",
+            staging_restored=True,
+        )
     if record.status == "rolled-back":
         raise StagingDeployFailed(
             f"staging deploy of image tag {tag} (release {record.id}) failed and deploy-release rolled "

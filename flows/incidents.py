@@ -17,6 +17,7 @@ Everything destructive is a dry run by default; every flow publishes its report 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -381,6 +382,8 @@ def render_recovery(
     validations: list[ValidationResult],
     report: HealthReport | None,
     restore: backup.RestoreResult | None,
+    queries: Sequence[str] = (),
+    queries_source: str = "incidents.validation_queries",
 ) -> str:
     """The recovery as markdown: plan, every step with its timing, evidence, validation, health."""
     lines = [f"# Data recovery of {stack}: {outcome}", "", "## Steps", "", _steps_table(steps)]
@@ -395,6 +398,19 @@ def render_recovery(
         else:
             lines.append("Writes are not stopped by this run (stop_writes=false or no runtime).")
         lines += ["", *[f"{i}. {s}" for i, s in enumerate(preflight.steps(), 1)]]
+        if queries:
+            lines += [
+                "",
+                f"Validation queries after the restore (from {queries_source}):",
+                "",
+                *[f"- `{q}`" for q in queries],
+            ]
+        else:
+            lines += [
+                "",
+                "No validation query after the restore: pass validation_queries or set"
+                " incidents.validation_queries.",
+            ]
     if listing:
         rows = _backup_rows(listing, preflight.backup_id if preflight else None)
         lines += [
@@ -474,6 +490,7 @@ def recover_data(
     stop_writes: bool = True,
     candidates: int = 10,
     approval_timeout_seconds: int | None = None,
+    validation_queries: list[str] | None = None,
 ) -> dict[str, Any]:
     """Runbook "Data Loss / Corruption": stop writes, restore, verify, resume.
 
@@ -485,7 +502,8 @@ def recover_data(
     4. Restore the backup: into a scratch database, proven equal to its manifest, swapped in atomically.
        The replaced database is always kept as ``<db>__old_<time>`` (read-only by default) and the
        report lists its tables whose rows changed since the backup; nothing is dropped.
-    5. Verify data integrity: the validation queries of ``incidents.validation_queries``.
+    5. Verify data integrity: this incident's ``validation_queries``, else the default set of
+       ``incidents.validation_queries``; the plan and the report show which, and where they came from.
     6. Resume service: scale back to the counts read in step 3, also when step 3, 4 or 5 failed; wait
        ready.
     7. Health check (also after a failed validation, whose message then says what to do next: undo
@@ -501,11 +519,14 @@ def recover_data(
             by other means (``runtime.kind = none``).
         candidates: how many backups the report lists.
         approval_timeout_seconds: how long the form waits; default ``incidents.approval_timeout_seconds``.
+        validation_queries: read-only SQL checks for this incident (each passes when its first column
+            is true, not NULL, not 0); default ``incidents.validation_queries``.
 
     Returns:
         The outcome, the backup restored, the replica counts, the validation results and the step timings.
 
     Raises:
+        ParameterError: an empty validation query, or ``candidates`` under 1; nothing was done.
         ApprovalRejected: declined or timed out; nothing was changed.
         LockBusy: another run recovers, restores or migrates the database (on any worker; it is named);
             nothing was changed.
@@ -518,6 +539,16 @@ def recover_data(
     timeout = _timeout(settings, approval_timeout_seconds)
     if candidates < 1:
         raise ParameterError("candidates must be at least 1")
+    if validation_queries is not None and not all(q.strip() for q in validation_queries):
+        raise ParameterError(
+            "validation_queries holds an empty query; remove it, or pass no validation_queries to use"
+            " incidents.validation_queries. Nothing was done"
+        )
+    default_queries = settings.incidents.validation_queries
+    queries = list(default_queries if validation_queries is None else validation_queries)
+    queries_source = (
+        "incidents.validation_queries" if validation_queries is None else "the run's validation_queries"
+    )
     logger = run_logger(__name__)
     key = f"recover-data-{settings.stack}"
     steps = StepLog(secrets=configured_secrets(settings))
@@ -572,20 +603,43 @@ def recover_data(
                 "target_database": preflight.target_database,
                 "replicas": {r.service: r.replicas for r in recorded},
                 "plan": preflight.steps(),
+                "validation_queries": queries,
                 "candidates": [m.id for m in listing],
             }
         if not approved:
             outcome = "waiting for approval"
             reports.publish_markdown(
                 key,
-                render_recovery(settings.stack, outcome, steps, preflight, listing, recorded, [], None, None),
+                render_recovery(
+                    settings.stack,
+                    outcome,
+                    steps,
+                    preflight,
+                    listing,
+                    recorded,
+                    [],
+                    None,
+                    None,
+                    queries,
+                    queries_source,
+                ),
                 "Data recovery: waiting for approval",
             )
             with steps.step("approval"):
                 answer = ask_approval(
                     RecoveryApproval,
                     render_recovery(
-                        settings.stack, "approve?", steps, preflight, listing, recorded, [], None, None
+                        settings.stack,
+                        "approve?",
+                        steps,
+                        preflight,
+                        listing,
+                        recorded,
+                        [],
+                        None,
+                        None,
+                        queries,
+                        queries_source,
                     ),
                     timeout,
                     "nothing was stopped or restored",
@@ -632,9 +686,7 @@ def recover_data(
                 step.detail = restore.comparison.summary()
             try:
                 with steps.step("verify data: validation queries") as step:
-                    validations = incidents.validation_queries_task(
-                        settings, settings.incidents.validation_queries
-                    )
+                    validations = incidents.validation_queries_task(settings, queries)
                     failed = [v for v in validations if not v.ok]
                     step.detail = f"{len(validations) - len(failed)} of {len(validations)} passed"
                     if failed:
@@ -700,7 +752,17 @@ def recover_data(
     finally:
         held.close()
         markdown = render_recovery(
-            settings.stack, outcome, steps, preflight, listing, recorded, validations, report, restore
+            settings.stack,
+            outcome,
+            steps,
+            preflight,
+            listing,
+            recorded,
+            validations,
+            report,
+            restore,
+            queries,
+            queries_source,
         ) + "\n".join(_failure_line(error, settings))
         reports.publish_markdown(key, markdown, f"Data recovery of {settings.stack}: {outcome}")
         reports.publish_table(f"{key}-steps", steps.rows(), "Each step with its timing")

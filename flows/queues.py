@@ -231,16 +231,20 @@ def retry_failed_jobs(
     )
 
 
+DEFAULT_CLEAN_AGE_HOURS = 168.0
+
+
 @flow(name="clean-jobs", log_prints=True)
 def clean_jobs(
     state: Literal["completed", "failed"] = "completed",
-    older_than_hours: float = 168.0,
+    older_than_hours: float | None = None,
     queues: list[str] | None = None,
     reason_pattern: str | None = None,
     limit: int | None = None,
     dry_run: bool = True,
     batch_size: int = 200,
     rate_per_second: float = 1000.0,
+    all: bool = False,  # the operator's word (all=true); the builtin is not used in this flow
 ) -> dict[str, Any]:
     """Runbook "Redis out of memory" (2) and "Worker Not Processing Jobs" (3): remove old finished jobs.
 
@@ -250,19 +254,22 @@ def clean_jobs(
 
     Args:
         state: ``completed`` or ``failed``.
-        older_than_hours: only jobs that finished at least this long ago (default one week).
+        older_than_hours: only jobs that finished at least this long ago, at least 1 (default one
+            week, 168). A shorter cutoff would take jobs that just finished: use ``all`` for that.
         queues: queue names (default: every configured queue).
         reason_pattern: for failed jobs, a regular expression searched in the failure reason.
         limit: at most this many jobs in all (default: every matching job).
         dry_run: list the exact jobs and change nothing (the default).
         batch_size: jobs removed at once.
         rate_per_second: at most this many jobs per second over the run.
+        all: every finished job of ``state``, whatever its age (instead of ``older_than_hours``).
 
     Returns:
         The change record: planned, changed, skipped, batches, duration.
 
     Raises:
-        ParameterError: bad state, queue, pattern, age or limit; nothing was read or changed.
+        ParameterError: bad state, queue, pattern, age or limit (``older_than_hours`` under 1 without
+            ``all``, or both given); nothing was read or changed.
     """
     settings = load_settings()
 
@@ -270,14 +277,25 @@ def clean_jobs(
         _check_common(batch_size, rate_per_second, limit)
         if state not in {"completed", "failed"}:
             raise ParameterError("state must be 'completed' or 'failed'")
-        if older_than_hours < 0:
-            raise ParameterError("older_than_hours must not be negative")
+        if all and older_than_hours is not None:
+            raise ParameterError(
+                f"pass older_than_hours ({older_than_hours:g}) or all=true (every {state} job, whatever its"
+                " age), not both"
+            )
+        hours = 0.0 if all else (DEFAULT_CLEAN_AGE_HOURS if older_than_hours is None else older_than_hours)
+        # Under an hour the cutoff reaches jobs that just finished (0 takes every one): make it explicit.
+        if not all and hours < 1:
+            raise ParameterError(
+                f"older_than_hours must be at least 1, not {hours:g}: a shorter cutoff selects the {state}"
+                f" jobs that just finished. To remove every {state} job whatever its age, pass all=true"
+                " (and no older_than_hours). Nothing was read or changed."
+            )
         return jobs.job_filter(
             settings.queue,
             state=state,
             queues=queues,
             reason_pattern=reason_pattern,
-            older_than_seconds=older_than_hours * 3600,
+            older_than_seconds=hours * 3600,
             limit=limit,
         )
 

@@ -22,25 +22,57 @@ from prefect.context import FlowRunContext
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
-from flows.services import change_lines, health_lines, list_services, status_table, verify_health, wait_ready
+from flows.services import (
+    change_lines,
+    health_lines,
+    list_services,
+    readiness_lines,
+    status_table,
+    wait_until_ready,
+)
 from tasks import locks, releases, reports
-from tasks.errors import ApprovalRejected, CheckFailed, OpsError, ParameterError
+from tasks.errors import ApprovalRejected, CheckFailed, LockBusy, OpsError, ParameterError, SettingsError
 from tasks.health import HealthReport
+from tasks.migrate import WritesPolicy, plan_writer_stop
 from tasks.releases import (
     MigrationRevision,
+    Readiness,
     ReleaseNotFound,
     ReleaseRecord,
+    ReleaseStatus,
     ReleaseStore,
     RollbackStep,
     read_migration_revision,
 )
 from tasks.runlog import run_logger
-from tasks.runtime import ChangeRecord, Runtime, ServicesNotReady, ServiceStatus, get_runtime, image_with_tag
+from tasks.runtime import (
+    ChangeRecord,
+    Runtime,
+    ServicesNotReady,
+    ServiceStatus,
+    check_image_reference,
+    check_image_tag,
+    get_runtime,
+    image_with_tag,
+)
 from tasks.settings import OpsSettings, load_settings
 
 
 class DeployFailed(OpsError):
-    """The deploy failed and was rolled back (or the rollback failed too: the message says which)."""
+    """The deploy failed: rolled back, or nothing was switched (the message says which), or the
+    rollback failed too."""
+
+
+class DeployNotApplied(DeployFailed):
+    """The deploy was refused before any service was switched (its migration was refused)."""
+
+
+class MigrationRefused(OpsError):
+    """The deploy's migration was refused or not approved: nothing was migrated or switched."""
+
+
+# A migration that stops with one of these applied nothing: the deploy is "not applied", not rolled back.
+_MIGRATION_REFUSALS = (SettingsError, ParameterError, ApprovalRejected, LockBusy)
 
 
 class RollbackApproval(RunInput):
@@ -92,30 +124,81 @@ def _rollback_to(
     timeout: float,
     scope: releases.VerificationScope,
     smoke_urls: list[str],
-) -> tuple[list[RollbackStep], list[ChangeRecord], list[ServiceStatus], HealthReport | None, list[str]]:
+) -> tuple[list[RollbackStep], list[ChangeRecord], list[ServiceStatus], Readiness | None, list[str]]:
     """Plan, apply, wait and verify a return to ``target_images``; failures are returned, not raised."""
     services = list(target_images)
     steps = releases.plan_rollback(list_services(runtime), target_images, histories(runtime, services))
     records = apply_rollback(runtime, steps) if any(s.changes for s in steps) else []
     try:
-        statuses = wait_ready(runtime, services, timeout)
+        ready = wait_until_ready(runtime, settings, services, timeout, scope, smoke_urls)
     except ServicesNotReady as exc:
         return steps, records, exc.statuses, None, [str(exc)]
-    report = verify_health(settings, scope, smoke_urls)
-    return steps, records, statuses, report, releases.verification_failures(report)
+    return steps, records, ready.statuses, ready, ready.failures
 
 
-def _run_migration(approve: bool) -> str:
-    """The migrations flow as a subflow when this installation has it; a report line either way."""
+def _switched(
+    runtime: Runtime, records: Sequence[ChangeRecord], before: dict[str, str | None], services: Sequence[str]
+) -> bool:
+    """Whether a failed deploy changed any service: a change record says so, or the runtime shows
+    another image than before. When the runtime cannot be read, assume it did (and roll back)."""
+    if any(record.changed for record in records):
+        return True
+    try:
+        live = {s.name: s.image for s in runtime.list_services()}
+    except Exception:
+        return True
+    return any(live.get(service) != before.get(service) for service in services)
+
+
+def _run_migration(approve: bool, writes_policy: str) -> str:
+    """The migrations flow as a subflow when this installation has it; a report line either way.
+
+    Raises:
+        MigrationRefused: the migration refused to start or was not approved (nothing was applied).
+    """
     try:
         module = importlib.import_module("flows.migrate")
     except ImportError:
         return "Migration: skipped (flows.migrate is not installed here)."
     migrate = module.migrate_database
     accepted = inspect.signature(migrate.fn).parameters
-    kwargs = {k: v for k, v in {"dry_run": False, "approve": approve}.items() if k in accepted}
-    result = migrate(**kwargs)
+    wanted = {"dry_run": False, "approve": approve, "approved": approve, "writes_policy": writes_policy}
+    kwargs = {k: v for k, v in wanted.items() if k in accepted}
+    try:
+        result = migrate(**kwargs)
+    except _MIGRATION_REFUSALS as exc:
+        raise MigrationRefused(f"the migration was refused: {exc}") from exc
+    if isinstance(result, dict):
+        writers = result.get("writers") or {}
+        how = writers.get("policy") if isinstance(writers, dict) else None
+        return (
+            f"Migration: {result.get('outcome', 'done')} (writes_policy={how or writes_policy};"
+            " see the migrate-database run)."
+        )
     return f"Migration: done ({result if isinstance(result, str) else 'see the migrate-database run'})."
+
+
+def check_release_input(image_tag: str | None, images: dict[str, str] | None) -> None:
+    """``image_tag`` and every image of ``images`` follow the OCI reference grammar.
+
+    Raises:
+        ParameterError: one does not (``1.0;id``, ``$(id)``, ``-rf``, a newline...); nothing was done.
+    """
+    if not image_tag and not images:
+        raise ParameterError("give image_tag (one tag for every service) or images (service -> image)")
+    problems = []
+    if image_tag is not None:
+        try:
+            check_image_tag(image_tag)
+        except ValueError as exc:
+            problems.append(f"image_tag: {exc}")
+    for service, image in (images or {}).items():
+        try:
+            check_image_reference(image)
+        except ValueError as exc:
+            problems.append(f"images[{service!r}]: {exc}")
+    if problems:
+        raise ParameterError("; ".join(problems) + ". Nothing was done.")
 
 
 def _target_images(
@@ -177,6 +260,7 @@ def deploy_release(
     smoke_urls: list[str] | None = None,
     health_scope: Literal["full", "services"] = "full",
     approve_migration: bool = False,
+    writes_policy: WritesPolicy = "stop",
 ) -> dict[str, Any]:
     """CI staging deploy (runbook "Deploy to staging first, then production"), with auto-rollback.
 
@@ -184,9 +268,13 @@ def deploy_release(
        (``image_tag`` applied to every service's current image, ``images`` per service).
     2. Record the release running now (the rollback target) with the database migration revision.
     3. Optional migration through the migrate-database flow (``migrate``).
-    4. Set the images, wait until ready, run the health check and the smoke URLs.
-    5. Any failure: roll back to the recorded release (undo to the kept revision, or set the old
-       images), wait, check health again, and end Failed with the reason and the rollback's outcome.
+    4. Set the images and wait until ready: the runtime's own readiness (rollout status, Docker
+       healthchecks), then the health check and the smoke URLs polled until they pass, all within
+       ``timeout_seconds``; the report shows how long each took.
+    5. Any failure after a service was switched: roll back to the recorded release (undo to the kept
+       revision, or set the old images), wait the same way, and end Failed with the reason and the
+       rollback's outcome. A failure before any switch (a missing image) ends Failed saying that
+       nothing was switched.
 
     CI: ``prefect deployment run 'deploy-release/staging' -p image_tag=1.4.2 --watch`` exits 0 only
     when this run completed.
@@ -194,19 +282,28 @@ def deploy_release(
     Args:
         environment: must equal ``runtime.environment`` of the settings (a guard against deploying to
             the wrong stack); also names the release store.
-        image_tag: one tag for every service (``backend:1.4.1`` -> ``backend:1.4.2``).
-        images: service -> full image reference; wins over ``image_tag`` for those services.
+        image_tag: one tag for every service (``backend:1.4.1`` -> ``backend:1.4.2``), or a digest
+            (``sha256:...``); checked against the OCI grammar (``[A-Za-z0-9_][A-Za-z0-9._-]{0,127}``).
+        images: service -> full image reference (``registry:5000/team/app:1.4.2``, ``...@sha256:...``),
+            checked against the OCI reference grammar; wins over ``image_tag`` for those services.
         migrate: run the database migration (migrate-database flow) before switching images.
-        timeout_seconds: readiness timeout, for the deploy and again for a rollback.
+        timeout_seconds: readiness timeout (runtime readiness plus health polling), for the deploy and
+            again for a rollback.
         smoke_urls: URLs that must answer 2xx (added to ``runtime.smoke_urls``).
         health_scope: ``full`` health check, or ``services`` (the app's endpoints only).
         approve_migration: pre-approve the migration (CI, staging); otherwise it waits in the UI.
+        writes_policy: how the migration treats the application's writers, passed to migrate-database:
+            ``stop`` (default: maintenance mode, or the writing services scaled to 0 for the window;
+            refused, before anything, when neither is configured) or ``keep-running``.
 
     Returns:
         The release record (id, images, migration revision, status) and the health report.
 
     Raises:
-        ParameterError: bad input; nothing was changed.
+        ParameterError: bad input (a tag or image outside the OCI reference grammar, an unknown
+            service...); nothing was changed.
+        DeployNotApplied: ``migrate`` and the migration was refused (nothing stops the writers under
+            ``writes_policy=stop``, approval rejected, lock busy); no service was switched.
         DeployFailed: the deploy failed; the message says why and whether the rollback restored health.
         LockBusy: another deploy or rollback of the environment runs (on any worker; it is named);
             nothing was changed.
@@ -221,6 +318,7 @@ def deploy_release(
         )
     if timeout_seconds <= 0:
         raise ParameterError(f"timeout_seconds must be positive, not {timeout_seconds}")
+    check_release_input(image_tag, images)
     services = list(settings.runtime.services)
     urls = list(smoke_urls or []) + list(settings.runtime.smoke_urls)
     runtime = get_runtime(settings)
@@ -232,9 +330,21 @@ def deploy_release(
     before: list[ServiceStatus] = []
     after: list[ServiceStatus] = []
     report: HealthReport | None = None
+    readiness: Readiness | None = None
+    rollback_readiness: Readiness | None = None
     records: list[ChangeRecord] = []
     lock = contextlib.ExitStack()
     try:
+        if migrate:
+            # Refused here, before the lock, the release store or any service is touched.
+            try:
+                plan_writer_stop(settings, writes_policy)
+            except (SettingsError, ParameterError) as exc:
+                outcome = "not applied"
+                lines.append(f"**Not applied:** the migration would be refused: {exc}")
+                raise DeployNotApplied(
+                    f"not applied: the migration would be refused: {exc}. No service was switched."
+                ) from exc
         lock.enter_context(
             locks.exclusive(
                 settings,
@@ -276,21 +386,50 @@ def deploy_release(
         lines.append(f"Recorded the running release {baseline.label} as the rollback target.")
         try:
             if migrate:
-                lines.append(_run_migration(approve_migration))
+                lines.append(_run_migration(approve_migration, writes_policy))
                 revision = migration_revision(settings)
             records = set_images(runtime, target)
             try:
-                after = wait_ready(runtime, list(target), timeout_seconds)
+                readiness = wait_until_ready(
+                    runtime, settings, list(target), timeout_seconds, health_scope, urls
+                )
             except ServicesNotReady as exc:
                 after = exc.statuses
                 raise
-            report = verify_health(settings, health_scope, urls)
-            failures = releases.verification_failures(report)
-            if failures:
-                raise CheckFailed(f"health check after the deploy failed: {'; '.join(failures)}")
+            after, report = readiness.statuses, readiness.report
+            if readiness.failures:
+                raise CheckFailed(
+                    f"health check after the deploy failed (still failing after {timeout_seconds:g}s):"
+                    f" {'; '.join(readiness.failures)}"
+                )
         except Exception as exc:
             reason = str(exc)
             release = store.update(release, status="failed", note=reason[:2000])
+            if not _switched(runtime, records, current, list(target)):
+                # Nothing to roll back: saying "rolled back ... health is back" would be untrue.
+                release = store.update(release, status="not-switched")
+                after = [s for s in list_services(runtime) if s.name in services]
+                if isinstance(exc, MigrationRefused):
+                    outcome = "not applied"
+                    lines += ["", f"**Not applied:** {reason}", "", "No service was switched."]
+                    raise DeployNotApplied(f"not applied: {reason}. No service was switched.") from exc
+                if migrate and revision.revision != baseline.migration_revision:
+                    lines.append(
+                        f"The migration was applied: the database is at {revision.revision!r} (the running"
+                        f" release ran at {baseline.migration_revision!r})."
+                    )
+                outcome = "failed, nothing switched"
+                lines += [
+                    "",
+                    f"**Deploy failed before any service was switched:** {reason}",
+                    "",
+                    f"Nothing was switched: the services still run {baseline.label}; no rollback was needed.",
+                ]
+                logger.error("deploy of %s failed before any switch: %s", release.id, reason)
+                raise DeployFailed(
+                    f"deploy of {release.id} failed and nothing was switched (the services still run"
+                    f" {baseline.id}; no rollback was needed): {reason}"
+                ) from exc
             lines += ["", f"**Deploy failed:** {reason}", "", f"Rolling back to {baseline.label}."]
             if migrate and revision.revision != baseline.migration_revision:
                 lines.append(
@@ -299,9 +438,10 @@ def deploy_release(
                 )
             logger.error("deploy of %s failed: %s; rolling back to %s", release.id, reason, baseline.id)
             try:
-                steps, undo, after, report, failures = _rollback_to(
+                steps, undo, after, rollback_readiness, failures = _rollback_to(
                     runtime, settings, baseline.images, timeout_seconds, health_scope, urls
                 )
+                report = rollback_readiness.report if rollback_readiness else None
             except Exception as rollback_error:
                 steps, undo, failures = [], [], [f"the rollback itself failed: {rollback_error}"]
             records += undo
@@ -328,6 +468,7 @@ def deploy_release(
             "release": release.model_dump(mode="json"),
             "previous_release": baseline.id,
             "health": report.as_runbook() if report else None,
+            "readiness": readiness.as_dict() if readiness else None,
         }
     finally:
         lock.close()
@@ -351,6 +492,12 @@ def deploy_release(
             "",
             status_table(after),
             "",
+            *readiness_lines(readiness),
+            *(
+                ["## Readiness after the rollback", "", *rollback_readiness.lines(), ""]
+                if rollback_readiness
+                else []
+            ),
             *health_lines(report),
             "",
             "## Recent releases",
@@ -371,8 +518,8 @@ def _choose_target(
 ) -> tuple[dict[str, str], ReleaseRecord | None, str]:
     """The images to return to, the release record behind them (None for runtime revisions), a label."""
     if release_id:
-        record = store.get(release_id)
-        return dict(record.images), record, record.label
+        chosen = store.get(release_id)
+        return dict(chosen.images), chosen, chosen.label
     running = {s: i for s, i in current.items() if i}
     record = store.previous_good(running)
     if record is not None:
@@ -451,6 +598,7 @@ def rollback_release(
     records: list[ChangeRecord] = []
     after: list[ServiceStatus] = []
     report: HealthReport | None = None
+    readiness: Readiness | None = None
     label = "?"
     crossed: list[str] = []
     lock = contextlib.ExitStack()
@@ -497,13 +645,19 @@ def rollback_release(
                 )
         records = apply_rollback(runtime, steps)
         try:
-            after = wait_ready(runtime, list(target_images), timeout_seconds)
+            readiness = wait_until_ready(
+                runtime,
+                settings,
+                list(target_images),
+                timeout_seconds,
+                health_scope,
+                list(settings.runtime.smoke_urls),
+            )
         except ServicesNotReady as exc:
             after = exc.statuses
             raise CheckFailed(f"rolled back to {label}, but the services are not ready: {exc}") from exc
-        report = verify_health(settings, health_scope, list(settings.runtime.smoke_urls))
-        failures = releases.verification_failures(report)
-        status = "failed" if failures else "succeeded"
+        after, report, failures = readiness.statuses, readiness.report, readiness.failures
+        status: ReleaseStatus = "failed" if failures else "succeeded"
         store.record(
             kind="rollback",
             status=status,
@@ -526,7 +680,8 @@ def rollback_release(
             "plan": [s.describe() for s in steps],
             "changes": [r.__dict__ | {"commands": list(r.commands)} for r in records],
             "forced_across_migrations": crossed,
-            "health": report.as_runbook(),
+            "health": report.as_runbook() if report else None,
+            "readiness": readiness.as_dict(),
         }
     except Exception as exc:
         problem = str(exc)
@@ -549,6 +704,7 @@ def rollback_release(
             "",
             status_table(after),
             "",
+            *readiness_lines(readiness),
             *health_lines(report),
             "",
             "## Recent releases",

@@ -6,6 +6,7 @@ The runtime tasks here are shared with the release flows (flows/releases.py).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks import releases, reports
 from tasks.errors import CheckFailed, ParameterError
 from tasks.health import HealthReport
+from tasks.releases import Readiness
 from tasks.runlog import run_logger
 from tasks.runtime import ChangeRecord, Runtime, ServicesNotReady, ServiceStatus, get_runtime
 from tasks.settings import OpsSettings, load_settings
@@ -44,6 +46,36 @@ def verify_health(
 ) -> HealthReport:
     """The health evidence (full health check, or the app's endpoints only) plus smoke URLs."""
     return releases.verification_report(settings, scope, smoke_urls)
+
+
+def wait_until_ready(
+    runtime: Runtime,
+    settings: OpsSettings,
+    services: list[str],
+    timeout_seconds: float,
+    scope: releases.VerificationScope,
+    smoke_urls: list[str],
+) -> Readiness:
+    """Ready means answering: the runtime's own readiness first (Kubernetes rollout status, Docker
+    healthchecks, a running container), then the health and smoke URLs polled until they pass, all
+    within ``timeout_seconds``. Health failures at the timeout are returned (``failures``), not raised.
+
+    Raises:
+        ServicesNotReady: the runtime did not report the services ready in time.
+    """
+    started = time.monotonic()
+    statuses = wait_ready(runtime, services, timeout_seconds)
+    services_seconds = round(time.monotonic() - started, 2)
+    health = releases.wait_verified_task(
+        settings, scope, smoke_urls, max(timeout_seconds - services_seconds, 0.0)
+    )
+    return Readiness(statuses, services_seconds, health)
+
+
+def readiness_lines(readiness: Readiness | None) -> list[str]:
+    if readiness is None:
+        return []
+    return ["## Readiness", "", *readiness.lines(), ""]
 
 
 def status_rows(statuses: Sequence[ServiceStatus]) -> list[list[Any]]:
@@ -102,8 +134,9 @@ def restart_services(
     With no ``services`` it restarts the configured ones (backend and worker by default: the runbook's
     "restart backend to reset connections"). Compose: ``docker compose restart``; Kubernetes:
     ``rollout restart`` (a new ``restartedAt`` template annotation). Then it waits until every
-    restarted service is ready and runs the health check; the report shows each service's start
-    time (or restart annotation) before and after.
+    restarted service is ready (the runtime's readiness, then the health check polled until it
+    passes, within ``timeout_seconds``); the report shows each service's start time (or restart
+    annotation) before and after, and how long each wait took.
 
     Args:
         services: service names (Compose services / Deployments); default ``runtime.services``.
@@ -113,7 +146,8 @@ def restart_services(
         smoke_urls: more URLs that must answer 2xx afterwards.
 
     Returns:
-        Services restarted, their status after, and the health report in the runbook's shape.
+        Services restarted, their status after, the health report in the runbook's shape, and the
+        readiness timings.
 
     Raises:
         ParameterError: no services, or a timeout that is not positive (before anything restarts).
@@ -134,25 +168,25 @@ def restart_services(
     after: list[ServiceStatus] = []
     records: list[ChangeRecord] = []
     report: HealthReport | None = None
+    readiness: Readiness | None = None
     outcome = "failed"
     problem = ""
     try:
         before = [s for s in list_services(runtime) if s.name in names]
         records = restart(runtime, names)
         try:
-            after = wait_ready(runtime, names, timeout)
+            readiness = wait_until_ready(runtime, settings, names, timeout, health_scope, urls)
         except ServicesNotReady as exc:
             after = exc.statuses
             raise
-        report = verify_health(settings, health_scope, urls)
-        failures = releases.verification_failures(report)
+        after, report, failures = readiness.statuses, readiness.report, readiness.failures
         if failures:
             raise CheckFailed(
                 f"restarted {', '.join(names)}, but the health check after it failed: {'; '.join(failures)}."
                 " Run the diagnose flow."
             )
         outcome = "succeeded"
-        logger.info("restarted %s; health %s", ", ".join(names), report.status.value)
+        logger.info("restarted %s; health %s", ", ".join(names), report.status.value if report else "?")
     except Exception as exc:
         problem = str(exc)
         raise
@@ -173,6 +207,7 @@ def restart_services(
             "",
             status_table(after),
             "",
+            *readiness_lines(readiness),
             *health_lines(report),
         ]
         reports.publish_markdown(
@@ -186,4 +221,5 @@ def restart_services(
         "after": [{"name": s.name, "image": s.image, "ready": s.ready, "desired": s.desired} for s in after],
         "changes": [r.__dict__ | {"commands": list(r.commands)} for r in records],
         "health": report.as_runbook() if report else None,
+        "readiness": readiness.as_dict() if readiness else None,
     }

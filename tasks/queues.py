@@ -185,6 +185,8 @@ class JobFilter:
             parts.append(f"older than {_duration(self.older_than_seconds)}")
         if self.newer_than_seconds is not None:
             parts.append(f"newer than {_duration(self.newer_than_seconds)}")
+        if not self.older_than_seconds and self.newer_than_seconds is None:
+            parts.append("any age")
         if self.limit is not None:
             parts.append(f"at most {self.limit}")
         return "; ".join(parts)

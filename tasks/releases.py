@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,18 +26,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
+from psycopg import sql
 from pydantic import BaseModel, Field
 
 from tasks import health
-from tasks import http as http_probe
 from tasks.errors import OpsError, ParameterError
 from tasks.health import CheckResult, HealthReport, Status
+from tasks.ops_task import ops_task
 from tasks.runtime import Revision, ServiceStatus
+from tasks.secrets import mask_url
 from tasks.settings import OpsSettings, PostgresSettings
 
 logger = logging.getLogger(__name__)
 
-ReleaseStatus = Literal["recorded", "deploying", "succeeded", "failed", "rolled-back"]
+# "not-switched": the deploy failed before any service changed (a missing image, a refused migration).
+ReleaseStatus = Literal["recorded", "deploying", "succeeded", "failed", "rolled-back", "not-switched"]
 ReleaseKind = Literal["baseline", "deploy", "rollback"]
 # Releases a rollback may return to: they ran healthy (a baseline is what ran before a deploy).
 GOOD_STATUSES: frozenset[str] = frozenset({"recorded", "succeeded"})
@@ -236,7 +241,7 @@ def read_migration_revision(pg: PostgresSettings, query: str | None = None) -> M
                 revision = ",".join(str(r[0]) for r in rows) or None
                 return MigrationRevision(revision, "alembic_version")
             if query:
-                row = conn.execute(query).fetchone()  # type: ignore[call-overload]
+                row = conn.execute(sql.SQL(query)).fetchone()  # the operator's own query
                 return MigrationRevision(None if row is None else str(row[0]), "runtime.migration_query")
             if "_prisma_migrations" in tables:
                 row = conn.execute(
@@ -364,20 +369,114 @@ def verification_report(
         checks.update(health.all_checks(settings))
     else:
         for url in settings.health.urls:
-            checks[health.http_check_name(url)] = lambda url=url: health.check_http(url, settings)
+            checks[health.http_check_name(url)] = functools.partial(health.check_http, url, settings)
     for url in smoke_urls:
-        checks[f"smoke:{http_probe.mask_url(url)}"] = lambda url=url: health.check_http(url, settings)
+        checks[f"smoke:{mask_url(url)}"] = functools.partial(health.check_http, url, settings)
     deadline = settings.health.timeout_seconds * 2 + 1
     results = {name: health.run_with_deadline(name, check, deadline) for name, check in checks.items()}
     return health.assemble_report(settings.stack, results)
 
 
+def _check_fails(name: str, check: CheckResult) -> bool:
+    app_check = name.startswith(("http:", "smoke:"))
+    return check.status is Status.UNHEALTHY or (app_check and check.status is not Status.HEALTHY)
+
+
 def verification_failures(report: HealthReport) -> list[str]:
     """Why the report does not prove a healthy release: any unhealthy check, and any app endpoint or
     smoke URL that is not fully healthy (an endpoint reporting itself unhealthy counts)."""
-    failures = []
-    for name, check in report.checks.items():
-        app_check = name.startswith(("http:", "smoke:"))
-        if check.status is Status.UNHEALTHY or (app_check and check.status is not Status.HEALTHY):
-            failures.append(f"{name}: {check.error or '; '.join(check.warnings) or check.status.value}")
-    return failures
+    return [
+        f"{name}: {check.error or '; '.join(check.warnings) or check.status.value}"
+        for name, check in report.checks.items()
+        if _check_fails(name, check)
+    ]
+
+
+@dataclass(frozen=True)
+class HealthWait:
+    """The health evidence after polling, how long it took and when each check first passed."""
+
+    report: HealthReport
+    failures: list[str]
+    seconds: float
+    attempts: int
+    passed_after: dict[str, float | None]
+
+
+def wait_verified(
+    settings: OpsSettings,
+    scope: VerificationScope,
+    smoke_urls: Sequence[str],
+    timeout_seconds: float,
+) -> HealthWait:
+    """Poll the health evidence (:func:`verification_report`) until it proves the release, or until
+    ``timeout_seconds`` pass; at least one round runs.
+
+    A server may run long before it listens (a runtime without a readiness probe calls it ready as
+    soon as its process starts), so a refused connection or a 503 is asked again, every
+    ``runtime.poll_interval_seconds``, until the timeout.
+
+    Returns:
+        The last report, its failures (empty when healthy), the seconds and rounds it took, and for
+        each check the seconds after which it first passed (None: never).
+    """
+    started = time.monotonic()
+    deadline = started + max(timeout_seconds, 0.0)
+    passed_after: dict[str, float | None] = {}
+    attempts = 0
+    while True:
+        attempts += 1
+        report = verification_report(settings, scope, smoke_urls)
+        elapsed = time.monotonic() - started
+        for name, check in report.checks.items():
+            if passed_after.get(name) is None:
+                passed_after[name] = None if _check_fails(name, check) else round(elapsed, 2)
+        failures = verification_failures(report)
+        if not failures or time.monotonic() >= deadline:
+            return HealthWait(report, failures, round(elapsed, 2), attempts, passed_after)
+        logger.info("not healthy yet (%s); asking again", "; ".join(failures))
+        time.sleep(min(settings.runtime.poll_interval_seconds, max(deadline - time.monotonic(), 0.0)))
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """How a deploy, rollback or restart became ready: the runtime's own readiness, then health."""
+
+    statuses: list[ServiceStatus]
+    services_seconds: float
+    health: HealthWait | None = None
+
+    @property
+    def report(self) -> HealthReport | None:
+        return self.health.report if self.health else None
+
+    @property
+    def failures(self) -> list[str]:
+        return self.health.failures if self.health else []
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "services_ready_seconds": self.services_seconds,
+            "health_seconds": self.health.seconds if self.health else None,
+            "health_attempts": self.health.attempts if self.health else 0,
+            "checks": dict(self.health.passed_after) if self.health else {},
+        }
+
+    def lines(self) -> list[str]:
+        """Markdown: how long each wait took."""
+        out = [f"- services ready (the runtime's readiness): after {self.services_seconds:g} s"]
+        if self.health is None:
+            return [*out, "- health: not checked"]
+        verdict = "passed" if not self.health.failures else "still failing at the timeout"
+        out.append(
+            f"- health and smoke URLs: {verdict} after {self.health.seconds:g} s more"
+            f" ({self.health.attempts} round{'s' if self.health.attempts != 1 else ''})"
+        )
+        out += [
+            f"  - {name}: " + ("never passed" if seconds is None else f"passed after {seconds:g} s")
+            for name, seconds in self.health.passed_after.items()
+        ]
+        return out
+
+
+wait_verified_task = ops_task(wait_verified, name="wait-healthy")

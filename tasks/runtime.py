@@ -7,6 +7,7 @@ that would change a service fails with an error that says so.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -85,15 +86,104 @@ class Revision:
     note: str | None = None
 
 
+# The OCI / distribution reference grammar (github.com/distribution/reference, OCI distribution spec):
+# anything else is refused before it reaches a Compose file, a command line or a Kubernetes patch.
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_DIGEST = re.compile(r"(?P<algorithm>[a-z0-9]+(?:[+._-][a-z0-9]+)*):(?P<hex>[a-fA-F0-9]{32,})")
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REPOSITORY = re.compile(rf"{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*")
+_DOMAIN_COMPONENT = r"(?:[A-Za-z0-9]|[A-Za-z0-9][A-Za-z0-9-]*[A-Za-z0-9])"
+_DOMAIN = re.compile(rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[A-Fa-f0-9:]+\])(?::[0-9]+)?")
+# Registered algorithms have a fixed length (OCI image spec, "Digests").
+_DIGEST_LENGTHS = {"sha256": 64, "sha512": 128}
+_NAME_MAX = 255
+_TAG_FORM = "1 to 128 of letters, digits, '_', '.', '-', not starting with '.' or '-'"
+
+
+def _shown(value: str) -> str:
+    return repr(value[:200])
+
+
+def check_image_tag(tag: str) -> str:
+    """``tag`` when it is an image tag (``[A-Za-z0-9_][A-Za-z0-9._-]{0,127}``) or a digest.
+
+    Raises:
+        ValueError: anything else (``1.0;id``, ``$(id)``, ``-rf``, a newline...), saying what is valid.
+    """
+    if not isinstance(tag, str) or not (_TAG.fullmatch(tag) or _check_digest(tag)):
+        raise ValueError(
+            f"{_shown(str(tag))} is not an image tag ({_TAG_FORM}, e.g. 1.4.2) nor a digest"
+            " (algorithm:hex, e.g. sha256:<64 hex digits>)"
+        )
+    return tag
+
+
+def _check_digest(digest: str) -> bool:
+    match = _DIGEST.fullmatch(digest)
+    if match is None:
+        return False
+    length = _DIGEST_LENGTHS.get(match["algorithm"])
+    return length is None or len(match["hex"]) == length
+
+
+def check_image_reference(reference: str) -> str:
+    """``reference`` when it is a valid image reference: ``[registry[:port]/]repository[:tag][@digest]``.
+
+    The repository is lowercase path components (``team/app``) separated by ``.``, ``_``, ``__`` or
+    dashes; the first component is a registry when it holds a ``.`` or a ``:`` or is ``localhost``.
+
+    Raises:
+        ValueError: the reference does not follow the grammar; the message says which part and why.
+    """
+    if not isinstance(reference, str) or not reference:
+        raise ValueError("an image reference must not be empty (e.g. registry.example.com/team/app:1.4.2)")
+    name, at, digest = reference.partition("@")
+    if at and not _check_digest(digest):
+        raise ValueError(
+            f"image {_shown(reference)}: {_shown(digest)} is not a digest"
+            " (algorithm:hex, e.g. sha256:<64 hex digits>)"
+        )
+    tag = ""
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:
+        name, tag = name[: len(name) - len(last)] + last.split(":", 1)[0], last.split(":", 1)[1]
+        if not _TAG.fullmatch(tag):
+            raise ValueError(f"image {_shown(reference)}: {_shown(tag)} is not a tag ({_TAG_FORM})")
+    domain, slash, remainder = name.partition("/")
+    if slash and ("." in domain or ":" in domain or domain == "localhost"):
+        if not _DOMAIN.fullmatch(domain):
+            raise ValueError(
+                f"image {_shown(reference)}: {_shown(domain)} is not a registry host[:port]"
+                " (e.g. registry.example.com:5000)"
+            )
+        repository = remainder
+    else:
+        repository = name
+    if not _REPOSITORY.fullmatch(repository):
+        raise ValueError(
+            f"image {_shown(reference)}: {_shown(repository)} is not a repository name (lowercase"
+            " letters and digits, components separated by '/', '.', '_', '__' or '-', e.g. team/app)"
+        )
+    if len(name) > _NAME_MAX:
+        raise ValueError(f"image {_shown(reference)}: the name is longer than {_NAME_MAX} characters")
+    return reference
+
+
 def image_with_tag(image: str, tag: str) -> str:
-    """``image`` (``registry:5000/app:v1``, ``app@sha256:...``) with its tag or digest replaced by ``tag``."""
-    if not tag or any(c in tag for c in "/:@ "):
-        raise ValueError(f"{tag!r} is not an image tag (letters, digits, '.', '-', '_')")
+    """``image`` (``registry:5000/app:v1``, ``app@sha256:...``) with its tag or digest replaced by ``tag``.
+
+    ``tag`` may be a digest (``sha256:...``): the result is then ``repository@digest``.
+
+    Raises:
+        ValueError: ``tag`` is not a tag nor a digest, or the result is not a valid image reference.
+    """
+    check_image_tag(tag)
     repository = image.split("@", 1)[0]
     last = repository.rsplit("/", 1)[-1]
     if ":" in last:
         repository = repository[: len(repository) - len(last)] + last.split(":", 1)[0]
-    return f"{repository}:{tag}"
+    separator = "@" if ":" in tag else ":"
+    return check_image_reference(f"{repository}{separator}{tag}")
 
 
 def not_ready_summary(statuses: Sequence[ServiceStatus]) -> str:

@@ -326,6 +326,47 @@ def test_recover_data_scales_back_when_validation_fails(kube_env, kube_stack, da
     assert "health check" in report
 
 
+def test_recover_data_takes_the_incident_s_validation_queries(
+    kube_env, kube_stack, damaged_database, monkeypatch
+):
+    """The setting is the default set; this incident's queries come as a parameter, shown in the plan."""
+    monkeypatch.setenv("OPS_INCIDENTS__VALIDATION_QUERIES", '["SELECT count(*) > 0 FROM widgets"]')
+    queries = [
+        "SELECT count(*) = 50 FROM widgets",
+        "SELECT NOT EXISTS (SELECT 1 FROM widgets WHERE name = '')",
+    ]
+    # An empty query is refused before anything (no lock, no scale, no restore).
+    bad = recover_data(
+        backup_id=damaged_database.id,
+        dry_run=False,
+        approved=True,
+        validation_queries=[" "],
+        return_state=True,
+    )
+    assert bad.is_failed()
+    assert "validation_queries" in (bad.message or "")
+    assert _widgets(kube_env["dsn"]) == 10
+    assert _replicas(kube_stack) == {"backend": 1, "worker": 2}
+
+    plan = recover_data(backup_id=damaged_database.id, validation_queries=queries)
+    assert plan["validation_queries"] == queries
+    report = _artifact_texts(["recover-data-teststack"])
+    assert "Validation queries after the restore (from the run's validation_queries)" in report
+    assert all(q in report for q in queries)
+
+    done = recover_data(
+        backup_id=damaged_database.id, dry_run=False, approved=True, validation_queries=queries
+    )
+    assert [v["query"] for v in done["validations"]] == queries
+    assert all(v["ok"] for v in done["validations"])
+    assert _widgets(kube_env["dsn"]) == 50
+
+    # Without the parameter the setting's set is used, and the plan says so.
+    default = recover_data(backup_id=damaged_database.id)
+    assert default["validation_queries"] == ["SELECT count(*) > 0 FROM widgets"]
+    assert "(from incidents.validation_queries)" in _artifact_texts(["recover-data-teststack"])
+
+
 def _databases(prefix: str) -> list[str]:
     from tests.fixtures.core import PG_ADMIN_DSN
 

@@ -70,7 +70,7 @@ def test_retry_dry_run_then_apply_then_worker_completes(queue_env: dict[str, Any
 def test_clean_jobs_dry_run_then_apply(queue_env: dict[str, Any]) -> None:
     url = queue_env["redis_url"]
     make_failed_jobs(url)
-    dry = clean_jobs(state="completed", older_than_hours=0, return_state=True)
+    dry = clean_jobs(state="completed", all=True, return_state=True)
     assert dry.result()["planned"] == 2
     assert asyncio.run(counts(url))["completed"] == 2
     # Nothing finished an hour ago yet.
@@ -78,7 +78,7 @@ def test_clean_jobs_dry_run_then_apply(queue_env: dict[str, Any]) -> None:
         clean_jobs(state="failed", older_than_hours=1, dry_run=False, return_state=True).result()["changed"]
         == 0
     )
-    applied = clean_jobs(state="failed", older_than_hours=0, reason_pattern="invalid payload", dry_run=False)
+    applied = clean_jobs(state="failed", all=True, reason_pattern="invalid payload", dry_run=False)
     assert applied["changed"] == 1
     after = asyncio.run(counts(url))
     assert (after["failed"], after["completed"]) == (2, 2)
@@ -101,3 +101,28 @@ def test_bad_parameters_fail_before_anything(queue_env: dict[str, Any]) -> None:
     state = clean_jobs(state="active", dry_run=False, return_state=True)  # type: ignore[arg-type]
     assert state.is_failed()
     assert asyncio.run(counts(url)) == before
+
+
+def test_clean_jobs_under_an_hour_needs_all(queue_env: dict[str, Any]) -> None:
+    """older_than_hours=0 would select every completed job: it needs all=true, said before anything."""
+    url = queue_env["redis_url"]
+    make_failed_jobs(url)
+    before = asyncio.run(counts(url))
+    for hours in (0, 0.5):
+        state = clean_jobs(state="completed", older_than_hours=hours, dry_run=False, return_state=True)
+        assert state.is_failed(), hours
+        assert "all=true" in (state.message or "")
+        assert "older_than_hours must be at least 1" in (state.message or "")
+    assert "all=true" in asyncio.run(_artifact("clean-jobs-teststack")).data
+    both = clean_jobs(state="completed", older_than_hours=24, all=True, dry_run=False, return_state=True)
+    assert both.is_failed()
+    assert "not both" in (both.message or "")
+    assert asyncio.run(counts(url)) == before
+
+    everything = clean_jobs(state="completed", all=True, dry_run=False)
+    assert (everything["planned"], everything["changed"]) == (2, 2)
+    assert asyncio.run(counts(url))["completed"] == 0
+    assert (
+        "state completed; queues ops-test-jobs, ops-test-idle; any age"
+        in asyncio.run(_artifact("clean-jobs-teststack")).data
+    )

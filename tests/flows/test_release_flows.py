@@ -16,6 +16,7 @@ import pytest
 from flows.releases import deploy_release, rollback_release
 from tasks.releases import ReleaseStore
 from tasks.settings import load_settings
+from tests.fixtures.docker_engine import SLOW_LISTEN_SECONDS, compose_env
 
 pytestmark = [pytest.mark.flow, pytest.mark.integration]
 
@@ -58,8 +59,13 @@ def test_deploy_then_rollback_returns_to_the_first_release(release_env):
     assert kinds == [("baseline", "recorded"), ("deploy", "succeeded"), ("rollback", "succeeded")]
 
 
-@pytest.mark.parametrize("bad", ["unhealthy", "missing"])
+@pytest.mark.parametrize(
+    ("bad", "runtime_target"),
+    [("unhealthy", "compose"), ("unhealthy", "kubernetes"), ("missing", "kubernetes")],
+    indirect=["runtime_target"],
+)
 def test_bad_tag_rolls_back_to_v1(release_env, bad):
+    # Kubernetes switches the template before the pull fails (ErrImagePull): that switch is rolled back.
     images = {"backend": release_env.images["v2"] if bad == "unhealthy" else release_env.missing_image}
     state = deploy_release(images=images, timeout_seconds=15, return_state=True)
     assert state.is_failed()
@@ -146,3 +152,135 @@ def test_rollback_waits_for_approval_and_a_refusal_changes_nothing(release_env):
         outcome["state"].result()
     assert _version(release_env.health_url) == "200 v3"
     assert [r.kind for r in _store().all()] == ["baseline", "deploy"]
+
+
+BAD_RELEASE_INPUTS = [
+    {"image_tag": "1.0;id"},
+    {"image_tag": "$(id)"},
+    {"image_tag": "-rf"},
+    {"image_tag": "1.0\nid"},
+    {"images": {"backend": "s2m-ops-test/app:$(id)"}},
+    {"images": {"backend": "-rf"}},
+    {"images": {"backend": "s2m-ops-test/app:v3\nid"}},
+    {"images": {"backend": "s2m-ops-test/App:v3"}},
+]
+
+
+def test_deploy_refuses_tags_and_images_outside_the_oci_grammar_before_anything(release_env):
+    for bad in BAD_RELEASE_INPUTS:
+        state = deploy_release(timeout_seconds=15, return_state=True, **bad)
+        assert state.is_failed(), bad
+        assert "Nothing was done" in (state.message or ""), (bad, state.message)
+        with pytest.raises(Exception, match="is not a"):
+            state.result()
+    # Nothing recorded, nothing switched: the store is empty and v1 still serves.
+    assert _store().all() == []
+    assert _version(release_env.health_url) == "200 v1"
+    assert {s.image for s in release_env.runtime().list_services()} == {release_env.images["v1"]}
+
+
+def _artifact(key: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert found, f"no artifact {key}"
+    return str(max(found, key=lambda a: a.created).data)
+
+
+@pytest.mark.parametrize("runtime_target", ["compose"], indirect=True)
+def test_a_missing_image_on_compose_switches_nothing_and_says_so(release_env):
+    state = deploy_release(
+        images={"backend": release_env.missing_image}, timeout_seconds=15, return_state=True
+    )
+    assert state.is_failed()
+    message = state.message or ""
+    assert "nothing was switched" in message
+    assert "rolled back" not in message
+    assert "health is back" not in message
+    assert _version(release_env.health_url) == "200 v1"
+    records = _store().all()
+    assert records[-1].kind == "deploy"
+    assert records[-1].status == "not-switched"
+    report = _artifact("deploy-release-staging")
+    assert "failed, nothing switched" in report
+    assert "Rolling back" not in report
+    assert _store().latest_good().images["backend"] == release_env.images["v1"]
+
+
+@pytest.fixture
+def slow_env(prefect_harness, ops_env, slow_compose_stack, tmp_path, monkeypatch):
+    for key, value in compose_env(slow_compose_stack, tmp_path / "releases").items():
+        monkeypatch.setenv(key, value)
+    return slow_compose_stack
+
+
+def test_a_good_release_whose_server_needs_seconds_to_listen_is_not_rolled_back(slow_env):
+    """Compose without a Docker healthcheck calls the container ready at once; the health URL is
+    polled until the timeout, and the report shows how long each wait took."""
+    result = deploy_release(image_tag="v3", timeout_seconds=40)
+    assert result["release"]["status"] == "succeeded"
+    assert _version(slow_env.health_url) == "200 v3"
+    readiness = result["readiness"]
+    assert readiness["services_ready_seconds"] < SLOW_LISTEN_SECONDS
+    assert readiness["checks"][f"http:{slow_env.health_url}"] >= SLOW_LISTEN_SECONDS - 2
+    report = _artifact("deploy-release-staging")
+    assert "## Readiness" in report
+    assert f"http:{slow_env.health_url}" in report
+    assert [(r.kind, r.status) for r in _store().all()] == [("baseline", "recorded"), ("deploy", "succeeded")]
+
+
+@pytest.fixture
+def migrating_env(prefect_harness, mg_env, alembic_env, monkeypatch):
+    """A database with a pending Alembic migration, and no runtime (nothing can stop the writers)."""
+    from tests.fixtures.migrations import ADD_NAME, use
+
+    use(monkeypatch, alembic_env([ADD_NAME]))
+    monkeypatch.setenv("OPS_RUNTIME__RELEASE_STORE", str(mg_env["tmp"] / "releases"))
+    return mg_env
+
+
+def _alembic_revision(dsn: str) -> str | None:
+    with psycopg.connect(dsn) as conn:
+        exists = conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()[0]
+        if not exists:
+            return None
+        return conn.execute("SELECT version_num FROM alembic_version").fetchone()[0]
+
+
+def test_a_migration_that_would_be_refused_leaves_the_deploy_not_applied(migrating_env):
+    state = deploy_release(
+        images={"backend": "s2m-ops-test/app:v3"}, migrate=True, approve_migration=True, return_state=True
+    )
+    assert state.is_failed()
+    message = state.message or ""
+    assert "not applied:" in message
+    assert 'writes_policy="keep-running"' in message
+    assert "OPS_MIGRATIONS__MAINTENANCE_ON_ARGV" in message
+    assert "No service was switched" in message
+    assert "rolled back" not in message
+    assert _alembic_revision(migrating_env["dsn"]) is None
+    assert _store().all() == []
+    report = _artifact("deploy-release-staging")
+    assert "**not applied**" in report
+    assert "writes_policy" in report
+
+
+def test_writes_policy_reaches_the_migration(migrating_env):
+    # keep-running lets the migration run without a way to stop the writers; with no runtime the
+    # images cannot be switched afterwards, and the deploy says that nothing was switched.
+    state = deploy_release(
+        images={"backend": "s2m-ops-test/app:v3"},
+        migrate=True,
+        approve_migration=True,
+        writes_policy="keep-running",
+        return_state=True,
+    )
+    assert state.is_failed()
+    assert "nothing was switched" in (state.message or "")
+    assert _alembic_revision(migrating_env["dsn"]) == "r1_add_name"
+    report = _artifact("deploy-release-staging")
+    assert "writes_policy=keep-running" in report
+    assert "The migration was applied" in report
+    assert _store().all()[-1].status == "not-switched"

@@ -14,7 +14,7 @@ from tasks.releases import (
     guard_migrations,
     plan_rollback,
 )
-from tasks.runtime import Revision, ServiceStatus, image_with_tag
+from tasks.runtime import Revision, ServiceStatus, check_image_reference, check_image_tag, image_with_tag
 
 
 def _status(name: str, image: str) -> ServiceStatus:
@@ -133,3 +133,59 @@ def test_guard_cannot_judge_a_release_without_a_revision(tmp_path):
         kind="baseline", status="recorded", images={"backend": "app:v1"}, migration_revision=None
     )
     assert guard_migrations(store.all(), old, MigrationRevision("b2", "alembic_version"), force=False) == []
+
+
+@pytest.mark.parametrize(
+    "tag", ["1.0;id", "$(id)", "-rf", "1.0\nid", ".hidden", "a" * 129, "v1 ", "v1\n", "ü1", "sha256:abc"]
+)
+def test_image_tags_follow_the_oci_grammar(tag):
+    with pytest.raises(ValueError, match="is not an image tag"):
+        check_image_tag(tag)
+
+
+@pytest.mark.parametrize("tag", ["v1", "1.4.2", "_x", "A-b_c.1", "a" * 128, "sha256:" + "0" * 64])
+def test_valid_image_tags(tag):
+    assert check_image_tag(tag) == tag
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "app",
+        "s2m-ops-test/app:v3",
+        "registry.example.com:5000/team/app:1.4.2",
+        "localhost/app:v1",
+        "[::1]:5000/app:v1",
+        "a__b/c-d--e.f:x",
+        "ghcr.io/x/y:1@sha256:" + "b" * 64,
+        "app@sha512:" + "c" * 128,
+    ],
+)
+def test_valid_image_references(image):
+    assert check_image_reference(image) == image
+
+
+@pytest.mark.parametrize(
+    ("image", "part"),
+    [
+        ("-rf", "repository"),
+        ("s2m-ops-test/app:$(id)", "tag"),
+        ("app:1.0;id", "tag"),
+        ("app:v1\nid", "tag"),
+        ("Team/app", "repository"),
+        ("a//b", "repository"),
+        ("app@sha256:abc", "digest"),
+        ("app@md5", "digest"),
+        ("bad_host.io/app", "registry"),
+        ("", "empty"),
+        ("a" * 256, "longer than"),
+    ],
+)
+def test_image_references_outside_the_grammar(image, part):
+    with pytest.raises(ValueError, match=part):
+        check_image_reference(image)
+
+
+def test_image_tag_may_be_a_digest():
+    digest = "sha256:" + "c" * 64
+    assert image_with_tag("reg:5000/app:v1", digest) == f"reg:5000/app@{digest}"
