@@ -17,6 +17,9 @@ lint:
 	scripts/setup.sh --dev
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/lint-imports
+	.venv/bin/mypy
+	.venv/bin/python -m tasks.settings_doc
 
 bench:
 	scripts/setup.sh --dev
