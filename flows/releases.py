@@ -16,33 +16,34 @@ import inspect
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 from prefect.context import FlowRunContext
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
-from flows.services import (
-    change_lines,
-    health_lines,
-    list_services,
-    readiness_lines,
-    status_table,
-    wait_until_ready,
-)
 from tasks import locks, releases, reports
 from tasks.errors import ApprovalRejected, CheckFailed, LockBusy, OpsError, ParameterError, SettingsError
 from tasks.health import HealthReport
 from tasks.migrate import WritesPolicy, plan_writer_stop
 from tasks.releases import (
-    MigrationRevision,
     Readiness,
     ReleaseNotFound,
     ReleaseRecord,
     ReleaseStatus,
     ReleaseStore,
     RollbackStep,
-    read_migration_revision,
+)
+from tasks.rollout import (
+    apply_rollback,
+    change_lines,
+    health_lines,
+    histories,
+    list_services,
+    migration_revision,
+    readiness_lines,
+    set_images,
+    status_table,
+    wait_until_ready,
 )
 from tasks.runlog import run_logger
 from tasks.runtime import (
@@ -85,36 +86,6 @@ class RollbackApproval(RunInput):
 def _flow_run_id() -> str | None:
     context = FlowRunContext.get()
     return str(context.flow_run.id) if context and context.flow_run else None
-
-
-@task(name="read-migration-revision", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
-def migration_revision(settings: OpsSettings) -> MigrationRevision:
-    """The database's applied migration revision now (None when there is none or it is unreachable)."""
-    return read_migration_revision(settings.postgres, settings.runtime.migration_query)
-
-
-@task(name="set-images", cache_policy=NO_CACHE)
-def set_images(runtime: Runtime, images: dict[str, str]) -> list[ChangeRecord]:
-    """Set each service's image (unchanged services are left alone)."""
-    return runtime.set_images(images)
-
-
-@task(name="service-history", cache_policy=NO_CACHE)
-def histories(runtime: Runtime, services: list[str]) -> dict[str, list[Any]]:
-    """Each service's rollout history (ReplicaSet revisions, or recorded releases on Compose)."""
-    return {service: runtime.history(service) for service in services}
-
-
-@task(name="apply-rollback", cache_policy=NO_CACHE)
-def apply_rollback(runtime: Runtime, steps: list[RollbackStep]) -> list[ChangeRecord]:
-    """Apply a rollback plan: undo to the kept revision where there is one, else set the image."""
-    records = []
-    for step in steps:
-        if step.method == "revision":
-            records.append(runtime.rollback(step.service, step.revision))
-        elif step.method == "image":
-            records.extend(runtime.set_images({step.service: step.to_image}))
-    return records
 
 
 def _rollback_to(

@@ -1,125 +1,31 @@
 """Runbook: the restart resolutions of "Common Issues" ("docker compose restart backend worker" to reset
 connections, "kubectl rollout restart deployment/..."), on whichever runtime the settings name.
 
-The runtime tasks here are shared with the release flows (flows/releases.py).
+The steps and report sections it shares with the release flows are in tasks/rollout.py.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
 from typing import Any, Literal
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow
 
-from tasks import releases, reports
+from tasks import reports
 from tasks.errors import CheckFailed, ParameterError
 from tasks.health import HealthReport
 from tasks.releases import Readiness
+from tasks.rollout import (
+    change_lines,
+    health_lines,
+    list_services,
+    readiness_lines,
+    restart,
+    status_table,
+    wait_until_ready,
+)
 from tasks.runlog import run_logger
-from tasks.runtime import ChangeRecord, Runtime, ServicesNotReady, ServiceStatus, get_runtime
-from tasks.settings import OpsSettings, load_settings
-
-
-@task(name="list-services", cache_policy=NO_CACHE)
-def list_services(runtime: Runtime) -> list[ServiceStatus]:
-    """Every service with image, replicas ready/desired and state."""
-    return runtime.list_services()
-
-
-@task(name="restart-services", cache_policy=NO_CACHE)
-def restart(runtime: Runtime, services: list[str]) -> list[ChangeRecord]:
-    """Restart the services (compose restart / rollout restart); one change record each."""
-    return runtime.restart(services)
-
-
-@task(name="wait-services-ready", cache_policy=NO_CACHE)
-def wait_ready(runtime: Runtime, services: list[str], timeout_seconds: float) -> list[ServiceStatus]:
-    """Wait until every service is ready; raises ServicesNotReady with what was seen at the timeout."""
-    return runtime.wait_ready(services, timeout_seconds)
-
-
-@task(name="verify-health", cache_policy=NO_CACHE)
-def verify_health(
-    settings: OpsSettings, scope: releases.VerificationScope, smoke_urls: list[str]
-) -> HealthReport:
-    """The health evidence (full health check, or the app's endpoints only) plus smoke URLs."""
-    return releases.verification_report(settings, scope, smoke_urls)
-
-
-def wait_until_ready(
-    runtime: Runtime,
-    settings: OpsSettings,
-    services: list[str],
-    timeout_seconds: float,
-    scope: releases.VerificationScope,
-    smoke_urls: list[str],
-) -> Readiness:
-    """Ready means answering: the runtime's own readiness first (Kubernetes rollout status, Docker
-    healthchecks, a running container), then the health and smoke URLs polled until they pass, all
-    within ``timeout_seconds``. Health failures at the timeout are returned (``failures``), not raised.
-
-    Raises:
-        ServicesNotReady: the runtime did not report the services ready in time.
-    """
-    started = time.monotonic()
-    statuses = wait_ready(runtime, services, timeout_seconds)
-    services_seconds = round(time.monotonic() - started, 2)
-    health = releases.wait_verified_task(
-        settings, scope, smoke_urls, max(timeout_seconds - services_seconds, 0.0)
-    )
-    return Readiness(statuses, services_seconds, health)
-
-
-def readiness_lines(readiness: Readiness | None) -> list[str]:
-    if readiness is None:
-        return []
-    return ["## Readiness", "", *readiness.lines(), ""]
-
-
-def status_rows(statuses: Sequence[ServiceStatus]) -> list[list[Any]]:
-    return [[s.name, s.image, f"{s.ready}/{s.desired}", s.state, s.started_at, s.revision] for s in statuses]
-
-
-def status_table(statuses: Sequence[ServiceStatus]) -> str:
-    return reports.markdown_table(
-        ["service", "image", "ready", "state", "started / restarted", "revision"], status_rows(statuses)
-    )
-
-
-def change_lines(records: Sequence[ChangeRecord]) -> list[str]:
-    lines = []
-    for record in records:
-        change = ", ".join(
-            f"{key}: {record.before.get(key)} -> {record.after.get(key)}"
-            for key in dict.fromkeys([*record.before, *record.after])
-        )
-        changed = "changed" if record.changed else "no change"
-        lines.append(f"- **{record.operation} {record.target}** ({changed}): {change}")
-        lines.extend(f"  - `{command}`" for command in record.commands)
-    return lines
-
-
-def health_lines(report: HealthReport | None) -> list[str]:
-    if report is None:
-        return ["Health was not checked."]
-    rows = [
-        [
-            name,
-            check.status.value,
-            "" if check.latency is None else f"{check.latency} ms",
-            check.error or "; ".join(check.warnings),
-        ]
-        for name, check in report.checks.items()
-    ]
-    if not rows:
-        return [f"Health: **{report.status.value}** (no checks configured: set OPS_HEALTH__URLS)"]
-    return [
-        f"Health: **{report.status.value}** at {report.as_runbook()['timestamp']}",
-        "",
-        reports.markdown_table(["check", "status", "latency", "finding"], rows),
-    ]
+from tasks.runtime import ChangeRecord, ServicesNotReady, ServiceStatus, get_runtime
+from tasks.settings import load_settings
 
 
 @flow(name="restart-services", log_prints=True)

@@ -193,27 +193,80 @@ def not_ready_summary(statuses: Sequence[ServiceStatus]) -> str:
 
 @runtime_checkable
 class Runtime(Protocol):
-    """Operations every runtime provides (Compose and Kubernetes implement it; ``NoRuntime`` refuses)."""
+    """Operations every runtime provides (Compose and Kubernetes implement it; ``NoRuntime`` refuses).
+
+    Every method may raise :class:`RuntimeUnavailable` when the runtime's API cannot be reached or is
+    not configured (the Docker socket, the Kubernetes API, ``runtime.kind = "none"`` for changes);
+    the errors below are the ones each method adds. Mutating methods return change records saying
+    what changed and the commands they ran (secrets masked); running one twice changes nothing the
+    second time where the operation allows.
+    """
 
     kind: str
 
-    def list_services(self) -> list[ServiceStatus]: ...
+    def list_services(self) -> list[ServiceStatus]:
+        """Every configured service with image, replicas ready/desired, state and start time.
 
-    def logs(self, service: str, tail: int = 100) -> str: ...
+        A configured service that does not exist is listed with state ``missing``, not raised.
+        """
+        ...
 
-    def resource_usage(self) -> list[ResourceUsage]: ...
+    def logs(self, service: str, tail: int = 100) -> str:
+        """The last ``tail`` lines of the service's logs (every replica's, each headed by its name).
 
-    def restart(self, services: Sequence[str]) -> list[ChangeRecord]: ...
+        Raises:
+            RuntimeOperationFailed: the service does not exist.
+        """
+        ...
 
-    def scale(self, service: str, replicas: int) -> ChangeRecord: ...
+    def resource_usage(self) -> list[ResourceUsage]:
+        """CPU and memory per service; ``available=False`` with a note where the platform cannot tell."""
+        ...
 
-    def set_images(self, images: dict[str, str]) -> list[ChangeRecord]: ...
+    def restart(self, services: Sequence[str]) -> list[ChangeRecord]:
+        """Restart the services (``compose restart``; ``rollout restart``), one record each.
 
-    def wait_ready(self, services: Sequence[str], timeout: float) -> list[ServiceStatus]: ...
+        Raises:
+            RuntimeOperationFailed: a service does not exist or the restart was refused.
+        """
+        ...
 
-    def history(self, service: str) -> list[Revision]: ...
+    def scale(self, service: str, replicas: int) -> ChangeRecord:
+        """Set the service's replica count (0 stops it); does not wait.
 
-    def rollback(self, service: str, revision: str | None = None) -> ChangeRecord: ...
+        Raises:
+            RuntimeOperationFailed: the service does not exist or cannot be scaled.
+        """
+        ...
+
+    def set_images(self, images: dict[str, str]) -> list[ChangeRecord]:
+        """Run each service on the given image (a service already on it is left alone); does not wait.
+
+        Raises:
+            RuntimeOperationFailed: a service does not exist, or the runtime refused the image.
+        """
+        ...
+
+    def wait_ready(self, services: Sequence[str], timeout: float) -> list[ServiceStatus]:
+        """Wait until every service is ready (the runtime's own readiness), then their statuses.
+
+        Raises:
+            ServicesNotReady: not ready within ``timeout`` (or the rollout failed, e.g. an image that
+                cannot be pulled); its ``statuses`` hold what was seen last.
+        """
+        ...
+
+    def history(self, service: str) -> list[Revision]:
+        """The service's rollout history, oldest first (ReplicaSet revisions; recorded releases)."""
+        ...
+
+    def rollback(self, service: str, revision: str | None = None) -> ChangeRecord:
+        """Return the service to ``revision`` (default: the one before the current); does not wait.
+
+        Raises:
+            RuntimeOperationFailed: no such revision, or nothing to return to.
+        """
+        ...
 
 
 class NoRuntime:
