@@ -711,6 +711,20 @@ class DiagnoseSettings(_Section):
     check_deadline_seconds: float = Field(
         default=30.0, gt=0, le=600, description="hard deadline of each diagnostic check, seconds"
     )
+    http_samples: int = Field(
+        default=5,
+        ge=1,
+        le=50,
+        description="requests timed per endpoint (health.urls and runtime.smoke_urls): median and worst",
+    )
+    http_slow_ms: float = Field(
+        default=1000.0,
+        gt=0,
+        description="response time above which an endpoint is slow (the runbook's 1 second), ms",
+    )
+    http_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=120, description="time limit of each timed request, seconds"
+    )
 
     @field_validator("log_patterns")
     @classmethod

@@ -13,13 +13,23 @@ Where things are:
   sections and resolution flows findings point at, and how errors are worded (secrets masked);
 - one module per system inspected: ``postgres_checks`` (with ``sql_text``, literals masked),
   ``redis_checks``, ``queue_checks``, ``service_checks`` (runtime status, restarts, logs, usage),
-  ``system_checks`` (disk, uploads directory, network);
+  ``system_checks`` (disk, uploads directory, network), ``http_timing_checks`` (response times of the
+  app's endpoints, phase by phase);
 - ``runner``: every check by name, each run under a deadline (``deadline``);
 - ``prefect_tasks``: the Prefect tasks the diagnose flow submits.
 
 Import the names below from this package; the modules are how the code is organised, not an API.
 """
 
+from tasks.diagnose.http_timing_checks import (
+    EndpointTiming,
+    ResponseTimesEvidence,
+    TimingSample,
+    response_time_findings,
+    response_times,
+    time_request,
+    timing_endpoints,
+)
 from tasks.diagnose.model import (
     FLOW_CLEAN_JOBS,
     FLOW_CLEANUP_UPLOADS,
@@ -103,6 +113,7 @@ __all__ = [
     "DiskEvidence",
     "DiskSpace",
     "DnsLookup",
+    "EndpointTiming",
     "Evidence",
     "Finding",
     "LogTail",
@@ -112,10 +123,12 @@ __all__ = [
     "PathEntry",
     "QueuesEvidence",
     "RedisMemory",
+    "ResponseTimesEvidence",
     "ServicesEvidence",
     "Severity",
     "StatementStat",
     "TcpProbe",
+    "TimingSample",
     "TopStatementsEvidence",
     "UploadsEvidence",
     "all_diagnostics",
@@ -136,6 +149,8 @@ __all__ = [
     "redis_memory",
     "redis_memory_findings",
     "resolve",
+    "response_time_findings",
+    "response_times",
     "run_diagnostic",
     "run_diagnostic_task",
     "safe_error",
@@ -143,6 +158,8 @@ __all__ = [
     "service_findings",
     "services",
     "shown_query",
+    "time_request",
+    "timing_endpoints",
     "top_statements",
     "uploads_findings",
     "uploads_permissions",

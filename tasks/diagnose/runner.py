@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from tasks.diagnose.deadline import with_deadline
+from tasks.diagnose.http_timing_checks import response_times
 from tasks.diagnose.model import Diagnosis, Finding, Severity
 from tasks.diagnose.postgres_checks import long_queries, postgres_connections, top_statements
 from tasks.diagnose.queue_checks import queue_states
@@ -34,6 +35,7 @@ def all_diagnostics(
         "disk": lambda: disk_space(disk_paths(settings), limits),
         "uploads-permissions": lambda: uploads_permissions(settings),
         "network": lambda: network(settings),
+        "response-times": lambda: response_times(settings),
     }
 
 
@@ -47,6 +49,7 @@ _TITLES = {
     "disk": "Disk space",
     "uploads-permissions": "Uploads directory",
     "network": "Reachability and DNS",
+    "response-times": "Response times",
 }
 
 

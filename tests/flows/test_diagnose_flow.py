@@ -77,6 +77,7 @@ def test_diagnose_reports_evidence_and_findings(
         "disk",
         "uploads-permissions",
         "network",
+        "response-times",
     }
     assert report["checks"]["postgres-long-queries"] == "warning"
     assert report["checks"]["queues"] == "warning"
