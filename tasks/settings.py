@@ -725,6 +725,41 @@ class DiagnoseSettings(_Section):
     http_timeout_seconds: float = Field(
         default=10.0, gt=0, le=120, description="time limit of each timed request, seconds"
     )
+    expected_upload_mb: float = Field(
+        default=10.0,
+        gt=0,
+        description="largest upload the app must accept, MiB: a lower limit on the request path is a finding",
+    )
+    nginx_config_argv: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "command printing the reverse proxy's loaded configuration, `nginx -T` (JSON list);"
+            " None: not read"
+        ),
+        examples=[["docker", "exec", "proxy", "nginx", "-T"]],
+    )
+    nginx_config_timeout_seconds: float = Field(
+        default=20.0, gt=0, le=300, description="time limit of the nginx configuration command, seconds"
+    )
+    nginx_server_names: list[str] = Field(
+        default_factory=list,
+        description="server_name of the app's nginx server blocks (JSON list); empty: every server block",
+        examples=[["api.example.com"]],
+    )
+    ingress_default_body_size: str = Field(
+        default="1m",
+        pattern=r"^[0-9]+[kKmMgG]?$",
+        description=(
+            "upload limit of an nginx Ingress without the proxy-body-size annotation: the ingress-nginx"
+            " ConfigMap's proxy-body-size (its own default is 1m)"
+        ),
+    )
+    backend_upload_limit_mb: float | None = Field(
+        default=None,
+        gt=0,
+        description="the backend's own upload limit (e.g. Multer's limits.fileSize), MiB; None: not known",
+    )
 
     @field_validator("log_patterns")
     @classmethod

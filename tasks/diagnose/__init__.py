@@ -14,7 +14,8 @@ Where things are:
 - one module per system inspected: ``postgres_checks`` (with ``sql_text``, literals masked),
   ``redis_checks``, ``queue_checks``, ``service_checks`` (runtime status, restarts, logs, usage),
   ``system_checks`` (disk, uploads directory, network), ``http_timing_checks`` (response times of the
-  app's endpoints, phase by phase);
+  app's endpoints, phase by phase), ``upload_limit_checks`` (upload size limits of nginx, Ingresses
+  and the backend);
 - ``runner``: every check by name, each run under a deadline (``deadline``);
 - ``prefect_tasks``: the Prefect tasks the diagnose flow submits.
 
@@ -89,6 +90,17 @@ from tasks.diagnose.system_checks import (
     uploads_findings,
     uploads_permissions,
 )
+from tasks.diagnose.upload_limit_checks import (
+    BodyLimit,
+    UploadLimitsEvidence,
+    ingress_body_limits,
+    nginx_body_limits,
+    parse_nginx_size,
+    read_nginx_config,
+    split_nginx_dump,
+    upload_limit_findings,
+    upload_limits,
+)
 from tasks.secrets import safe_error
 
 __all__ = [
@@ -106,6 +118,7 @@ __all__ = [
     "RB_SLOW",
     "RB_UPLOADS",
     "RB_WORKER",
+    "BodyLimit",
     "ConnectionGroup",
     "ConnectionsEvidence",
     "DiagnoseReport",
@@ -130,21 +143,26 @@ __all__ = [
     "TcpProbe",
     "TimingSample",
     "TopStatementsEvidence",
+    "UploadLimitsEvidence",
     "UploadsEvidence",
     "all_diagnostics",
     "connection_findings",
     "disk_findings",
     "disk_paths",
     "disk_space",
+    "ingress_body_limits",
     "long_queries",
     "mask_sql_literals",
     "network",
     "network_findings",
     "network_targets",
+    "nginx_body_limits",
+    "parse_nginx_size",
     "postgres_connections",
     "probe_tcp",
     "queue_findings",
     "queue_states",
+    "read_nginx_config",
     "read_redis_memory",
     "redis_memory",
     "redis_memory_findings",
@@ -158,9 +176,12 @@ __all__ = [
     "service_findings",
     "services",
     "shown_query",
+    "split_nginx_dump",
     "time_request",
     "timing_endpoints",
     "top_statements",
+    "upload_limit_findings",
+    "upload_limits",
     "uploads_findings",
     "uploads_permissions",
     "worst",

@@ -14,6 +14,7 @@ from tasks.diagnose.queue_checks import queue_states
 from tasks.diagnose.redis_checks import redis_memory
 from tasks.diagnose.service_checks import services
 from tasks.diagnose.system_checks import disk_paths, disk_space, network, uploads_permissions
+from tasks.diagnose.upload_limit_checks import upload_limits
 from tasks.reports import elapsed_ms
 from tasks.secrets import configured_secrets, mask_text, one_line, safe_error
 from tasks.settings import OpsSettings
@@ -36,6 +37,7 @@ def all_diagnostics(
         "uploads-permissions": lambda: uploads_permissions(settings),
         "network": lambda: network(settings),
         "response-times": lambda: response_times(settings),
+        "upload-limits": lambda: upload_limits(settings),
     }
 
 
@@ -50,6 +52,7 @@ _TITLES = {
     "uploads-permissions": "Uploads directory",
     "network": "Reachability and DNS",
     "response-times": "Response times",
+    "upload-limits": "Upload size limits",
 }
 
 

@@ -78,6 +78,7 @@ def test_diagnose_reports_evidence_and_findings(
         "uploads-permissions",
         "network",
         "response-times",
+        "upload-limits",
     }
     assert report["checks"]["postgres-long-queries"] == "warning"
     assert report["checks"]["queues"] == "warning"
