@@ -13,13 +13,24 @@ Where things are:
   sections and resolution flows findings point at, and how errors are worded (secrets masked);
 - one module per system inspected: ``postgres_checks`` (with ``sql_text``, literals masked),
   ``redis_checks``, ``queue_checks``, ``service_checks`` (runtime status, restarts, logs, usage),
-  ``system_checks`` (disk, uploads directory, network);
+  ``system_checks`` (disk, uploads directory, network), ``http_timing_checks`` (response times of the
+  app's endpoints, phase by phase), ``upload_limit_checks`` (upload size limits of nginx, Ingresses
+  and the backend);
 - ``runner``: every check by name, each run under a deadline (``deadline``);
 - ``prefect_tasks``: the Prefect tasks the diagnose flow submits.
 
 Import the names below from this package; the modules are how the code is organised, not an API.
 """
 
+from tasks.diagnose.http_timing_checks import (
+    EndpointTiming,
+    ResponseTimesEvidence,
+    TimingSample,
+    response_time_findings,
+    response_times,
+    time_request,
+    timing_endpoints,
+)
 from tasks.diagnose.model import (
     FLOW_CLEAN_JOBS,
     FLOW_CLEANUP_UPLOADS,
@@ -79,6 +90,17 @@ from tasks.diagnose.system_checks import (
     uploads_findings,
     uploads_permissions,
 )
+from tasks.diagnose.upload_limit_checks import (
+    BodyLimit,
+    UploadLimitsEvidence,
+    ingress_body_limits,
+    nginx_body_limits,
+    parse_nginx_size,
+    read_nginx_config,
+    split_nginx_dump,
+    upload_limit_findings,
+    upload_limits,
+)
 from tasks.secrets import safe_error
 
 __all__ = [
@@ -96,6 +118,7 @@ __all__ = [
     "RB_SLOW",
     "RB_UPLOADS",
     "RB_WORKER",
+    "BodyLimit",
     "ConnectionGroup",
     "ConnectionsEvidence",
     "DiagnoseReport",
@@ -103,6 +126,7 @@ __all__ = [
     "DiskEvidence",
     "DiskSpace",
     "DnsLookup",
+    "EndpointTiming",
     "Evidence",
     "Finding",
     "LogTail",
@@ -112,30 +136,39 @@ __all__ = [
     "PathEntry",
     "QueuesEvidence",
     "RedisMemory",
+    "ResponseTimesEvidence",
     "ServicesEvidence",
     "Severity",
     "StatementStat",
     "TcpProbe",
+    "TimingSample",
     "TopStatementsEvidence",
+    "UploadLimitsEvidence",
     "UploadsEvidence",
     "all_diagnostics",
     "connection_findings",
     "disk_findings",
     "disk_paths",
     "disk_space",
+    "ingress_body_limits",
     "long_queries",
     "mask_sql_literals",
     "network",
     "network_findings",
     "network_targets",
+    "nginx_body_limits",
+    "parse_nginx_size",
     "postgres_connections",
     "probe_tcp",
     "queue_findings",
     "queue_states",
+    "read_nginx_config",
     "read_redis_memory",
     "redis_memory",
     "redis_memory_findings",
     "resolve",
+    "response_time_findings",
+    "response_times",
     "run_diagnostic",
     "run_diagnostic_task",
     "safe_error",
@@ -143,7 +176,12 @@ __all__ = [
     "service_findings",
     "services",
     "shown_query",
+    "split_nginx_dump",
+    "time_request",
+    "timing_endpoints",
     "top_statements",
+    "upload_limit_findings",
+    "upload_limits",
     "uploads_findings",
     "uploads_permissions",
     "worst",

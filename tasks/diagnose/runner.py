@@ -7,12 +7,14 @@ import time
 from collections.abc import Callable
 
 from tasks.diagnose.deadline import with_deadline
+from tasks.diagnose.http_timing_checks import response_times
 from tasks.diagnose.model import Diagnosis, Finding, Severity
 from tasks.diagnose.postgres_checks import long_queries, postgres_connections, top_statements
 from tasks.diagnose.queue_checks import queue_states
 from tasks.diagnose.redis_checks import redis_memory
 from tasks.diagnose.service_checks import services
 from tasks.diagnose.system_checks import disk_paths, disk_space, network, uploads_permissions
+from tasks.diagnose.upload_limit_checks import upload_limits
 from tasks.reports import elapsed_ms
 from tasks.secrets import configured_secrets, mask_text, one_line, safe_error
 from tasks.settings import OpsSettings
@@ -34,6 +36,8 @@ def all_diagnostics(
         "disk": lambda: disk_space(disk_paths(settings), limits),
         "uploads-permissions": lambda: uploads_permissions(settings),
         "network": lambda: network(settings),
+        "response-times": lambda: response_times(settings),
+        "upload-limits": lambda: upload_limits(settings),
     }
 
 
@@ -47,6 +51,8 @@ _TITLES = {
     "disk": "Disk space",
     "uploads-permissions": "Uploads directory",
     "network": "Reachability and DNS",
+    "response-times": "Response times",
+    "upload-limits": "Upload size limits",
 }
 
 

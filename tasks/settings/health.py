@@ -130,6 +130,55 @@ class DiagnoseSettings(_Section):
     check_deadline_seconds: float = Field(
         default=30.0, gt=0, le=600, description="hard deadline of each diagnostic check, seconds"
     )
+    http_samples: int = Field(
+        default=5,
+        ge=1,
+        le=50,
+        description="requests timed per endpoint (health.urls and runtime.smoke_urls): median and worst",
+    )
+    http_slow_ms: float = Field(
+        default=1000.0,
+        gt=0,
+        description="response time above which an endpoint is slow (the runbook's 1 second), ms",
+    )
+    http_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=120, description="time limit of each timed request, seconds"
+    )
+    expected_upload_mb: float = Field(
+        default=10.0,
+        gt=0,
+        description="largest upload the app must accept, MiB: a lower limit on the request path is a finding",
+    )
+    nginx_config_argv: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "command printing the reverse proxy's loaded configuration, `nginx -T` (JSON list);"
+            " None: not read"
+        ),
+        examples=[["docker", "exec", "proxy", "nginx", "-T"]],
+    )
+    nginx_config_timeout_seconds: float = Field(
+        default=20.0, gt=0, le=300, description="time limit of the nginx configuration command, seconds"
+    )
+    nginx_server_names: list[str] = Field(
+        default_factory=list,
+        description="server_name of the app's nginx server blocks (JSON list); empty: every server block",
+        examples=[["api.example.com"]],
+    )
+    ingress_default_body_size: str = Field(
+        default="1m",
+        pattern=r"^[0-9]+[kKmMgG]?$",
+        description=(
+            "upload limit of an nginx Ingress without the proxy-body-size annotation: the ingress-nginx"
+            " ConfigMap's proxy-body-size (its own default is 1m)"
+        ),
+    )
+    backend_upload_limit_mb: float | None = Field(
+        default=None,
+        gt=0,
+        description="the backend's own upload limit (e.g. Multer's limits.fileSize), MiB; None: not known",
+    )
 
     @field_validator("log_patterns")
     @classmethod

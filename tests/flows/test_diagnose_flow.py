@@ -77,6 +77,8 @@ def test_diagnose_reports_evidence_and_findings(
         "disk",
         "uploads-permissions",
         "network",
+        "response-times",
+        "upload-limits",
     }
     assert report["checks"]["postgres-long-queries"] == "warning"
     assert report["checks"]["queues"] == "warning"
