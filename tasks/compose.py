@@ -7,7 +7,7 @@ scale) run the ``docker compose`` CLI through the one command runner.
 Image changes are pinned in a Compose override file (``runtime.compose.images_file``), passed to every
 ``docker compose`` call after the project's own files, so the project's files are never rewritten
 and a later ``up`` keeps the released images. Compose keeps no rollout history: ``history`` and
-``rollback`` read the release records (``tasks.releases``).
+``rollback`` read the release records given to the runtime (``tasks.releases.release_history``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from tasks.commands import CommandResult, run_command
 from tasks.errors import CommandError
 from tasks.runtime import (
     ChangeRecord,
+    ReleaseHistory,
     ResourceUsage,
     Revision,
     RuntimeOperationFailed,
@@ -60,8 +61,9 @@ class ComposeRuntime:
 
     kind = "compose"
 
-    def __init__(self, settings: OpsSettings) -> None:
+    def __init__(self, settings: OpsSettings, release_history: ReleaseHistory) -> None:
         self.settings = settings
+        self.release_history = release_history
         self.config = settings.runtime.compose
         self.project = self.config.project or settings.stack
         self.images_file = self.config.images_file or (
@@ -376,21 +378,10 @@ class ComposeRuntime:
     # -- history (from the release records: Compose keeps none) ---------------------------------
 
     def history(self, service: str) -> list[Revision]:
-        """The service's images over the recorded releases that ran healthy, oldest first."""
-        from tasks.releases import GOOD_STATUSES, ReleaseStore
-
+        """The service's images over the recorded releases that ran healthy, oldest first (Compose
+        keeps no rollout history: the release records given to this runtime are its history)."""
         running = self._service_status(service).image
-        revisions = [
-            Revision(
-                service=service,
-                revision=record.id,
-                images={service: record.images[service]},
-                created_at=record.created_at,
-                note=f"{record.kind} {record.status}",
-            )
-            for record in ReleaseStore.from_settings(self.settings).all()
-            if record.status in GOOD_STATUSES and service in record.images
-        ]
+        revisions = list(self.release_history(service))
         if revisions and revisions[-1].images[service] == running:
             revisions[-1] = dataclasses.replace(revisions[-1], current=True)
         return revisions

@@ -33,7 +33,7 @@ from tasks import health
 from tasks.errors import OpsError, ParameterError
 from tasks.health import CheckResult, HealthReport, Status
 from tasks.ops_task import ops_task
-from tasks.runtime import Revision, ServiceStatus
+from tasks.runtime import ReleaseHistory, Revision, ServiceStatus
 from tasks.secrets import mask_url
 from tasks.settings import OpsSettings, PostgresSettings
 
@@ -480,3 +480,23 @@ class Readiness:
 
 
 wait_verified_task = ops_task(wait_verified, name="wait-healthy")
+
+
+def release_history(settings: OpsSettings) -> ReleaseHistory:
+    """The recorded releases of this environment as a runtime's history: for each service, the
+    releases that ran healthy and name it, oldest first (what Compose rolls back to)."""
+
+    def history(service: str) -> list[Revision]:
+        return [
+            Revision(
+                service=service,
+                revision=record.id,
+                images={service: record.images[service]},
+                created_at=record.created_at,
+                note=f"{record.kind} {record.status}",
+            )
+            for record in ReleaseStore.from_settings(settings).all()
+            if record.status in GOOD_STATUSES and service in record.images
+        ]
+
+    return history

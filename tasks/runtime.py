@@ -8,7 +8,7 @@ that would change a service fails with an error that says so.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
@@ -191,6 +191,11 @@ def not_ready_summary(statuses: Sequence[ServiceStatus]) -> str:
     return ", ".join(f"{s.name} {s.ready}/{s.desired} ({s.state})" for s in statuses) or "no services"
 
 
+# A service's good recorded releases as revisions, oldest first: the history of a runtime that keeps
+# none of its own (Compose). The release records provide it (tasks.releases.release_history).
+ReleaseHistory = Callable[[str], list[Revision]]
+
+
 @runtime_checkable
 class Runtime(Protocol):
     """Operations every runtime provides (Compose and Kubernetes implement it; ``NoRuntime`` refuses).
@@ -316,8 +321,9 @@ def get_runtime(settings: OpsSettings) -> Runtime:
     kind = settings.runtime.kind
     if kind == "compose":
         from tasks.compose import ComposeRuntime
+        from tasks.releases import release_history
 
-        return ComposeRuntime(settings)
+        return ComposeRuntime(settings, release_history(settings))
     if kind == "kubernetes":
         from tasks.kubernetes import KubernetesRuntime
 
