@@ -35,14 +35,12 @@ from tasks.releases import (
 )
 from tasks.rollout import (
     apply_rollback,
-    change_lines,
     health_lines,
     histories,
     list_services,
     migration_revision,
-    readiness_lines,
+    rollout_sections,
     set_images,
-    status_table,
     wait_until_ready,
 )
 from tasks.runlog import run_logger
@@ -451,19 +449,7 @@ def deploy_release(
             "",
             *lines,
             "",
-            "## Before",
-            "",
-            status_table(before),
-            "",
-            "## Changes",
-            "",
-            *(change_lines(records) or ["No service was changed."]),
-            "",
-            "## After",
-            "",
-            status_table(after),
-            "",
-            *readiness_lines(readiness),
+            *rollout_sections(before=before, records=records, after=after, readiness=readiness),
             *(
                 ["## Readiness after the rollback", "", *rollback_readiness.lines(), ""]
                 if rollback_readiness
@@ -667,15 +653,7 @@ def rollback_release(
             "",
             *([f"- {s.describe()}" for s in steps] or ["No plan was made."]),
             "",
-            "## Changes",
-            "",
-            *(change_lines(records) or ["No service was changed."]),
-            "",
-            "## After",
-            "",
-            status_table(after),
-            "",
-            *readiness_lines(readiness),
+            *rollout_sections(before=None, records=records, after=after, readiness=readiness),
             *health_lines(report),
             "",
             "## Recent releases",

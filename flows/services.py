@@ -15,12 +15,10 @@ from tasks.errors import CheckFailed, ParameterError
 from tasks.health import HealthReport
 from tasks.releases import Readiness
 from tasks.rollout import (
-    change_lines,
     health_lines,
     list_services,
-    readiness_lines,
     restart,
-    status_table,
+    rollout_sections,
     wait_until_ready,
 )
 from tasks.runlog import run_logger
@@ -101,19 +99,13 @@ def restart_services(
             f"# Restart of {', '.join(names)} on {runtime.kind}: **{outcome}**",
             "",
             *([f"**Why:** {problem}", ""] if problem else []),
-            "## Before",
-            "",
-            status_table(before),
-            "",
-            "## Changes",
-            "",
-            *(change_lines(records) or ["Nothing was restarted."]),
-            "",
-            "## After",
-            "",
-            status_table(after),
-            "",
-            *readiness_lines(readiness),
+            *rollout_sections(
+                before=before,
+                records=records,
+                after=after,
+                readiness=readiness,
+                nothing_changed="Nothing was restarted.",
+            ),
             *health_lines(report),
         ]
         reports.publish_markdown(

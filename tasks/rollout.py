@@ -151,3 +151,28 @@ def health_lines(report: HealthReport | None) -> list[str]:
         "",
         reports.markdown_table(["check", "status", "latency", "finding"], rows),
     ]
+
+
+def rollout_sections(
+    *,
+    before: Sequence[ServiceStatus] | None,
+    records: Sequence[ChangeRecord],
+    after: Sequence[ServiceStatus],
+    readiness: Readiness | None,
+    nothing_changed: str = "No service was changed.",
+) -> list[str]:
+    """The sections every deploy, rollback and restart report has, in one order: the services before
+    (when known), the changes with the commands run, the services after, and the readiness waits."""
+    lines = ["## Before", "", status_table(before), ""] if before is not None else []
+    return [
+        *lines,
+        "## Changes",
+        "",
+        *(change_lines(records) or [nothing_changed]),
+        "",
+        "## After",
+        "",
+        status_table(after),
+        "",
+        *readiness_lines(readiness),
+    ]
