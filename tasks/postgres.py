@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,6 +19,7 @@ from psycopg import sql
 
 from tasks.errors import LockBusy
 from tasks.ops_task import ops_task
+from tasks.reports import elapsed_ms
 from tasks.secrets import safe_error as safe_error  # re-exported; callers pass settings.postgres
 from tasks.settings import PostgresSettings
 
@@ -211,3 +212,49 @@ def advisory_lock(
 
 
 probe_postgres_task = ops_task(probe_postgres, name="probe-postgres")
+
+
+@dataclass(frozen=True)
+class QueryCheck:
+    """One check query: passed when it ran without error and returned a row whose first value is
+    true (not false, NULL or 0)."""
+
+    query: str
+    ok: bool
+    value: str | None
+    error: str | None
+    ms: float
+
+    @property
+    def duration_ms(self) -> float:
+        return self.ms
+
+
+def run_check_queries(
+    settings: PostgresSettings, queries: Sequence[str], *, timeout_seconds: float, application_name: str
+) -> list[QueryCheck]:
+    """Run each query in its own read-only transaction under its own statement timeout.
+
+    ``SELECT count(*) > 0 FROM users`` and ``SELECT NOT EXISTS (SELECT ... orphans)`` are typical:
+    smoke queries after a migration, validation queries after a data recovery.
+    """
+    timeout_ms = int(timeout_seconds * 1000)
+    return [_check_query(settings, query, timeout_ms, application_name) for query in queries]
+
+
+def _check_query(
+    settings: PostgresSettings, query: str, timeout_ms: int, application_name: str
+) -> QueryCheck:
+    started = time.perf_counter()
+    try:
+        with connect(settings, autocommit=False, application_name=application_name) as conn:
+            conn.execute("SET TRANSACTION READ ONLY")
+            conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(timeout_ms)))
+            row = conn.execute(sql.SQL(query)).fetchone()  # the operator's own query
+            conn.rollback()
+    except psycopg.Error as exc:
+        return QueryCheck(query, False, None, safe_error(exc, settings), elapsed_ms(started))
+    value = None if row is None else row[0]
+    ok = row is not None and value is not False and value is not None and value != 0
+    error = None if ok else f"returned {'no row' if row is None else repr(value)}; expected a truthy value"
+    return QueryCheck(query, ok, None if value is None else str(value)[:200], error, elapsed_ms(started))

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from tasks.errors import CheckFailed, OpsError
+from tasks.postgres import QueryCheck
 
 # The target that means "every pending migration" (Alembic's head; a command tool's plain apply).
 HEAD = "head"
@@ -96,15 +97,8 @@ class ApplyRecord:
     seconds: float = 0.0
 
 
-@dataclass(frozen=True)
-class SmokeResult:
-    """One smoke query: passed when it ran without error and returned a row whose first value is truthy."""
-
-    query: str
-    ok: bool
-    value: str | None
-    error: str | None
-    ms: float
+# One smoke query's result: the project's one check-query result (query, ok, value, error, ms).
+SmokeResult = QueryCheck
 
 
 @dataclass(frozen=True)

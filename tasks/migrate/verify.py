@@ -2,41 +2,21 @@
 
 from __future__ import annotations
 
-import time
-
-import psycopg
-from psycopg import sql
-
 from tasks import postgres
 from tasks.migrate.config import is_head
 from tasks.migrate.model import MigrationPlan, SmokeResult, Verification
 from tasks.migrate.plan import migration_status
-from tasks.reports import elapsed_ms
 from tasks.settings import OpsSettings
 
 
 def run_smoke_queries(settings: OpsSettings) -> list[SmokeResult]:
     """Run each configured smoke query in a read-only transaction under its own statement timeout."""
-    timeout_ms = int(settings.migrations.smoke_timeout_seconds * 1000)
-    return [_smoke_query(settings, query, timeout_ms) for query in settings.migrations.smoke_queries]
-
-
-def _smoke_query(settings: OpsSettings, query: str, timeout_ms: int) -> SmokeResult:
-    t0 = time.perf_counter()
-    try:
-        with postgres.connect(
-            settings.postgres, autocommit=False, application_name="swagger2mcp-ops-smoke"
-        ) as conn:
-            conn.execute("SET TRANSACTION READ ONLY")
-            conn.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(timeout_ms)))
-            row = conn.execute(query).fetchone()
-            conn.rollback()
-    except psycopg.Error as exc:
-        return SmokeResult(query, False, None, postgres.safe_error(exc, settings.postgres), elapsed_ms(t0))
-    value = None if row is None else row[0]
-    ok = row is not None and value is not False and value is not None and value != 0
-    error = None if ok else f"returned {'no row' if row is None else repr(value)}; expected a truthy value"
-    return SmokeResult(query, ok, None if value is None else str(value)[:200], error, elapsed_ms(t0))
+    return postgres.run_check_queries(
+        settings.postgres,
+        settings.migrations.smoke_queries,
+        timeout_seconds=settings.migrations.smoke_timeout_seconds,
+        application_name="swagger2mcp-ops-smoke",
+    )
 
 
 def verify_migrations(settings: OpsSettings, plan: MigrationPlan) -> Verification:
