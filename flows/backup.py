@@ -15,11 +15,10 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Literal
 
-from prefect import flow, pause_flow_run
-from prefect.exceptions import FlowPauseTimeout
-from prefect.input import RunInput
+from prefect import flow
 
-from tasks import backup, locks, reports
+from tasks import approvals, backup, locks, reports
+from tasks.approvals import Approval
 from tasks.backup import (
     BackupCorrupt,
     BackupManifest,
@@ -29,16 +28,10 @@ from tasks.backup import (
     SwapBackPreflight,
     Verification,
 )
-from tasks.errors import ApprovalRejected, ParameterError
+from tasks.errors import ParameterError
+from tasks.reports import FailureReport
 from tasks.runlog import run_logger
 from tasks.settings import OpsSettings, load_settings
-
-
-class RestoreApproval(RunInput):
-    """The approval form shown in the UI before a restore replaces a database."""
-
-    approve: bool = False
-    reason: str = ""
 
 
 def _size(n: int | None) -> str:
@@ -164,11 +157,12 @@ def render_swap_back(plan: SwapBackPreflight) -> str:
     return "\n".join(lines)
 
 
-def _restore_done_markdown(result: RestoreResult, title: str) -> str:
+def _restore_done_markdown(result: RestoreResult, title: str, approval: Approval) -> str:
     return "\n".join(
         [
             f"# {title} of {result.target_database}: **done**",
             "",
+            f"- {approval.describe()}",
             f"- source: `{result.backup_id}`",
             f"- evidence: {result.comparison.summary()}",
             f"- old database: {result.old_database or '-'} ({'kept' if result.old_kept else 'dropped'})",
@@ -183,21 +177,18 @@ def _restore_done_markdown(result: RestoreResult, title: str) -> str:
     )
 
 
-def _ask_restore_approval(settings: OpsSettings, description: str, timeout_override: int | None) -> None:
-    """The restore approval form; a decline or a timeout raises :class:`ApprovalRejected`."""
-    timeout = timeout_override or int(settings.backup.approval_timeout_seconds)
-    try:
-        answer = pause_flow_run(
-            wait_for_input=RestoreApproval.with_initial_data(description=description, approve=False),
-            timeout=timeout,
-        )
-    except FlowPauseTimeout:
-        raise ApprovalRejected(f"no approval within {timeout}s; nothing was restored") from None
-    if not answer.approve:
-        raise ApprovalRejected(
-            f"restore declined ({answer.reason or 'no reason given'}); nothing was restored"
-        )
-    run_logger(__name__).info("restore approved: %s", answer.reason or "no reason given")
+def _approve_restore(
+    settings: OpsSettings, approved: bool, action: str, plan_markdown: str, timeout_override: int | None
+) -> Approval:
+    """The restore approval (form or ``approved``); a rejection or a timeout raises ApprovalRejected."""
+    record, _ = approvals.request_approval(
+        settings,
+        approved=approved,
+        action=action,
+        plan_markdown=plan_markdown,
+        timeout_seconds=timeout_override or int(settings.backup.approval_timeout_seconds),
+    )
+    return record
 
 
 def _swap_back(
@@ -229,11 +220,16 @@ def _swap_back(
             "connections": len(plan.connections),
         }
     reports.publish_markdown(key, f"# Undo: waiting for approval\n\n{description}", "Undo plan")
-    if not approved:
-        _ask_restore_approval(settings, description, approval_timeout_seconds)
+    approval = _approve_restore(
+        settings,
+        approved,
+        f"swap {kept} back in place of {target_database}",
+        description,
+        approval_timeout_seconds,
+    )
     result = backup.swap_back_task(settings, kept, target_database=target_database)
     reports.publish_markdown(
-        key, _restore_done_markdown(result, "Undo (swap back)"), f"Undo of {target_database}: done"
+        key, _restore_done_markdown(result, "Undo (swap back)", approval), f"Undo of {target_database}: done"
     )
     return {
         "dry_run": False,
@@ -246,11 +242,8 @@ def _swap_back(
         "tables": result.comparison.tables_compared,
         "rows": result.comparison.rows_compared,
         "terminated_connections": result.terminated_connections,
+        "approval": approval.describe(),
     }
-
-
-def _publish_failure(key: str, title: str, exc: BaseException) -> None:
-    reports.publish_markdown(key, f"# {title}: **failed**\n\n{type(exc).__name__}: {exc}", f"{title}: failed")
 
 
 @flow(name="backup-database", log_prints=True)
@@ -280,7 +273,10 @@ def backup_database(
     settings = load_settings()
     logger = run_logger(__name__)
     key = f"backup-{settings.stack}"
-    try:
+    # A backup that fails its verification has its own report (status FAILED) already.
+    with reports.publishing(
+        FailureReport(key, "Backup"), FailureReport.publish, settings, reported=(BackupCorrupt,)
+    ):
         manifest = backup.create_backup_task(
             settings,
             database=database,
@@ -311,10 +307,6 @@ def backup_database(
             )
         logger.info("backup %s done (%s)", manifest.id, status)
         return manifest.model_dump(mode="json")
-    except BaseException as exc:
-        if not isinstance(exc, BackupCorrupt):
-            _publish_failure(key, "Backup", exc)
-        raise
 
 
 @flow(name="verify-backup", log_prints=True)
@@ -339,7 +331,9 @@ def verify_backup(
     """
     settings = load_settings()
     key = f"verify-backup-{settings.stack}"
-    try:
+    with reports.publishing(
+        FailureReport(key, "Backup verification"), FailureReport.publish, settings, reported=(BackupCorrupt,)
+    ):
         manifest = backup.resolve_backup_task(settings, backup_id, database=database)
         result = backup.verify_backup_task(settings, manifest.id, level)
         listing = backup.list_backups_task(settings, database)
@@ -353,10 +347,6 @@ def verify_backup(
         if not result.ok:
             raise BackupCorrupt(f"backup {manifest.id} failed its {level} verification: {result.detail}")
         return result.model_dump(mode="json")
-    except BaseException as exc:
-        if not isinstance(exc, BackupCorrupt):
-            _publish_failure(key, "Backup verification", exc)
-        raise
 
 
 def _publish_listing(settings: OpsSettings, listing: list[BackupManifest]) -> None:
@@ -409,7 +399,12 @@ def prune_backups(database: str | None = None, confirm: bool = False) -> dict[st
     """
     settings = load_settings()
     key = f"prune-backups-{settings.stack}"
-    try:
+    with reports.publishing(
+        FailureReport(key, "Backup retention"),
+        FailureReport.publish,
+        settings,
+        reported=(backup.ManifestUnreadable,),
+    ):
         # Plan and delete under one lock: two workers never select and delete the same backup.
         with _prune_lock(settings) if confirm else contextlib.nullcontext():
             plan = backup.retention_plan_task(settings, database)
@@ -433,10 +428,6 @@ def prune_backups(database: str | None = None, confirm: bool = False) -> dict[st
             "deleted": result.deleted_backups,
             "unfinished": [u.key for u in plan.unfinished] + plan.orphans,
         }
-    except BaseException as exc:
-        if not isinstance(exc, backup.ManifestUnreadable):
-            _publish_failure(key, "Backup retention", exc)
-        raise
 
 
 @flow(name="restore-database", log_prints=True)
@@ -460,7 +451,8 @@ def restore_database(
         backup_id: an id, ``latest`` or ``latest-verified`` (the newest backup that passed a restore drill).
         target_database: database to replace; defaults to the backup's database.
         dry_run: only show the preflight (what would happen); nothing is touched.
-        approved: skip the approval form (CI, staging, incident automation).
+        approved: pre-approve instead of the approval form (CI, staging); refused where
+            pre-approval is not allowed (``approvals.allow_preapproved``; by default in production).
         keep_old: keep the replaced database as ``<target>__old_<time>`` (read-only by default; the
             result lists its tables whose rows changed since the backup) instead of dropping it.
         create_missing: allow restoring a database that no longer exists.
@@ -476,7 +468,9 @@ def restore_database(
         The preflight (dry run) or the restore's change record with the comparison.
 
     Raises:
-        ApprovalRejected: the approval was declined or timed out; nothing was touched.
+        ParameterError: ``approved`` where pre-approval is not allowed, or a bad parameter; nothing done.
+        ApprovalRejected: the approval was rejected or timed out; nothing was touched (the report's
+            outcome is "not applied: ...").
         BackupCorrupt: the backup failed its checksum; nothing was touched.
         RestoreFailed: the restore or its verification failed; the target is unchanged.
     """
@@ -484,7 +478,9 @@ def restore_database(
     key = f"restore-{settings.stack}"
     if approval_timeout_seconds is not None and approval_timeout_seconds <= 0:
         raise ParameterError("approval_timeout_seconds must be positive")
-    try:
+    with reports.publishing(FailureReport(key, "Restore"), FailureReport.publish, settings):
+        # Refused here, before the backup is even read, where pre-approval is not allowed.
+        approvals.check_preapproval(settings, approved)
         if swap_back:
             return _swap_back(
                 settings,
@@ -519,8 +515,13 @@ def restore_database(
                 "connections": len(plan.connections),
             }
         reports.publish_markdown(key, f"# Restore: waiting for approval\n\n{preflight_md}", "Restore plan")
-        if not approved:
-            _ask_restore_approval(settings, preflight_md, approval_timeout_seconds)
+        approval = _approve_restore(
+            settings,
+            approved,
+            f"restore backup {manifest.id} over {plan.target_database}",
+            preflight_md,
+            approval_timeout_seconds,
+        )
         backup.checksum_backup_task(settings, manifest)
         result: RestoreResult = backup.restore_backup_task(
             settings,
@@ -532,7 +533,9 @@ def restore_database(
         )
         comparison = result.comparison
         reports.publish_markdown(
-            key, _restore_done_markdown(result, "Restore"), f"Restore of {result.target_database}: done"
+            key,
+            _restore_done_markdown(result, "Restore", approval),
+            f"Restore of {result.target_database}: done",
         )
         return {
             "dry_run": False,
@@ -545,10 +548,8 @@ def restore_database(
             "tables": comparison.tables_compared,
             "rows": comparison.rows_compared,
             "terminated_connections": result.terminated_connections,
+            "approval": approval.describe(),
         }
-    except BaseException as exc:
-        _publish_failure(key, "Restore", exc)
-        raise
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ class DependencyRun:
     staging: str | None = None
     pruned: WorkingCopyPrune | None = None
     outcome: str = "running"
-    error: str | None = None
+    failure: str | None = None
 
     @property
     def delta(self) -> AdvisoryDelta | None:
@@ -209,8 +209,8 @@ def render_markdown(run: DependencyRun) -> str:
         lines.append(f"- staging: {run.staging}")
     if run.pruned is not None:
         lines.append(f"- {_prune_line(run.pruned)}")
-    if run.error:
-        lines += ["", "## What failed", "", run.error]
+    if run.failure:
+        lines += ["", "## What failed", "", run.failure]
     rows = change_rows(run)
     lines += ["", "## Packages", ""]
     lines.append(
@@ -389,14 +389,8 @@ def update_dependencies(
         check_staging_image_task(settings)
 
     run = DependencyRun(settings.stack, scope, source.resolve(), deploy_to_staging)
-    try:
+    with reports.publishing(run, publish_report, settings, running=("running",)):
         _update(settings, run, build=build)
-    except BaseException as exc:
-        run.outcome = "failed" if run.outcome == "running" else run.outcome
-        run.error = str(exc)
-        raise
-    finally:
-        publish_report(run)
     logger.info("dependency update (%s): %s", scope, run.outcome)
     return run.summary()
 

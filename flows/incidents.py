@@ -17,15 +17,16 @@ Everything destructive is a dry run by default; every flow publishes its report 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from prefect import flow, pause_flow_run
-from prefect.exceptions import FlowPauseTimeout
-from prefect.input import RunInput
+from prefect import flow
+from pydantic import Field
 
-from tasks import backup, incidents, locks, postgres, queues, redisdb, releases, reports, scaling
+from tasks import approvals, backup, incidents, locks, postgres, queues, redisdb, releases, reports, scaling
+from tasks.approvals import ApprovalForm
 from tasks.errors import ApprovalRejected, CheckFailed, ParameterError
 from tasks.health import HealthReport, Status
 from tasks.incidents import (
@@ -40,6 +41,7 @@ from tasks.incidents import (
     ValidationResult,
 )
 from tasks.redisdb import FlushRecord, KeyCensus
+from tasks.reports import RunOutcome
 from tasks.runlog import run_logger
 from tasks.runtime import RuntimeUnavailable, ServiceStatus, get_runtime
 from tasks.scaling import ReplicaCount
@@ -47,33 +49,13 @@ from tasks.secrets import configured_secrets, safe_error
 from tasks.settings import OpsSettings, load_settings
 
 
-class RollbackApproval(RunInput):
-    """The form shown before outage-triage starts rollback-release."""
+class RecoveryApproval(ApprovalForm):
+    """The form shown before recover-data stops the application and replaces the database: it can
+    name another backup than the one planned."""
 
-    approve: bool = False
-    reason: str = ""
-
-
-class RecoveryApproval(RunInput):
-    """The form shown before recover-data stops the application and replaces the database."""
-
-    approve: bool = False
-    backup_id: str = ""
-    reason: str = ""
-
-
-class RotationApproval(RunInput):
-    """The form shown before security-incident replaces secrets and restarts the services."""
-
-    approve: bool = False
-    reason: str = ""
-
-
-class FlushApproval(RunInput):
-    """The form shown before flush-redis runs FLUSHDB."""
-
-    approve: bool = False
-    reason: str = ""
+    backup_id: str = Field(
+        default="", description="the backup to restore (another id than planned is allowed)"
+    )
 
 
 def _timeout(settings: OpsSettings, override: int | None) -> int:
@@ -82,33 +64,10 @@ def _timeout(settings: OpsSettings, override: int | None) -> int:
     return override or int(settings.incidents.approval_timeout_seconds)
 
 
-def ask_approval(
-    form: type[RunInput], description: str, timeout: int, nothing_done: str, **initial: Any
-) -> Any:
-    """Pause for the approval form; a decline or a timeout raises :class:`ApprovalRejected`.
-
-    ``initial`` pre-fills more fields of the form (the backup to restore).
-    """
-    try:
-        # The form's own fields (approve, reason...) are read below: typed as Any, not as RunInput.
-        answer: Any = pause_flow_run(
-            wait_for_input=form.with_initial_data(description=description, approve=False, **initial),
-            timeout=timeout,
-            # Short timeouts (tests, CI) should not wait for the default 10 s poll.
-            poll_interval=max(1, min(10, timeout // 4)),
-        )
-    except FlowPauseTimeout:
-        raise ApprovalRejected(f"no approval within {timeout}s; {nothing_done}") from None
-    if not answer.approve:
-        raise ApprovalRejected(f"declined ({answer.reason or 'no reason given'}); {nothing_done}")
-    run_logger(__name__).info("approved: %s", answer.reason or "no reason given")
-    return answer
-
-
-def _failure_line(exc: BaseException | None, settings: OpsSettings) -> list[str]:
-    if exc is None:
+def _failure_line(run: RunOutcome) -> list[str]:
+    if run.failure is None:
         return []
-    return ["", f"**Error:** {safe_error(exc, settings)}"]
+    return ["", f"**Error:** {run.failure}"]
 
 
 def _steps_table(steps: StepLog) -> str:
@@ -158,6 +117,7 @@ def render_triage(
     window: timedelta,
     proposal: RollbackProposal | None,
     rollback: Any,
+    approval: str = "",
 ) -> str:
     """The triage as markdown: services, checks, recent changes, the proposal and what became of it."""
     lines = [f"# Outage triage of {stack}: {outcome}", "", "## Services", ""]
@@ -188,6 +148,8 @@ def render_triage(
         lines.append("If the database is damaged, see recover-data (Data Loss / Corruption).")
     else:
         lines += ["Proposed:", "", proposal.describe()]
+        if approval:
+            lines += ["", f"Approval: {approval}"]
         if isinstance(rollback, dict):
             health = (rollback.get("health") or {}).get("status", "not checked")
             lines += ["", f"rollback-release: back to {rollback.get('target')}; health {health}."]
@@ -209,7 +171,7 @@ def _start_rollback(settings: OpsSettings, proposal: RollbackProposal) -> Any:
 @flow(name="outage-triage", log_prints=True)
 def outage_triage(
     window_hours: float | None = None,
-    approve_rollback: bool = False,
+    approved: bool = False,
     propose_when_healthy: bool = False,
     approval_timeout_seconds: int | None = None,
 ) -> dict[str, Any]:
@@ -219,21 +181,26 @@ def outage_triage(
     2. Recent changes: release records (deploys, rollbacks), rollout revisions, migration runs and the
        database's migration revision.
     3. When a release happened within the window and the stack is not healthy, a rollback is proposed;
-       an approval (or ``approve_rollback``) starts ``rollback-release``, which refuses to cross a
+       an approval (or ``approved``) starts ``rollback-release``, which refuses to cross a
        database migration applied since. If the database is damaged, run ``recover-data``.
 
     Args:
         window_hours: how recent a release must be to be suspected; default
             ``incidents.release_window_hours`` (2).
-        approve_rollback: start the rollback without the approval form.
+        approved: start the rollback without the approval form; refused before anything where
+            pre-approval is not allowed (``approvals.allow_preapproved``; by default in production).
         propose_when_healthy: propose a rollback after a recent release even when every check passes.
         approval_timeout_seconds: how long the form waits; default ``incidents.approval_timeout_seconds``.
 
     Returns:
         The outcome (``no-recent-release``, ``rollback-declined``, ``rolled-back``...), the health status,
-        the recent changes and the proposal.
+        the recent changes, the proposal and the approval (who, when, why; or why not).
+
+    Raises:
+        ParameterError: a bad parameter, or ``approved`` where pre-approval is not allowed.
     """
     settings = load_settings()
+    approvals.check_preapproval(settings, approved)
     if window_hours is not None and window_hours <= 0:
         raise ParameterError("window_hours must be positive")
     timeout = _timeout(settings, approval_timeout_seconds)
@@ -247,9 +214,27 @@ def outage_triage(
     migration = None
     proposal: RollbackProposal | None = None
     rollback: Any = None
-    outcome = "failed"
-    error: BaseException | None = None
-    try:
+    approval = ""
+
+    def publish(run: RunOutcome) -> None:
+        markdown = render_triage(
+            settings.stack,
+            run.outcome,
+            statuses,
+            runtime_error,
+            report,
+            changes,
+            migration,
+            window,
+            proposal,
+            rollback,
+            approval,
+        ) + "\n".join(_failure_line(run))
+        reports.publish_markdown(key, markdown, f"Outage triage of {settings.stack}: {run.outcome}")
+        if changes:
+            reports.publish_table(f"{key}-changes", [c.as_row() for c in changes], "Recent changes")
+
+    with reports.publishing(RunOutcome(), publish, settings) as run:
         runtime = get_runtime(settings)
         try:
             statuses = incidents.service_statuses_task(runtime)
@@ -278,9 +263,9 @@ def outage_triage(
             propose_when_healthy=propose_when_healthy,
         )
         if proposal is None:
-            outcome = "healthy" if healthy else "no-recent-release"
+            run.outcome = "healthy" if healthy else "no-recent-release"
         else:
-            outcome = "rollback proposed"
+            run.outcome = "rollback proposed"
             reports.publish_markdown(
                 key,
                 render_triage(
@@ -298,17 +283,25 @@ def outage_triage(
                 "Outage triage: rollback proposed",
             )
             try:
-                if not approve_rollback:
-                    ask_approval(RollbackApproval, proposal.describe(), timeout, "nothing was rolled back")
+                record, _ = approvals.request_approval(
+                    settings,
+                    approved=approved,
+                    action=f"roll back to release {proposal.target_release}",
+                    plan_markdown=proposal.describe(),
+                    timeout_seconds=timeout,
+                )
             except ApprovalRejected as exc:
-                outcome = "rollback-declined"
+                # The triage itself is done; only the rollback was not applied.
+                run.outcome = "rollback-declined"
+                approval = str(exc)
                 logger.info("rollback not started: %s", exc)
             else:
-                outcome = "rollback failed"  # until the subflow returns
+                approval = record.describe()
+                run.outcome = "rollback failed"  # until the subflow returns
                 rollback = _start_rollback(settings, proposal)
-                outcome = "rolled-back"
+                run.outcome = "rolled-back"
         return {
-            "outcome": outcome,
+            "outcome": run.outcome,
             "health": report.status.value,
             "services": [
                 {"name": s.name, "image": s.image, "ready": s.ready, "desired": s.desired, "state": s.state}
@@ -324,26 +317,8 @@ def outage_triage(
                 "target_images": proposal.target_images,
             },
             "rollback": rollback if isinstance(rollback, dict | None) else str(rollback),
+            "approval": approval or None,
         }
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        markdown = render_triage(
-            settings.stack,
-            outcome,
-            statuses,
-            runtime_error,
-            report,
-            changes,
-            migration,
-            window,
-            proposal,
-            rollback,
-        ) + "\n".join(_failure_line(error, settings))
-        reports.publish_markdown(key, markdown, f"Outage triage of {settings.stack}: {outcome}")
-        if changes:
-            reports.publish_table(f"{key}-changes", [c.as_row() for c in changes], "Recent changes")
 
 
 # --- Data Loss / Corruption -----------------------------------------------------------------------
@@ -384,9 +359,12 @@ def render_recovery(
     restore: backup.RestoreResult | None,
     queries: Sequence[str] = (),
     queries_source: str = "incidents.validation_queries",
+    approval: str = "",
 ) -> str:
     """The recovery as markdown: plan, every step with its timing, evidence, validation, health."""
     lines = [f"# Data recovery of {stack}: {outcome}", "", "## Steps", "", _steps_table(steps)]
+    if approval:
+        lines += ["", f"Approval: {approval}"]
     if preflight is not None:
         lines += ["", "## Plan", ""]
         if recorded:
@@ -496,7 +474,8 @@ def recover_data(
 
     1. Assess: candidate backups with their verification state and times, the restore plan, the
        replicas of the services that write (``incidents.stop_services``, default backend and worker).
-    2. Approval (or ``approved``); the form can name another backup.
+    2. Approval (or ``approved``, refused before anything where pre-approval is not allowed); the
+       form can name another backup.
     3. Stop all writes: read the replica counts again (they may have changed while the approval
        waited), then scale those services to 0.
     4. Restore the backup: into a scratch database, proven equal to its manifest, swapped in atomically.
@@ -512,7 +491,8 @@ def recover_data(
     Args:
         backup_id: an id, ``latest`` or ``latest-verified`` (the newest backup that passed a restore drill).
         dry_run: only report the plan (the default); nothing is stopped or restored.
-        approved: skip the approval form.
+        approved: pre-approve instead of the approval form (drills, staging); refused where
+            pre-approval is not allowed (``approvals.allow_preapproved``; by default in production).
         target_database: the database to replace; default the application's (``OPS_POSTGRES__DSN``).
             The backup must be of that database.
         stop_writes: scale the writers to 0 during the restore; false when the application is stopped
@@ -526,8 +506,10 @@ def recover_data(
         The outcome, the backup restored, the replica counts, the validation results and the step timings.
 
     Raises:
-        ParameterError: an empty validation query, or ``candidates`` under 1; nothing was done.
-        ApprovalRejected: declined or timed out; nothing was changed.
+        ParameterError: an empty validation query, ``candidates`` under 1, or ``approved`` where
+            pre-approval is not allowed; nothing was done.
+        ApprovalRejected: rejected or timed out; nothing was changed (the report's outcome is
+            "not applied: ...").
         LockBusy: another run recovers, restores or migrates the database (on any worker; it is named);
             nothing was changed.
         CheckFailed: a validation query failed (the message names the kept database, the undo, the other
@@ -535,6 +517,7 @@ def recover_data(
             back either way).
     """
     settings = load_settings()
+    approvals.check_preapproval(settings, approved)
     incidents.require_settings(settings)
     timeout = _timeout(settings, approval_timeout_seconds)
     if candidates < 1:
@@ -558,10 +541,37 @@ def recover_data(
     validations: list[ValidationResult] = []
     report: HealthReport | None = None
     restore: backup.RestoreResult | None = None
-    outcome = "failed"
-    error: BaseException | None = None
+    approval = ""
     held = contextlib.ExitStack()
-    try:
+
+    def publish(run: RunOutcome) -> None:
+        held.close()
+        markdown = render_recovery(
+            settings.stack,
+            run.outcome,
+            steps,
+            preflight,
+            listing,
+            recorded,
+            validations,
+            report,
+            restore,
+            queries,
+            queries_source,
+            approval,
+        ) + "\n".join(_failure_line(run))
+        reports.publish_markdown(key, markdown, f"Data recovery of {settings.stack}: {run.outcome}")
+        reports.publish_table(f"{key}-steps", steps.rows(), "Each step with its timing")
+        if listing:
+            reports.publish_table(
+                f"{key}-backups",
+                _backup_rows(listing, preflight.backup_id if preflight else None),
+                "Candidate backups, newest first, with their verification state",
+            )
+
+    with reports.publishing(
+        RunOutcome(), publish, settings, running=("started", "waiting for approval")
+    ) as run:
         if not dry_run:
             # The database's restore lock, for the whole recovery (replica counts included), on every
             # worker: a second recovery, a restore or a migration of it waits, then refuses naming this run.
@@ -596,7 +606,7 @@ def recover_data(
             replicas = ", ".join(f"{r.service}={r.replicas}" for r in recorded) or "-"
             step.detail = f"backup {manifest.id}; replicas {replicas}"
         if dry_run:
-            outcome = "dry run (plan only)"
+            run.outcome = "dry run (plan only)"
             return {
                 "outcome": "dry-run",
                 "backup_id": manifest.id,
@@ -607,12 +617,12 @@ def recover_data(
                 "candidates": [m.id for m in listing],
             }
         if not approved:
-            outcome = "waiting for approval"
+            run.outcome = "waiting for approval"
             reports.publish_markdown(
                 key,
                 render_recovery(
                     settings.stack,
-                    outcome,
+                    run.outcome,
                     steps,
                     preflight,
                     listing,
@@ -625,32 +635,40 @@ def recover_data(
                 ),
                 "Data recovery: waiting for approval",
             )
+        ask = functools.partial(
+            approvals.request_approval,
+            settings,
+            approved=approved,
+            action=f"stop the writers and restore backup {manifest.id} over {preflight.target_database}",
+            plan_markdown=render_recovery(
+                settings.stack,
+                "approve?",
+                steps,
+                preflight,
+                listing,
+                recorded,
+                [],
+                None,
+                None,
+                queries,
+                queries_source,
+            ),
+            timeout_seconds=timeout,
+            form=RecoveryApproval,
+            backup_id=manifest.id,
+        )
+        if approved:
+            record, answer = ask()
+        else:
             with steps.step("approval"):
-                answer = ask_approval(
-                    RecoveryApproval,
-                    render_recovery(
-                        settings.stack,
-                        "approve?",
-                        steps,
-                        preflight,
-                        listing,
-                        recorded,
-                        [],
-                        None,
-                        None,
-                        queries,
-                        queries_source,
-                    ),
-                    timeout,
-                    "nothing was stopped or restored",
-                    backup_id=manifest.id,
-                )
-            if answer.backup_id and answer.backup_id != manifest.id:
-                manifest = backup.resolve_backup_task(settings, answer.backup_id, database=database)
-                preflight = backup.restore_preflight_task(
-                    settings, manifest, target_database=preflight.target_database, keep_old=True
-                )
-                logger.info("the approval chose backup %s", manifest.id)
+                record, answer = ask()
+        approval = record.describe()
+        if answer is not None and answer.backup_id and answer.backup_id != manifest.id:
+            manifest = backup.resolve_backup_task(settings, answer.backup_id, database=database)
+            preflight = backup.restore_preflight_task(
+                settings, manifest, target_database=preflight.target_database, keep_old=True
+            )
+            logger.info("the approval chose backup %s", manifest.id)
         primary: BaseException | None = None
         validation_error: CheckFailed | None = None
         try:
@@ -720,13 +738,13 @@ def recover_data(
             report = incidents.health_report_task(settings)
             step.detail = report.status.value
         if validation_error is not None:
-            outcome = "restored, validation failed"
+            run.outcome = "restored, validation failed"
             raise CheckFailed(
                 _validation_next_steps(
                     validation_error, settings, manifest, restore, report, [m.id for m in listing]
                 )
             )
-        outcome = "recovered" if report.status is not Status.UNHEALTHY else "restored, but unhealthy"
+        run.outcome = "recovered" if report.status is not Status.UNHEALTHY else "restored, but unhealthy"
         if report.status is Status.UNHEALTHY:
             raise CheckFailed(
                 f"{settings.stack} is unhealthy after the recovery: "
@@ -743,35 +761,8 @@ def recover_data(
             "validations": [{"query": v.query, "ok": v.ok, "value": v.value} for v in validations],
             "health": report.status.value,
             "steps": steps.rows(),
+            "approval": approval,
         }
-    except BaseException as exc:
-        error = exc
-        if outcome in {"failed", "waiting for approval"}:
-            outcome = "declined" if isinstance(exc, ApprovalRejected) else "failed"
-        raise
-    finally:
-        held.close()
-        markdown = render_recovery(
-            settings.stack,
-            outcome,
-            steps,
-            preflight,
-            listing,
-            recorded,
-            validations,
-            report,
-            restore,
-            queries,
-            queries_source,
-        ) + "\n".join(_failure_line(error, settings))
-        reports.publish_markdown(key, markdown, f"Data recovery of {settings.stack}: {outcome}")
-        reports.publish_table(f"{key}-steps", steps.rows(), "Each step with its timing")
-        if listing:
-            reports.publish_table(
-                f"{key}-backups",
-                _backup_rows(listing, preflight.backup_id if preflight else None),
-                "Candidate backups, newest first, with their verification state",
-            )
 
 
 # --- Security Incident ----------------------------------------------------------------------------
@@ -786,9 +777,12 @@ def render_security(
     plan: RotationPlan | None,
     record: RotationRecord | None,
     report: HealthReport | None,
+    approval: str = "",
 ) -> str:
     """The incident response as markdown; secrets appear only as names and fingerprints."""
     lines = [f"# Security incident on {stack}: {outcome}", "", "## Steps", "", _steps_table(steps)]
+    if approval:
+        lines += ["", f"Approval: {approval}"]
     if bundle is not None:
         lines += [
             "",
@@ -855,7 +849,7 @@ def render_security(
 @flow(name="security-incident", log_prints=True)
 def security_incident(
     dry_run: bool = True,
-    approve_rotation: bool = False,
+    approved: bool = False,
     rotate: list[str] | None = None,
     restart: bool = True,
     approval_timeout_seconds: int | None = None,
@@ -867,7 +861,7 @@ def security_incident(
        timestamped bundle in the storage with a sha256 manifest; the bundle is re-read and verified.
     2. Plan the rotation of what ``incidents.rotate_roles`` and ``incidents.app_secrets`` name (or the
        ``rotate`` subset), checking that each role, env file and Secret exists.
-    3. Approval (or ``approve_rotation``); then rotate: role passwords (``ALTER ROLE``), app secrets in
+    3. Approval (or ``approved``); then rotate: role passwords (``ALTER ROLE``), app secrets in
        the Compose env file or the Kubernetes Secret, all or nothing.
     4. Redeploy: a rolling restart of ``incidents.restart_services`` (default every service) so the new
        secrets are read, then a health check.
@@ -876,7 +870,8 @@ def security_incident(
 
     Args:
         dry_run: collect evidence and show the rotation plan only (the default).
-        approve_rotation: rotate without the approval form.
+        approved: rotate without the approval form; refused before anything (the evidence too) where
+            pre-approval is not allowed (``approvals.allow_preapproved``; by default in production).
         rotate: names of roles / app secrets to rotate; default all configured.
         restart: restart the services after rotating (they keep old secrets until they do).
         approval_timeout_seconds: how long the form waits; default ``incidents.approval_timeout_seconds``.
@@ -886,11 +881,14 @@ def security_incident(
 
     Raises:
         EvidenceTampered: the bundle did not verify right after it was written.
+        ParameterError: a bad parameter, or ``approved`` where pre-approval is not allowed.
         RotationRefused: the plan has problems; nothing was rotated (evidence is kept).
-        ApprovalRejected: the rotation was declined or timed out (evidence is kept).
+        ApprovalRejected: the rotation was rejected or timed out (evidence is kept; the report's
+            outcome is "not applied: ...").
         LockBusy: another run rotates this stack's secrets (on any worker; it is named); nothing was rotated.
     """
     settings = load_settings()
+    approvals.check_preapproval(settings, approved)
     timeout = _timeout(settings, approval_timeout_seconds)
     logger = run_logger(__name__)
     key = f"security-incident-{settings.stack}"
@@ -900,10 +898,24 @@ def security_incident(
     plan: RotationPlan | None = None
     record: RotationRecord | None = None
     report: HealthReport | None = None
-    outcome = "failed"
-    error: BaseException | None = None
+    approval = ""
     held = contextlib.ExitStack()
-    try:
+
+    def publish(run: RunOutcome) -> None:
+        held.close()
+        markdown = render_security(
+            settings.stack, run.outcome, steps, bundle, verification, plan, record, report, approval
+        ) + "\n".join(_failure_line(run))
+        reports.publish_markdown(key, markdown, f"Security incident on {settings.stack}: {run.outcome}")
+        reports.publish_table(f"{key}-steps", steps.rows(), "Each step with its timing")
+        if record is not None and record.secrets:
+            reports.publish_table(
+                f"{key}-secrets", [s.as_row() for s in record.secrets], "Secrets: names and fingerprints only"
+            )
+
+    with reports.publishing(
+        RunOutcome(), publish, settings, running=("started", "waiting for approval")
+    ) as run:
         runtime = get_runtime(settings)
         with steps.step("collect evidence") as step:
             bundle = incidents.collect_evidence_task(settings, runtime)
@@ -917,10 +929,10 @@ def security_incident(
             plan = incidents.plan_rotation_task(settings, only=rotate)
             step.detail = f"{len(plan.targets)} secrets, {len(plan.problems)} problems"
         if plan.empty:
-            outcome = "evidence collected; nothing configured to rotate"
+            run.outcome = "evidence collected; nothing configured to rotate"
         elif dry_run:
             record = incidents.rotate_secrets_task(settings, plan, confirm=False)
-            outcome = "evidence collected; rotation dry run"
+            run.outcome = "evidence collected; rotation dry run"
         else:
             held.enter_context(
                 locks.exclusive(
@@ -932,20 +944,28 @@ def security_incident(
             )
             if plan.problems:
                 raise RotationRefused("rotation refused, nothing was changed: " + "; ".join(plan.problems))
-            if not approve_rotation:
-                outcome = "waiting for approval"
+            ask = functools.partial(
+                approvals.request_approval,
+                settings,
+                approved=approved,
+                action=f"rotate {len(plan.targets)} secret(s) of {settings.stack}"
+                " (the evidence bundle is kept either way)",
+                plan_markdown="Rotate:\n" + "\n".join(f"- {t.describe()}" for t in plan.targets),
+                timeout_seconds=timeout,
+            )
+            if approved:
+                approval = ask()[0].describe()
+            else:
+                run.outcome = "waiting for approval"
                 reports.publish_markdown(
                     key,
-                    render_security(settings.stack, outcome, steps, bundle, verification, plan, None, None),
+                    render_security(
+                        settings.stack, run.outcome, steps, bundle, verification, plan, None, None
+                    ),
                     "Security incident: waiting for approval",
                 )
                 with steps.step("approval"):
-                    ask_approval(
-                        RotationApproval,
-                        "Rotate:\n" + "\n".join(f"- {t.describe()}" for t in plan.targets),
-                        timeout,
-                        "no secret was rotated (the evidence bundle is kept)",
-                    )
+                    approval = ask()[0].describe()
             with steps.step("rotate secrets") as step:
                 record = incidents.rotate_secrets_task(settings, plan, confirm=True)
                 step.detail = ", ".join(f"{s.name} {s.new_fingerprint}" for s in record.secrets)
@@ -966,16 +986,17 @@ def security_incident(
             with steps.step("health check") as step:
                 report = incidents.health_report_task(settings)
                 step.detail = report.status.value
-            outcome = "secrets rotated"
+            run.outcome = "secrets rotated"
             if report.status is Status.UNHEALTHY:
-                outcome = "secrets rotated, but unhealthy"
+                run.outcome = "secrets rotated, but unhealthy"
                 raise CheckFailed(
                     f"{settings.stack} is unhealthy after the rotation: "
                     + ", ".join(report.failed_checks)
                     + ". A service may still use an old secret: check its configuration and logs"
                 )
         return {
-            "outcome": outcome,
+            "outcome": run.outcome,
+            "approval": approval or None,
             "evidence": {
                 "location": bundle.location,
                 "prefix": bundle.prefix,
@@ -995,22 +1016,6 @@ def security_incident(
             "health": None if report is None else report.status.value,
             "steps": steps.rows(),
         }
-    except BaseException as exc:
-        error = exc
-        if isinstance(exc, ApprovalRejected):
-            outcome = "evidence collected; rotation declined"
-        raise
-    finally:
-        held.close()
-        markdown = render_security(
-            settings.stack, outcome, steps, bundle, verification, plan, record, report
-        ) + "\n".join(_failure_line(error, settings))
-        reports.publish_markdown(key, markdown, f"Security incident on {settings.stack}: {outcome}")
-        reports.publish_table(f"{key}-steps", steps.rows(), "Each step with its timing")
-        if record is not None and record.secrets:
-            reports.publish_table(
-                f"{key}-secrets", [s.as_row() for s in record.secrets], "Secrets: names and fingerprints only"
-            )
 
 
 # --- Redis out of memory --------------------------------------------------------------------------
@@ -1043,8 +1048,12 @@ def render_census(census: KeyCensus, shown: int = 50) -> str:
     return "\n".join(lines)
 
 
-def render_flush(stack: str, outcome: str, census: KeyCensus | None, record: FlushRecord | None) -> str:
+def render_flush(
+    stack: str, outcome: str, census: KeyCensus | None, record: FlushRecord | None, approval: str = ""
+) -> str:
     lines = [f"# Redis FLUSHDB on {stack}: {outcome}", ""]
+    if approval:
+        lines += [f"Approval: {approval}", ""]
     if record is not None:
         if record.dry_run:
             lines.append(
@@ -1081,7 +1090,8 @@ def flush_redis(
 
     Args:
         dry_run: only show the census (the default).
-        approved: flush without the approval form.
+        approved: flush without the approval form; refused before anything where pre-approval is
+            not allowed (``approvals.allow_preapproved``; by default in production).
         restart_services: services restarted after the flush; default ``["worker"]``.
         depth: key name segments grouped in the census; default ``incidents.key_census_depth``.
         approval_timeout_seconds: how long the form waits; default ``incidents.approval_timeout_seconds``.
@@ -1090,10 +1100,13 @@ def flush_redis(
         The census (keys by prefix, jobs) and the flush record.
 
     Raises:
-        ApprovalRejected: declined or timed out; nothing was deleted.
+        ParameterError: a bad parameter, or ``approved`` where pre-approval is not allowed.
+        ApprovalRejected: rejected or timed out; nothing was deleted (the report's outcome is
+            "not applied: ...").
         LockBusy: another run flushes this Redis db (on any worker; it is named); nothing was deleted.
     """
     settings = load_settings()
+    approvals.check_preapproval(settings, approved)
     timeout = _timeout(settings, approval_timeout_seconds)
     if depth is not None and not 1 <= depth <= 5:
         raise ParameterError("depth must be between 1 and 5")
@@ -1103,9 +1116,24 @@ def flush_redis(
     census: KeyCensus | None = None
     record: FlushRecord | None = None
     restarted: list[str] = []
-    outcome = "failed"
+    approval = ""
     held = contextlib.ExitStack()
-    try:
+
+    def publish(run: RunOutcome) -> None:
+        held.close()
+        reports.publish_markdown(
+            key,
+            render_flush(settings.stack, run.outcome, census, record, approval),
+            f"Redis FLUSHDB: {run.outcome}",
+        )
+        if census is not None:
+            reports.publish_table(
+                f"{key}-keys", [{"prefix": p, "keys": n} for p, n in census.groups], "Keys by prefix"
+            )
+
+    with reports.publishing(
+        RunOutcome(), publish, settings, running=("started", "waiting for approval")
+    ) as run:
         if not dry_run:
             held.enter_context(
                 locks.exclusive(
@@ -1118,19 +1146,22 @@ def flush_redis(
         census = redisdb.key_census_task(settings, depth=depth)
         if dry_run:
             record = redisdb.flush_redis_db_task(settings, census, confirm=False)
-            outcome = f"dry run, {census.dbsize} keys would be deleted"
+            run.outcome = f"dry run, {census.dbsize} keys would be deleted"
         else:
             if not approved:
-                outcome = "waiting for approval"
-                reports.publish_markdown(key, render_flush(settings.stack, outcome, census, None), outcome)
-                ask_approval(
-                    FlushApproval,
-                    f"FLUSHDB deletes every key of db {census.db}:\n\n" + render_census(census),
-                    timeout,
-                    "nothing was deleted",
+                run.outcome = "waiting for approval"
+                reports.publish_markdown(
+                    key, render_flush(settings.stack, run.outcome, census, None), run.outcome
                 )
+            approval = approvals.request_approval(
+                settings,
+                approved=approved,
+                action=f"run FLUSHDB on db {census.db} ({census.dbsize} keys)",
+                plan_markdown=f"FLUSHDB deletes every key of db {census.db}:\n\n" + render_census(census),
+                timeout_seconds=timeout,
+            )[0].describe()
             record = redisdb.flush_redis_db_task(settings, census, confirm=True)
-            outcome = f"flushed {record.keys_before} keys"
+            run.outcome = f"flushed {record.keys_before} keys"
             if services:
                 try:
                     runtime = get_runtime(settings)
@@ -1138,7 +1169,7 @@ def flush_redis(
                     restarted = [c.target for c in changes]
                 except RuntimeUnavailable as exc:
                     logger.warning("worker not restarted: %s", exc)
-                    outcome += f"; restart {', '.join(services)} yourself ({exc})"
+                    run.outcome += f"; restart {', '.join(services)} yourself ({exc})"
         return {
             "outcome": "dry-run" if dry_run else "flushed",
             "db": census.db,
@@ -1148,17 +1179,5 @@ def flush_redis(
             "flushed": record is not None and not record.dry_run,
             "keys_after": None if record is None else record.keys_after,
             "restarted": restarted,
+            "approval": approval or None,
         }
-    except BaseException as exc:
-        if isinstance(exc, ApprovalRejected):
-            outcome = "declined, nothing deleted"
-        raise
-    finally:
-        held.close()
-        reports.publish_markdown(
-            key, render_flush(settings.stack, outcome, census, record), f"Redis FLUSHDB: {outcome}"
-        )
-        if census is not None:
-            reports.publish_table(
-                f"{key}-keys", [{"prefix": p, "keys": n} for p, n in census.groups], "Keys by prefix"
-            )

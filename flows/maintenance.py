@@ -7,6 +7,7 @@ read-only smoke checks, and says what the real run would switch and back up.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,12 +17,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from flows.migrate import migrate_database
-from tasks import backup, health, migrate, reports
-from tasks.errors import ApprovalRejected, CheckFailed, LockBusy
+from tasks import approvals, backup, health, migrate, reports
+from tasks.errors import CheckFailed
 from tasks.health import HealthReport, Status
 from tasks.migrate import MaintenanceChange, SmokeResult, WritesPolicy
 from tasks.ops_task import ops_task
 from tasks.runlog import run_logger
+from tasks.secrets import safe_error
 from tasks.settings import OpsSettings, load_settings
 
 EVENT_PREFIX = "swagger2mcp-ops.maintenance"
@@ -50,6 +52,7 @@ class MaintenanceReport:
     smoke: list[SmokeResult] = field(default_factory=list)
     notified: list[str] = field(default_factory=list)
     failure: str | None = None
+    not_applied: str | None = None
 
     def step(self, name: str, status: str, detail: str) -> None:
         self.steps.append((name, status, detail))
@@ -97,6 +100,8 @@ def render_markdown(report: MaintenanceReport) -> str:
             f"Migration: {report.migration.get('outcome')}"
             f" (backup {report.migration.get('backup_id') or '-'})",
         ]
+        if report.migration.get("approval"):
+            lines += ["", f"Migration approval: {report.migration['approval']}"]
         kept = report.migration.get("kept_database")
         if kept:
             changed = report.migration.get("kept_changed_tables") or []
@@ -145,6 +150,15 @@ smoke_queries = migrate.run_smoke_queries_task
 health_check = ops_task(health.run_checks, name="maintenance-health-check")
 
 
+def _close(report: MaintenanceReport, started: float) -> None:
+    """The window's last steps, also after a failure: its duration, the closing event, the report."""
+    report.step("duration", "", f"{time.monotonic() - started:.1f}s")
+    try:
+        notify(report, "completed" if report.outcome in {"completed", "dry-run"} else "failed")
+    finally:
+        publish_report(report)
+
+
 def _switch(settings: OpsSettings, report: MaintenanceReport, on: bool) -> MaintenanceChange:
     change = migrate.set_maintenance_mode_task(settings, on, dry_run=report.dry_run)
     status = "done" if change.changed else ("not configured" if not change.configured else "skipped")
@@ -157,7 +171,7 @@ def _switch(settings: OpsSettings, report: MaintenanceReport, on: bool) -> Maint
 @flow(name="maintenance-window", log_prints=True)
 def maintenance_window(
     dry_run: bool = True,
-    approve: bool = False,
+    approved: bool = False,
     run_migrations: bool = True,
     message: str = "Scheduled maintenance",
     writes_policy: WritesPolicy = "stop",
@@ -180,7 +194,9 @@ def maintenance_window(
 
     Args:
         dry_run: plan only (the default): nothing is switched, backed up or applied.
-        approve: pre-approve the migration (otherwise its approval form pauses the subflow).
+        approved: pre-approve the migration (otherwise its approval form pauses the subflow); refused
+            before anything happens where pre-approval is not allowed (``approvals.allow_preapproved``;
+            by default in production).
         run_migrations: run the migrate-database subflow.
         message: what users are told (in the events' payload and the report).
         writes_policy: ``stop`` (default) or ``keep-running`` (the operator's explicit choice), as for
@@ -190,9 +206,13 @@ def maintenance_window(
         A summary of every step.
 
     Raises:
-        MaintenanceFailed: a step failed; says whether maintenance mode was left on.
+        ParameterError: ``approved`` where pre-approval is not allowed; nothing was done or announced.
+        MaintenanceFailed: a step failed, or the migration was not applied (rejected, lock busy: the
+            outcome is then "not applied: ..."); says whether maintenance mode was left on.
     """
     settings = load_settings()
+    # Refused before the first notification, where pre-approval is not allowed.
+    approvals.check_preapproval(settings, approved)
     subflow_policy: str = writes_policy
     if run_migrations:
         migrate.require_configured(settings)
@@ -211,7 +231,7 @@ def maintenance_window(
         message=message,
     )
     started = time.monotonic()
-    try:
+    with reports.publishing(report, functools.partial(_close, started=started), settings):
         notify(report, "started")
         report.maintenance_on = _switch(settings, report, True)
 
@@ -225,26 +245,31 @@ def maintenance_window(
         safe_to_reopen = True
         if run_migrations:
             state = migrate_database(
-                dry_run=dry_run, approve=approve, writes_policy=subflow_policy, return_state=True
+                dry_run=dry_run, approved=approved, writes_policy=subflow_policy, return_state=True
             )
             if state.is_completed():
                 report.migration = state.result()
                 report.step("migrate", "done", str(report.migration.get("outcome")))
             else:
-                nothing_applied = False
+                not_applied: str | None = None
                 failed: dict[str, Any] = {"outcome": "failed"}
                 try:
                     state.result()
                 except Exception as exc:
-                    report.migration_error = f"{type(exc).__name__}: {exc}"
+                    report.migration_error = safe_error(exc, settings)
                     failed = getattr(exc, "summary", None) or failed
-                    nothing_applied = isinstance(exc, ApprovalRejected | LockBusy)
+                    not_applied = reports.refusal(exc, settings)
                 report.migration = failed
                 # Nothing applied, or the old schema is back and proven: the running application
                 # matches the database again. Anything else keeps the application closed.
-                safe_to_reopen = nothing_applied or failed.get("outcome") == "failed-restored"
-                report.failure = f"migration failed: {report.migration_error}"
-                report.step("migrate", "failed", str(failed.get("outcome")))
+                safe_to_reopen = not_applied is not None or failed.get("outcome") == "failed-restored"
+                report.not_applied = not_applied
+                report.failure = (
+                    f"migration {not_applied}"
+                    if not_applied
+                    else f"migration failed: {report.migration_error}"
+                )
+                report.step("migrate", "not applied" if not_applied else "failed", str(failed.get("outcome")))
         else:
             report.step("migrate", "skipped", "run_migrations is false")
 
@@ -265,17 +290,13 @@ def maintenance_window(
             report.maintenance_off = _switch(settings, report, False)
         elif report.maintenance_on.changed:
             report.step("maintenance mode off", "left on", "the application is not in a known-good state")
-        report.outcome = "failed" if report.failure else ("dry-run" if dry_run else "completed")
-    except BaseException as exc:
-        report.outcome = "failed"
-        report.failure = report.failure or f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        report.step("duration", "", f"{time.monotonic() - started:.1f}s")
-        try:
-            notify(report, "failed" if report.outcome == "failed" else "completed")
-        finally:
-            publish_report(report)
+        if report.not_applied and smoke_ok:
+            # The migration was refused (rejected, lock busy) and the rest passed: nothing applied.
+            report.outcome = report.not_applied
+        elif report.failure:
+            report.outcome = "failed"
+        else:
+            report.outcome = "dry-run" if dry_run else "completed"
     if report.failure:
         left_on = report.summary()["maintenance_mode_left_on"]
         raise MaintenanceFailed(

@@ -18,15 +18,11 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
-from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
-from prefect.input import RunInput
 from prefect.runtime import flow_run
-from pydantic import Field
 
-from tasks import backup, health, migrate, postgres, reports
+from tasks import approvals, backup, health, migrate, postgres, reports
 from tasks.backup import BackupManifest, RestoreResult, TableComparison
-from tasks.errors import ApprovalRejected, OpsError, ParameterError
+from tasks.errors import OpsError, ParameterError
 from tasks.health import HealthReport, Status
 from tasks.migrate import (
     ApplyRecord,
@@ -62,13 +58,6 @@ class MigrationFailed(OpsError):
     def __reduce__(self) -> tuple[Any, ...]:
         # Failed states carry the exception; it must survive pickling with its summary.
         return (type(self), (self.args[0], self.summary))
-
-
-class MigrationApproval(RunInput):
-    """The approval form: the plan and the backup id are in its description."""
-
-    approve: bool = Field(default=False, description="apply the plan shown above")
-    note: str = Field(default="", description="why (kept in the run's log)")
 
 
 @dataclass
@@ -111,6 +100,7 @@ class MigrationReport:
             "restored": self.restore is not None,
             "data_matches_backup": self.comparison.matches if self.comparison else None,
             "failure": self.failure,
+            "approval": self.approval,
             "target": self.target,
             "writers": self.writers_plan.as_dict() if self.writers_plan else None,
             "writer_events": list(self.writers.events) if self.writers else [],
@@ -246,6 +236,10 @@ def render_markdown(report: MigrationReport) -> str:
     return "\n".join(lines)
 
 
+def _event_outcome(outcome: str) -> str:
+    return "not-applied" if outcome.startswith(approvals.NOT_APPLIED) else outcome
+
+
 @task(name="publish-migration-report", cache_policy=NO_CACHE)
 def publish_report(report: MigrationReport) -> None:
     """Markdown report plus a table of the plan's revisions, with stable keys; an event with the outcome."""
@@ -269,7 +263,8 @@ def publish_report(report: MigrationReport) -> None:
             "Pending revisions of the plan",
         )
     emit_event(
-        event=f"{EVENT_PREFIX}.{report.outcome}",
+        # A refused run's outcome is a sentence ("not applied: rejected by ..."); its event is one word.
+        event=f"{EVENT_PREFIX}.{_event_outcome(report.outcome)}",
         resource={
             "prefect.resource.id": f"swagger2mcp-ops.stack.{report.stack}.database.{report.database}",
             "swagger2mcp-ops.stack": report.stack,
@@ -284,29 +279,20 @@ compare_to_backup = backup.compare_database_task
 read_manifest = backup.read_backup_manifest_task
 
 
-def ask_approval(settings: OpsSettings, report: MigrationReport, what: str) -> str:
-    """Pause for the approval form (plan and backup id shown); returns who/what approved.
+def approve(settings: OpsSettings, report: MigrationReport, approved: bool, what: str) -> str:
+    """The approval (form showing the report so far, or ``approved``); returns the report's approval line.
 
     Raises:
         ApprovalRejected: rejected or timed out; nothing was applied.
     """
-    description = render_markdown(report) + f"\n\n---\n\n**Approve to {what}.**"
-    timeout = int(settings.migrations.approval_timeout_seconds)
-    try:
-        answer = pause_flow_run(
-            wait_for_input=MigrationApproval.with_initial_data(description=description, approve=False),
-            timeout=timeout,
-            poll_interval=max(1, min(10, timeout // 10)),
-        )
-    except FlowPauseTimeout:
-        raise ApprovalRejected(
-            f"nobody approved within {timeout}s; nothing was applied. Run again and approve the form"
-        ) from None
-    if not answer.approve:
-        raise ApprovalRejected(
-            f"approval rejected{': ' + answer.note if answer.note else ''}; nothing was applied"
-        )
-    return f"approved in the form{': ' + answer.note if answer.note else ''}"
+    record, _ = approvals.request_approval(
+        settings,
+        approved=approved,
+        action=what,
+        plan_markdown=render_markdown(report),
+        timeout_seconds=int(settings.migrations.approval_timeout_seconds),
+    )
+    return record.describe()
 
 
 def take_backup(settings: OpsSettings, report: MigrationReport) -> BackupManifest:
@@ -372,7 +358,7 @@ def _kept_sentence(report: MigrationReport) -> str:
 @flow(name="migrate-database", log_prints=True)
 def migrate_database(
     dry_run: bool = True,
-    approve: bool = False,
+    approved: bool = False,
     restore_interrupted: bool = False,
     resolve_interrupted_run: str | None = None,
     target: str = migrate.HEAD,
@@ -387,8 +373,9 @@ def migrate_database(
     2. Plan up to ``target``: Alembic's ``upgrade --sql`` per pending revision, or the tool's status
        output and apply command. Nothing pending: the run completes and changes nothing. A dry run
        stops after publishing the plan (and says how the writers would be treated).
-    3. Approval form showing the plan, the target and how the writers are treated, unless ``approve``
-       pre-approves. The wait happens here, before the writers stop and before the backup.
+    3. Approval form showing the plan, the target and how the writers are treated, unless ``approved``
+       pre-approves (refused before anything where pre-approval is not allowed). The wait happens
+       here, before the writers stop and before the backup.
     4. The window: the writers stop (maintenance mode, or the writing services scaled to 0; see
        ``writes_policy``); the backup is taken (catalog-verified, with content hashes); apply (a
        durable "in progress" marker is written first), then verify: at the target revision, smoke
@@ -399,7 +386,9 @@ def migrate_database(
 
     Args:
         dry_run: plan only (the default); nothing is backed up or applied.
-        approve: pre-approve (staging, CI); otherwise a human approves in the UI.
+        approved: pre-approve (staging, CI); otherwise a human approves in the UI. Refused before
+            anything happens where pre-approval is not allowed (``approvals.allow_preapproved``; by
+            default in production).
         restore_interrupted: when an earlier run was interrupted mid-apply, restore the backup it
             recorded (after approval, writers stopped), prove the data equals it, and stop.
         resolve_interrupted_run: the id of an interrupted run an operator checked by hand; it is
@@ -420,10 +409,11 @@ def migrate_database(
 
     Raises:
         WritersNotStoppable: ``writes_policy`` is ``stop`` and nothing can stop the writers.
-        ParameterError: a bad target or parameter combination (nothing touched).
+        ParameterError: a bad target or parameter combination, or ``approved`` where pre-approval is
+            not allowed (nothing touched).
         InterruptedMigration: an earlier run did not finish (names its backup and the way out).
         LockBusy: another migration of the same database is running (names it).
-        ApprovalRejected: rejected or timed out; nothing was applied.
+        ApprovalRejected: rejected or timed out; nothing was applied (outcome "not applied: ...").
         MigrationFailed: apply or verify failed; says whether the restore happened and matched, and
             where the replaced database is kept.
     """
@@ -440,15 +430,17 @@ def migrate_database(
         dry_run=dry_run,
         target=target,
     )
-    try:
-        report.writers_plan = migrate.plan_writer_stop(settings, writes_policy)
-    except WritersNotStoppable as exc:
-        if not dry_run:
-            raise
-        # A dry run touches nothing, so it still shows the plan, and says the real run would refuse.
-        report.writers_refusal = str(exc)
     owner = f"migrate-database {flow_run.get_name() or ''} {flow_run.get_id() or ''}".strip()
-    try:
+    with reports.publishing(report, publish_report, settings, running=("started", "applying")):
+        # Refused here, before anything is planned or probed, where pre-approval is not allowed.
+        approvals.check_preapproval(settings, approved)
+        try:
+            report.writers_plan = migrate.plan_writer_stop(settings, writes_policy)
+        except WritersNotStoppable as exc:
+            if not dry_run:
+                raise
+            # A dry run touches nothing, so it still shows the plan, and says the real run would refuse.
+            report.writers_refusal = str(exc)
         with timed(report, "preflight"):
             postgres.probe_postgres_task(settings.postgres)
         report.lock = migrate.lock_name(settings)
@@ -459,21 +451,12 @@ def migrate_database(
                 settings,
                 report,
                 dry_run=dry_run,
-                approve=approve,
+                approved=approved,
                 restore_interrupted=restore_interrupted,
                 resolve_run=resolve_interrupted_run,
             )
         logger.info("migration of %s: %s", report.database, report.outcome)
         return report.summary()
-    except BaseException as exc:
-        if isinstance(exc, ApprovalRejected):
-            report.outcome = "rejected"
-        elif report.outcome in {"started", "applying"}:
-            report.outcome = "failed"
-        report.failure = report.failure or f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        publish_report(report)
 
 
 def _approval_what(report: MigrationReport, action: str) -> str:
@@ -489,7 +472,7 @@ def _migrate(
     report: MigrationReport,
     *,
     dry_run: bool,
-    approve: bool,
+    approved: bool,
     restore_interrupted: bool,
     resolve_run: str | None,
 ) -> None:
@@ -505,7 +488,7 @@ def _migrate(
             raise InterruptedMigration(
                 migrate.describe_interrupted(report.interrupted, report.database), report.interrupted
             )
-        _restore_interrupted(settings, report, dry_run=dry_run, approve=approve)
+        _restore_interrupted(settings, report, dry_run=dry_run, approved=approved)
         return
     if restore_interrupted:
         raise ParameterError(
@@ -530,16 +513,11 @@ def _migrate(
 
     # The approval wait comes before the window: nothing is stopped and no backup ages while waiting.
     with timed(report, "approval"):
-        report.approval = (
-            "pre-approved by the approve parameter"
-            if approve
-            else ask_approval(
-                settings,
-                report,
-                _approval_what(
-                    report, f"apply {len(report.plan.steps)} migration step(s) up to {report.target}"
-                ),
-            )
+        report.approval = approve(
+            settings,
+            report,
+            approved,
+            _approval_what(report, f"apply {len(report.plan.steps)} migration step(s) up to {report.target}"),
         )
     assert report.writers_plan is not None
     with timed(report, "writers-window"), migrate.writers_stopped(settings, report.writers_plan) as record:
@@ -612,7 +590,7 @@ def _apply_in_window(settings: OpsSettings, report: MigrationReport) -> None:
 
 
 def _restore_interrupted(
-    settings: OpsSettings, report: MigrationReport, *, dry_run: bool, approve: bool
+    settings: OpsSettings, report: MigrationReport, *, dry_run: bool, approved: bool
 ) -> None:
     """Restore the backup an interrupted run recorded, after approval and with the writers stopped, and
     prove the data equals it (the replaced database is kept)."""
@@ -630,14 +608,11 @@ def _restore_interrupted(
         report.outcome = "dry-run"
         report.notes.append(f"dry run: would restore backup {report.backup.id}; run with dry_run=false")
         return
-    report.approval = (
-        "pre-approved by the approve parameter"
-        if approve
-        else ask_approval(
-            settings,
-            report,
-            _approval_what(report, f"restore backup {report.backup.id} over {report.database}"),
-        )
+    report.approval = approve(
+        settings,
+        report,
+        approved,
+        _approval_what(report, f"restore backup {report.backup.id} over {report.database}"),
     )
     assert report.writers_plan is not None
     with migrate.writers_stopped(settings, report.writers_plan) as record:

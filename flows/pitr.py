@@ -22,20 +22,15 @@ from typing import Any
 from prefect import flow
 from prefect.events import emit_event
 
-from flows.backup import RestoreApproval
-from flows.incidents import ask_approval
-from tasks import reports
+from tasks import approvals, reports
 from tasks.errors import ParameterError
+from tasks.reports import FailureReport
 from tasks.runlog import run_logger
 from tasks.settings import load_settings
 from tasks.storage import open_storage
 from tasks.wal import base, steps
 from tasks.wal.recover import PointPlan
 from tasks.wal.status import ArchiveStatus
-
-
-def _failure(key: str, title: str, exc: BaseException) -> None:
-    reports.publish_markdown(key, f"# {title}: **failed**\n\n{type(exc).__name__}: {exc}", f"{title}: failed")
 
 
 @flow(name="backup-base", log_prints=True)
@@ -58,7 +53,7 @@ def backup_base(
     """
     settings = load_settings()
     key = f"backup-base-{settings.stack}"
-    try:
+    with reports.publishing(FailureReport(key, "Base backup"), FailureReport.publish, settings):
         manifest = steps.create_base_backup_task(settings)
         storage = open_storage(settings.storage, attempts=settings.backup.upload_attempts)
         deadline = time.monotonic() + wait_for_wal_seconds
@@ -100,9 +95,6 @@ def backup_base(
             if pruned is None
             else {"dry_run": pruned.dry_run, "deleted": pruned.deleted_backups},
         }
-    except BaseException as exc:
-        _failure(key, "Base backup", exc)
-        raise
 
 
 def render_point_plan(plan: PointPlan) -> str:
@@ -141,24 +133,28 @@ def restore_to_point(
         target_lsn: or a WAL position (``0/3000148``), e.g. from the logs of a bad transaction.
         database: the database to restore; defaults to the one in ``OPS_POSTGRES__DSN``.
         dry_run: only plan and check the archive; nothing is touched.
-        approved: skip the approval form (incident automation, drills).
+        approved: pre-approve instead of the approval form (drills, staging); refused where
+            pre-approval is not allowed (``approvals.allow_preapproved``; by default in production).
         approval_timeout_seconds: how long the form waits; defaults to ``backup.approval_timeout_seconds``.
 
     Returns:
         The plan (dry run), or what was restored with the comparison's numbers.
 
     Raises:
-        ParameterError: not exactly one target, or a time without a zone.
+        ParameterError: not exactly one target, a time without a zone, or ``approved`` where
+            pre-approval is not allowed; nothing touched.
         WalArchiveError: segments missing or corrupt (named); nothing touched.
         PointRestoreError: no base backup before the target, recovery stopped early, or the copy differs.
-        ApprovalRejected: declined or timed out; nothing touched.
+        ApprovalRejected: rejected or timed out; nothing touched (the report says "not applied: ...").
     """
     settings = load_settings()
     logger = run_logger(__name__)
     key = f"restore-to-point-{settings.stack}"
     if approval_timeout_seconds is not None and approval_timeout_seconds <= 0:
         raise ParameterError("approval_timeout_seconds must be positive")
-    try:
+    with reports.publishing(FailureReport(key, "Restore to a point"), FailureReport.publish, settings):
+        # Refused here, before the archive is read, where pre-approval is not allowed.
+        approvals.check_preapproval(settings, approved)
         plan = steps.plan_point_restore_task(
             settings, target_time=target_time, target_lsn=target_lsn, database=database
         )
@@ -176,9 +172,13 @@ def restore_to_point(
         reports.publish_markdown(
             key, f"# Restore to a point: waiting for approval\n\n{described}", "PITR plan"
         )
-        if not approved:
-            timeout = approval_timeout_seconds or int(settings.backup.approval_timeout_seconds)
-            ask_approval(RestoreApproval, described, timeout, "nothing was restored")
+        approval, _ = approvals.request_approval(
+            settings,
+            approved=approved,
+            action=f"restore {plan.database} as it was at {plan.target}",
+            plan_markdown=described,
+            timeout_seconds=approval_timeout_seconds or int(settings.backup.approval_timeout_seconds),
+        )
         result = steps.restore_to_point_task(settings, plan=plan)
         reports.publish_markdown(
             key,
@@ -186,6 +186,7 @@ def restore_to_point(
                 [
                     f"# Restore of {result.target_database} to {plan.target}: **done**",
                     "",
+                    f"- {approval.describe()}",
                     f"- replay: {result.reached}",
                     f"- evidence: {result.comparison.summary()}",
                     f"- old database kept as: {result.old_database or '-'}",
@@ -208,10 +209,8 @@ def restore_to_point(
             "matches": result.comparison.matches,
             "tables": result.comparison.tables_compared,
             "rows": result.comparison.rows_compared,
+            "approval": approval.describe(),
         }
-    except BaseException as exc:
-        _failure(key, "Restore to a point", exc)
-        raise
 
 
 def render_status(status: ArchiveStatus) -> str:

@@ -18,10 +18,8 @@ from typing import Any, Literal
 
 from prefect import flow
 from prefect.context import FlowRunContext
-from prefect.flow_runs import pause_flow_run
-from prefect.input import RunInput
 
-from tasks import locks, releases, reports
+from tasks import approvals, locks, releases, reports
 from tasks.errors import ApprovalRejected, CheckFailed, LockBusy, OpsError, ParameterError, SettingsError
 from tasks.health import HealthReport
 from tasks.migrate import WritesPolicy, plan_writer_stop
@@ -74,13 +72,6 @@ class MigrationRefused(OpsError):
 _MIGRATION_REFUSALS = (SettingsError, ParameterError, ApprovalRejected, LockBusy)
 
 
-class RollbackApproval(RunInput):
-    """The approval form of a rollback."""
-
-    approve: bool = False
-    reason: str = ""
-
-
 def _flow_run_id() -> str | None:
     context = FlowRunContext.get()
     return str(context.flow_run.id) if context and context.flow_run else None
@@ -119,7 +110,7 @@ def _switched(
     return any(live.get(service) != before.get(service) for service in services)
 
 
-def _run_migration(approve: bool, writes_policy: str) -> str:
+def _run_migration(approved: bool, writes_policy: str) -> str:
     """The migrations flow as a subflow when this installation has it; a report line either way.
 
     Raises:
@@ -131,7 +122,7 @@ def _run_migration(approve: bool, writes_policy: str) -> str:
         return "Migration: skipped (flows.migrate is not installed here)."
     migrate = module.migrate_database
     accepted = inspect.signature(migrate.fn).parameters
-    wanted = {"dry_run": False, "approve": approve, "approved": approve, "writes_policy": writes_policy}
+    wanted = {"dry_run": False, "approved": approved, "writes_policy": writes_policy}
     kwargs = {k: v for k, v in wanted.items() if k in accepted}
     try:
         result = migrate(**kwargs)
@@ -228,7 +219,7 @@ def deploy_release(
     timeout_seconds: float = 300,
     smoke_urls: list[str] | None = None,
     health_scope: Literal["full", "services"] = "full",
-    approve_migration: bool = False,
+    approved: bool = False,
     writes_policy: WritesPolicy = "stop",
 ) -> dict[str, Any]:
     """CI staging deploy (runbook "Deploy to staging first, then production"), with auto-rollback.
@@ -260,7 +251,8 @@ def deploy_release(
             again for a rollback.
         smoke_urls: URLs that must answer 2xx (added to ``runtime.smoke_urls``).
         health_scope: ``full`` health check, or ``services`` (the app's endpoints only).
-        approve_migration: pre-approve the migration (CI, staging); otherwise it waits in the UI.
+        approved: pre-approve the migration (CI, staging; refused where pre-approval is not allowed,
+            by default in production); otherwise the migration waits for its approval form.
         writes_policy: how the migration treats the application's writers, passed to migrate-database:
             ``stop`` (default: maintenance mode, or the writing services scaled to 0 for the window;
             refused, before anything, when neither is configured) or ``keep-running``.
@@ -288,6 +280,8 @@ def deploy_release(
     if timeout_seconds <= 0:
         raise ParameterError(f"timeout_seconds must be positive, not {timeout_seconds}")
     check_release_input(image_tag, images)
+    if migrate:
+        approvals.check_preapproval(settings, approved)
     services = list(settings.runtime.services)
     urls = list(smoke_urls or []) + list(settings.runtime.smoke_urls)
     runtime = get_runtime(settings)
@@ -355,7 +349,7 @@ def deploy_release(
         lines.append(f"Recorded the running release {baseline.label} as the rollback target.")
         try:
             if migrate:
-                lines.append(_run_migration(approve_migration, writes_policy))
+                lines.append(_run_migration(approved, writes_policy))
                 revision = migration_revision(settings)
             records = set_images(runtime, target)
             try:
@@ -546,6 +540,7 @@ def rollback_release(
         )
     if timeout_seconds <= 0:
         raise ParameterError(f"timeout_seconds must be positive, not {timeout_seconds}")
+    approvals.check_preapproval(settings, approved)
     services = list(settings.runtime.services)
     runtime = get_runtime(settings)
     store = ReleaseStore.from_settings(settings, environment)
@@ -558,6 +553,7 @@ def rollback_release(
     readiness: Readiness | None = None
     label = "?"
     crossed: list[str] = []
+    approval_line = ""
     lock = contextlib.ExitStack()
     try:
         lock.enter_context(
@@ -585,21 +581,22 @@ def rollback_release(
         if not any(s.changes for s in steps):
             outcome = "nothing to do"
             return {"target": label, "plan": [s.describe() for s in steps], "changes": [], "health": None}
-        if not approved:
-            answer = pause_flow_run(
-                wait_for_input=RollbackApproval.with_initial_data(
-                    description="Roll back?\n\n"
-                    + "\n".join(f"- {s.describe()}" for s in steps)
-                    + (f"\n\n**Crosses database migrations {crossed} (forced).**" if crossed else ""),
-                    approve=False,
-                ),
-                timeout=approval_timeout_seconds,
-            )
-            if not answer.approve:
-                raise ApprovalRejected(
-                    f"rollback to {label} was not approved ({answer.reason or 'no reason given'});"
-                    " nothing changed"
-                )
+        plan = "\n".join(
+            [
+                f"# Rollback of {environment} to {label}",
+                "",
+                *[f"- {s.describe()}" for s in steps],
+                *(["", f"**Crosses database migrations {crossed} (forced).**"] if crossed else []),
+            ]
+        )
+        approval, _ = approvals.request_approval(
+            settings,
+            approved=approved,
+            action=f"roll {environment} back to {label}",
+            plan_markdown=plan,
+            timeout_seconds=approval_timeout_seconds,
+        )
+        approval_line = approval.describe()
         records = apply_rollback(runtime, steps)
         try:
             readiness = wait_until_ready(
@@ -639,9 +636,12 @@ def rollback_release(
             "forced_across_migrations": crossed,
             "health": report.as_runbook() if report else None,
             "readiness": readiness.as_dict(),
+            "approval": approval_line,
         }
     except Exception as exc:
         problem = str(exc)
+        if isinstance(exc, ApprovalRejected | LockBusy):
+            outcome = approvals.NOT_APPLIED
         raise
     finally:
         lock.close()
@@ -649,6 +649,7 @@ def rollback_release(
             f"# Rollback of {environment} on {runtime.kind} to {label}: **{outcome}**",
             "",
             *([f"**Why:** {problem}", ""] if problem else []),
+            *([f"**Approval:** {approval_line}", ""] if approval_line else []),
             "## Plan",
             "",
             *([f"- {s.describe()}" for s in steps] or ["No plan was made."]),

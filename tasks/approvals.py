@@ -13,6 +13,7 @@ done, not that something failed.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -58,6 +59,11 @@ class Approval:
         return f"pre-approved by the `approved` parameter ({self.by}) at {when}: {self.reason}"
 
 
+# The approval a person gave on this run's form: a subflow the run starts for the approved action
+# (outage-triage's rollback) is pre-approved by it, also where the parameter alone is not allowed.
+_granted: ContextVar[Approval | None] = ContextVar("swagger2mcp_ops_approval", default=None)
+
+
 def preapproval_allowed(settings: OpsSettings) -> bool:
     """Whether ``approved=true`` may replace the form here (the setting, else: not in production)."""
     configured = settings.approvals.allow_preapproved
@@ -72,7 +78,7 @@ def check_preapproval(settings: OpsSettings, approved: bool) -> None:
     Raises:
         ParameterError: pre-approval is not allowed for this stack; nothing was done.
     """
-    if approved and not preapproval_allowed(settings):
+    if approved and not preapproval_allowed(settings) and _granted.get() is None:
         raise ParameterError(
             f"{NOT_APPLIED}: approved=true is not allowed for {settings.stack}"
             f" (environment {settings.runtime.environment!r}, OPS_APPROVALS__ALLOW_PREAPPROVED);"
@@ -115,7 +121,13 @@ def request_approval(
     """
     check_preapproval(settings, approved)
     if approved:
-        record = Approval("parameter", _run_label(), "pre-approved for CI or staging", datetime.now(UTC))
+        parent = _granted.get()
+        reason = (
+            f"given with the calling run ({parent.describe()})"
+            if parent
+            else "pre-approved for CI or staging"
+        )
+        record = Approval("parameter", _run_label(), reason, datetime.now(UTC))
         run_logger(__name__).info("%s", record.describe())
         return record, None
     if timeout_seconds <= 0:
@@ -135,5 +147,6 @@ def request_approval(
     if not answer.approve:
         raise ApprovalRejected(f"{NOT_APPLIED}: rejected by {answer.approver}: {answer.reason}")
     record = Approval("form", answer.approver, answer.reason, datetime.now(UTC))
+    _granted.set(record)
     run_logger(__name__).info("%s", record.describe())
     return record, answer

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from typing import Any
 
 import psycopg
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterName
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.flow_runs import resume_flow_run
 
 from flows.backup import backup_database, prune_backups, restore_database, verify_backup
 from tasks import backup
 from tasks.settings import load_settings
+from tests.fixtures.core import wait_paused
 from tests.fixtures.s3 import populate_backup_source, scratch_databases
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -114,19 +114,6 @@ def test_restore_flow_refuses_unknown_backup_id(backup_env: dict[str, Any]) -> N
     assert scratch_databases(f"{backup_env['database']}__") == []
 
 
-async def _wait_paused(flow_run_name: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    async with get_client() as client:
-        while time.monotonic() < deadline:
-            runs = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name]))
-            )
-            if runs and runs[0].state is not None and runs[0].state.is_paused():
-                return runs[0]
-            await asyncio.sleep(0.3)
-    raise AssertionError(f"flow run {flow_run_name} did not pause within {timeout}s")
-
-
 @pytest.mark.usefixtures("restore_leftovers")
 def test_restore_flow_waits_for_approval_and_resumes(backup_env: dict[str, Any]) -> None:
     dsn, name = backup_env["dsn"], backup_env["database"]
@@ -144,9 +131,9 @@ def test_restore_flow_waits_for_approval_and_resumes(backup_env: dict[str, Any])
     thread = threading.Thread(target=run)
     thread.start()
     try:
-        paused = asyncio.run(_wait_paused(run_name))
+        paused = wait_paused(run_name)
         assert _count(dsn, "SELECT count(*) FROM items") == 0  # nothing before approval
-        resume_flow_run(paused.id, run_input={"approve": True, "reason": "test"})
+        resume_flow_run(paused.id, run_input={"approve": True, "approver": "test", "reason": "test restore"})
     finally:
         thread.join(timeout=120)
     state = outcome["state"]
@@ -227,9 +214,9 @@ def test_undo_swaps_the_kept_database_back_with_proof(backup_env: dict[str, Any]
     thread = threading.Thread(target=run)
     thread.start()
     try:
-        paused = asyncio.run(_wait_paused(run_name))
+        paused = wait_paused(run_name)
         assert _count(dsn, "SELECT count(*) FROM items") == 201
-        resume_flow_run(paused.id, run_input={"approve": True, "reason": "undo"})
+        resume_flow_run(paused.id, run_input={"approve": True, "approver": "test", "reason": "undo"})
     finally:
         thread.join(timeout=120)
     state = outcome["state"]

@@ -180,10 +180,10 @@ def test_rotation_refuses_while_another_worker_rotates(prefect_harness, ops_env,
         "OPS_INCIDENTS", json.dumps({"app_secrets": ["JWT_SECRET"], "compose_env_file": str(env_file)})
     )
     with lock_held_elsewhere(locks.rotation_lock_name(load_settings()), "security-incident", here) as other:
-        state = security_incident(dry_run=False, approve_rotation=True, restart=False, return_state=True)
+        state = security_incident(dry_run=False, approved=True, restart=False, return_state=True)
         refused(state, other)
         assert env_file.read_text() == "JWT_SECRET=old-jwt\n"
-    done = security_incident(dry_run=False, approve_rotation=True, restart=False)
+    done = security_incident(dry_run=False, approved=True, restart=False)
     assert done["outcome"] == "secrets rotated"
     assert incidents.parse_env(env_file.read_text())["JWT_SECRET"] != "old-jwt"
 

@@ -80,7 +80,7 @@ def test_flush_redis_dry_run_declined_and_approved(prefect_harness, ops_env, mon
     finally:
         conn.close()
     published = _artifact_texts(["flush-redis-teststack"])
-    assert "declined, nothing deleted" in published
+    assert "not applied: nobody approved within 2s" in published
     assert "restart worker yourself" in published
 
 
@@ -120,7 +120,7 @@ def test_security_incident_evidence_then_rotation(
     store = tmp / "backups"
     assert (store / dry["evidence"]["prefix"] / "manifest.json").is_file()
 
-    done = security_incident(dry_run=False, approve_rotation=True)
+    done = security_incident(dry_run=False, approved=True)
     assert done["outcome"] == "secrets rotated"
     assert done["health"] == "healthy"
     steps = {s["step"]: s["outcome"] for s in done["steps"]}
@@ -194,7 +194,7 @@ def test_outage_triage_proposes_and_performs_a_rollback(kube_env, kube_stack):
     assert any(c["kind"] == "release" for c in declined["recent_changes"])
     assert {s["name"]: s["image"] for s in declined["services"]}["backend"] == v2
 
-    done = outage_triage(approve_rollback=True)
+    done = outage_triage(approved=True)
     assert done["outcome"] == "rolled-back"
     assert {s.name: s.image for s in runtime.list_services()} == {"backend": v1, "worker": v1}
     assert done["rollback"]["health"]["status"] == "healthy"
@@ -278,7 +278,10 @@ def test_recover_data_dry_run_then_restore_with_scale_to_zero_and_back(
     thread.start()
     try:
         paused = _paused_run("recover-data")
-        resume_flow_run(paused, run_input={"approve": True, "backup_id": backup_id, "reason": "INC-42"})
+        resume_flow_run(
+            paused,
+            run_input={"approve": True, "approver": "test", "backup_id": backup_id, "reason": "INC-42"},
+        )
     finally:
         thread.join(timeout=180)
     done = results["state"].result()
@@ -394,7 +397,15 @@ def test_recover_data_reads_replicas_again_after_the_approval(
         # While the approval waits, someone scales the worker up: that is what runs now.
         runtime.scale("worker", 3)
         runtime.wait_ready(["worker"], 20)
-        resume_flow_run(paused, run_input={"approve": True, "backup_id": damaged_database.id, "reason": "x"})
+        resume_flow_run(
+            paused,
+            run_input={
+                "approve": True,
+                "approver": "test",
+                "backup_id": damaged_database.id,
+                "reason": "test recovery",
+            },
+        )
     finally:
         thread.join(timeout=180)
     done = results["state"].result()
@@ -431,7 +442,7 @@ def test_security_incident_on_kubernetes_collects_logs_rotates_secret_and_restar
             d.metadata.name: d.metadata.annotations.get("deployment.kubernetes.io/revision")
             for d in apps.list_namespaced_deployment(namespace).items
         }
-        result = security_incident(dry_run=False, approve_rotation=True)
+        result = security_incident(dry_run=False, approved=True)
         assert result["outcome"] == "secrets rotated"
         assert result["health"] == "healthy"
         root = kube_env["tmp"] / "backups" / result["evidence"]["prefix"]

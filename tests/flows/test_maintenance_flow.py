@@ -82,7 +82,7 @@ def test_window_switches_mode_backs_up_migrates_and_smokes(
     monkeypatch.setenv(
         "OPS_MIGRATIONS__SMOKE_QUERIES", '["SELECT count(*) = 200 FROM users WHERE name IS NOT NULL"]'
     )
-    state = run_window(dry_run=False, approve=True, message="Upgrade tonight")
+    state = run_window(dry_run=False, approved=True, message="Upgrade tonight")
     assert state.is_completed(), state.message
     summary = state.result()
     assert summary["outcome"] == "completed"
@@ -105,7 +105,7 @@ def test_failed_migration_is_restored_and_mode_turned_off(monkeypatch, mg_env, a
     monkeypatch.setenv("OPS_MIGRATIONS__MAINTENANCE_ON_ARGV", json.dumps([*switch, "on"]))
     monkeypatch.setenv("OPS_MIGRATIONS__MAINTENANCE_OFF_ARGV", json.dumps([*switch, "off"]))
     before = snapshot(mg_env["dsn"])
-    state = run_window(dry_run=False, approve=True)
+    state = run_window(dry_run=False, approved=True)
     assert state.is_failed()
     with pytest.raises(Exception, match=r"(?s)migration failed.*maintenance mode is off"):
         state.result()
@@ -122,13 +122,13 @@ def test_failed_migration_is_restored_and_mode_turned_off(monkeypatch, mg_env, a
 def test_window_refuses_before_anything_when_writers_cannot_be_stopped(monkeypatch, mg_env, alembic_env):
     use(monkeypatch, alembic_env([ADD_NAME]))
     before = snapshot(mg_env["dsn"])
-    state = run_window(dry_run=False, approve=True)
+    state = run_window(dry_run=False, approved=True)
     assert state.is_failed()
     with pytest.raises(Exception, match='writes_policy="keep-running"'):
         state.result()
     assert snapshot(mg_env["dsn"]) == before
     assert not (mg_env["tmp"] / "backups").exists()
-    chosen = run_window(dry_run=False, approve=True, writes_policy="keep-running")
+    chosen = run_window(dry_run=False, approved=True, writes_policy="keep-running")
     assert chosen.is_completed(), chosen.message
     assert chosen.result()["migration"]["writers"]["policy"] == "keep-running"
 
@@ -151,7 +151,7 @@ def test_unrestored_failure_leaves_maintenance_mode_on(monkeypatch, mg_env, alem
     monkeypatch.setenv("OPS_MIGRATIONS__MAINTENANCE_OFF_ARGV", json.dumps([*switch, "off"]))
     # No migration; the post-maintenance smoke test fails: the app is not known-good, so it stays closed.
     monkeypatch.setenv("OPS_MIGRATIONS__SMOKE_QUERIES", '["SELECT count(*) FROM no_such_table"]')
-    state = run_window(dry_run=False, approve=True, run_migrations=False)
+    state = run_window(dry_run=False, approved=True, run_migrations=False)
     assert state.is_failed()
     with pytest.raises(Exception, match=r"(?s)smoke tests failed.*still ON"):
         state.result()

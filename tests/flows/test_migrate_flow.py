@@ -69,7 +69,7 @@ def test_happy_path_migrates_verifies_and_reports(monkeypatch, mg_env, alembic_e
         "OPS_MIGRATIONS__SMOKE_QUERIES",
         '["SELECT count(*) = 200 FROM users WHERE name IS NOT NULL", "SELECT 1 FROM projects LIMIT 1"]',
     )
-    state = run_flow(dry_run=False, approve=True, writes_policy="keep-running")
+    state = run_flow(dry_run=False, approved=True, writes_policy="keep-running")
     assert state.is_completed(), state.message
     summary = state.result()
     assert summary["outcome"] == "migrated"
@@ -98,7 +98,7 @@ def test_happy_path_migrates_verifies_and_reports(monkeypatch, mg_env, alembic_e
     assert "## Timings" in text
     assert "**migrated**" in text
 
-    again = run_flow(dry_run=False, approve=True, writes_policy="keep-running")
+    again = run_flow(dry_run=False, approved=True, writes_policy="keep-running")
     assert again.is_completed()
     assert again.result()["outcome"] == "up-to-date"
     assert again.result()["backup_id"] is None
@@ -118,7 +118,7 @@ def test_dry_run_plans_and_changes_nothing(monkeypatch, mg_env, alembic_env):
 def test_middle_revision_with_bad_sql_is_restored_and_proven(monkeypatch, mg_env, alembic_env):
     use(monkeypatch, alembic_env([ADD_NAME, BAD_SQL, NOT_NULL]))
     before = snapshot(mg_env["dsn"])
-    state = run_flow(dry_run=False, approve=True, writes_policy="keep-running")
+    state = run_flow(dry_run=False, approved=True, writes_policy="keep-running")
     assert_restored(state, before, mg_env["dsn"], "revision r2_bad")
     assert revision_of(mg_env["dsn"]) == []
 
@@ -126,7 +126,7 @@ def test_middle_revision_with_bad_sql_is_restored_and_proven(monkeypatch, mg_env
 def test_concurrent_index_failing_after_commits_is_restored(monkeypatch, mg_env, alembic_env):
     use(monkeypatch, alembic_env([ADD_NAME, BACKFILL, CONCURRENT_INDEX_FAILS]))
     before = snapshot(mg_env["dsn"])
-    state = run_flow(dry_run=False, approve=True, writes_policy="keep-running")
+    state = run_flow(dry_run=False, approved=True, writes_policy="keep-running")
     assert_restored(state, before, mg_env["dsn"], "r3_cic")
     # Nothing of the two committed revisions nor the invalid index is left.
     assert revision_of(mg_env["dsn"]) == []
@@ -140,7 +140,7 @@ def test_failing_smoke_query_restores(monkeypatch, mg_env, alembic_env):
     use(monkeypatch, alembic_env([ADD_NAME, BACKFILL]))
     monkeypatch.setenv("OPS_MIGRATIONS__SMOKE_QUERIES", '["SELECT count(*) FROM users WHERE name IS NULL"]')
     before = snapshot(mg_env["dsn"])
-    state = run_flow(dry_run=False, approve=True, writes_policy="keep-running")
+    state = run_flow(dry_run=False, approved=True, writes_policy="keep-running")
     assert_restored(state, before, mg_env["dsn"], "smoke query")
     assert revision_of(mg_env["dsn"]) == []
 
@@ -190,7 +190,7 @@ def test_killed_apply_is_detected_and_offered_restore(monkeypatch, mg_env, alemb
             proc.wait(timeout=10)
     assert revision_of(mg_env["dsn"]) == ["r1_add_name"]  # half-migrated
 
-    state = run_flow(dry_run=False, approve=True, writes_policy="keep-running")
+    state = run_flow(dry_run=False, approved=True, writes_policy="keep-running")
     assert state.is_failed()
     with pytest.raises(Exception, match="did not finish") as caught:
         state.result()
@@ -204,7 +204,7 @@ def test_killed_apply_is_detected_and_offered_restore(monkeypatch, mg_env, alemb
     assert dry.result()["outcome"] == "dry-run"
     assert revision_of(mg_env["dsn"]) == ["r1_add_name"]
 
-    restored = run_flow(dry_run=False, approve=True, writes_policy="keep-running", restore_interrupted=True)
+    restored = run_flow(dry_run=False, approved=True, writes_policy="keep-running", restore_interrupted=True)
     assert restored.is_completed(), restored.message
     summary = restored.result()
     assert summary["outcome"] == "restored-interrupted"
@@ -228,7 +228,7 @@ def test_two_runs_at_once_one_applies_the_other_names_the_holder(monkeypatch, mg
     states: dict[str, Any] = {}
     thread = threading.Thread(
         target=lambda: states.update(
-            first=run_flow(dry_run=False, approve=True, writes_policy="keep-running")
+            first=run_flow(dry_run=False, approved=True, writes_policy="keep-running")
         )
     )
     with psycopg.connect(mg_env["dsn"], autocommit=True) as gate_conn:
@@ -247,7 +247,7 @@ def test_two_runs_at_once_one_applies_the_other_names_the_holder(monkeypatch, mg
                 time.sleep(0.1)
             else:
                 pytest.fail("the first run never reached its gated revision")
-            second = run_flow(dry_run=False, approve=True, writes_policy="keep-running")
+            second = run_flow(dry_run=False, approved=True, writes_policy="keep-running")
         finally:
             gate_conn.execute("SELECT pg_advisory_unlock(%s)", (gate,))
             thread.join(timeout=120)
@@ -296,7 +296,7 @@ def test_command_tool_knex_through_the_flow(monkeypatch, mg_env, knex_modules):
     assert dry.is_completed()
     assert dry.result()["outcome"] == "dry-run"
 
-    state = run_flow(dry_run=False, approve=True, writes_policy="keep-running")
+    state = run_flow(dry_run=False, approved=True, writes_policy="keep-running")
     assert state.is_completed(), state.message
     summary = state.result()
     assert summary["outcome"] == "migrated"
@@ -305,7 +305,7 @@ def test_command_tool_knex_through_the_flow(monkeypatch, mg_env, knex_modules):
         assert conn.execute("SELECT count(*) FROM widgets").fetchone() == (200,)
         assert conn.execute("SELECT count(*) FROM knex_migrations").fetchone() == (2,)
     assert (
-        run_flow(dry_run=False, approve=True, writes_policy="keep-running").result()["outcome"]
+        run_flow(dry_run=False, approved=True, writes_policy="keep-running").result()["outcome"]
         == "up-to-date"
     )
 
@@ -313,7 +313,7 @@ def test_command_tool_knex_through_the_flow(monkeypatch, mg_env, knex_modules):
 def test_command_tool_failure_is_restored(monkeypatch, mg_env, knex_modules):
     use(monkeypatch, write_knex_project(mg_env["tmp"] / "backend", knex_modules, KNEX_BROKEN))
     before = snapshot(mg_env["dsn"])
-    state = run_flow(dry_run=False, approve=True, writes_policy="keep-running")
+    state = run_flow(dry_run=False, approved=True, writes_policy="keep-running")
     # knex's status command (the plan, before the approval) creates its bookkeeping tables; the backup
     # is taken after the approval, so they are in it and stay, empty of this run's migrations.
     bookkeeping = ("public.knex_migrations", "public.knex_migrations_lock")
@@ -359,11 +359,11 @@ def test_rejected_approval_applies_nothing(monkeypatch, mg_env, alembic_env):
                         paused = run
                 time.sleep(0.5)
         assert paused is not None, "the run never paused for approval"
-        resume_flow_run(paused.id, run_input={"approve": False, "note": "not tonight"})
+        resume_flow_run(paused.id, run_input={"approve": False, "approver": "test", "reason": "not tonight"})
     finally:
         thread.join(timeout=120)
     state = states["run"]
     assert state.is_failed()
-    with pytest.raises(Exception, match="rejected: not tonight"):
+    with pytest.raises(Exception, match="not applied: rejected by test: not tonight"):
         state.result()
     assert snapshot(mg_env["dsn"]) == before

@@ -64,7 +64,7 @@ def test_writers_stopped_by_maintenance_hooks_lose_no_write(monkeypatch, mg_env,
     monkeypatch.setenv("OPS_MIGRATIONS__MAINTENANCE_ON_ARGV", json.dumps(app_writer.on_argv))
     monkeypatch.setenv("OPS_MIGRATIONS__MAINTENANCE_OFF_ARGV", json.dumps(app_writer.off_argv))
     app_writer.start()
-    state = run_flow(dry_run=False, approve=True)  # writes_policy defaults to "stop"
+    state = run_flow(dry_run=False, approved=True)  # writes_policy defaults to "stop"
     after_run = len(app_writer.accepted())
     deadline = time.monotonic() + 10
     while len(app_writer.accepted()) < after_run + 5 and time.monotonic() < deadline:
@@ -99,7 +99,7 @@ def test_writers_stopped_by_maintenance_hooks_lose_no_write(monkeypatch, mg_env,
 def test_keep_running_writes_are_in_the_kept_database_and_listed(monkeypatch, mg_env, app_writer):
     use(monkeypatch, failing_command_tool())
     app_writer.start()
-    state = run_flow(dry_run=False, approve=True, writes_policy="keep-running")
+    state = run_flow(dry_run=False, approved=True, writes_policy="keep-running")
     time.sleep(0.5)
     app_writer.stop()
 
@@ -126,7 +126,7 @@ def test_keep_running_writes_are_in_the_kept_database_and_listed(monkeypatch, mg
 
 def test_kept_database_opens_read_only_in_psql_and_pg_dump(monkeypatch, mg_env, tmp_path):
     use(monkeypatch, failing_command_tool(sleep=0))
-    _, summary = failure_summary(run_flow(dry_run=False, approve=True, writes_policy="keep-running"))
+    _, summary = failure_summary(run_flow(dry_run=False, approved=True, writes_policy="keep-running"))
     kept = summary["kept_database"]
     dsn = kept_dsn(mg_env, kept)
     assert "psql '" in summary["kept_open_command"]
@@ -157,7 +157,7 @@ def test_kept_database_opens_read_only_in_psql_and_pg_dump(monkeypatch, mg_env, 
 def test_refuses_before_anything_without_a_way_to_stop_writers(monkeypatch, mg_env, alembic_env):
     use(monkeypatch, alembic_env([ADD_NAME]))
     before = snapshot(mg_env["dsn"])
-    state = run_flow(dry_run=False, approve=True)
+    state = run_flow(dry_run=False, approved=True)
     assert state.is_failed()
     with pytest.raises(Exception, match="MAINTENANCE_ON_ARGV") as caught:
         state.result()
@@ -189,7 +189,7 @@ def test_approval_wait_precedes_the_backup(monkeypatch, mg_env, alembic_env):
         # While the run waits for approval, no backup exists yet.
         assert backup.list_backups(load_settings()) == []
         approved_at = time.time()
-        resume_flow_run(paused, run_input={"approve": True, "note": "go"})
+        resume_flow_run(paused, run_input={"approve": True, "approver": "test", "reason": "test migration"})
     finally:
         thread.join(timeout=120)
     state = states["run"]
@@ -233,7 +233,7 @@ def test_target_revision_is_honoured_and_shown(monkeypatch, mg_env, alembic_env)
     dry = run_flow(target="r2_backfill")
     assert dry.result()["pending"] == ["r1_add_name", "r2_backfill"]
     assert "target `r2_backfill`" in artifact_text("migration-teststack-plan")
-    state = run_flow(dry_run=False, approve=True, target="r2_backfill", writes_policy="keep-running")
+    state = run_flow(dry_run=False, approved=True, target="r2_backfill", writes_policy="keep-running")
     assert state.is_completed(), state.message
     summary = state.result()
     assert summary["outcome"] == "migrated"
@@ -251,7 +251,7 @@ def test_target_revision_is_honoured_and_shown(monkeypatch, mg_env, alembic_env)
 
 def test_command_tool_target_uses_its_own_argument(monkeypatch, mg_env, tmp_path):
     use(monkeypatch, failing_command_tool())
-    refused = run_flow(dry_run=False, approve=True, target="20260102", writes_policy="keep-running")
+    refused = run_flow(dry_run=False, approved=True, target="20260102", writes_policy="keep-running")
     assert refused.is_failed()
     with pytest.raises(Exception, match="APPLY_TARGET_ARGV"):
         refused.result()
@@ -260,7 +260,7 @@ def test_command_tool_target_uses_its_own_argument(monkeypatch, mg_env, tmp_path
     monkeypatch.setenv("OPS_MIGRATIONS__APPLY_TARGET_ARGV", json.dumps(["python3", "-c", record, "{target}"]))
     monkeypatch.setenv("OPS_MIGRATIONS__UP_TO_DATE_PATTERN", "pending")  # status always matches after
     monkeypatch.setenv("OPS_MIGRATIONS__STATUS_ARGV", json.dumps(["python3", "-c", "print('x')"]))
-    state = run_flow(dry_run=False, approve=True, target="20260102", writes_policy="keep-running")
+    state = run_flow(dry_run=False, approved=True, target="20260102", writes_policy="keep-running")
     assert state.is_completed(), state.message
     assert seen.read_text() == "20260102"
     assert state.result()["target"] == "20260102"
@@ -297,7 +297,7 @@ def test_writers_stopped_by_scaling_to_zero_through_the_runtime(monkeypatch, mg_
     use(monkeypatch, alembic_env([gated]))
     assert replicas() == {"backend": 1, "worker": 1}
     states: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: states.update(run=run_flow(dry_run=False, approve=True)))
+    thread = threading.Thread(target=lambda: states.update(run=run_flow(dry_run=False, approved=True)))
     with psycopg.connect(mg_env["dsn"], autocommit=True) as gate_conn:
         gate_conn.execute("SELECT pg_advisory_lock(%s)", (gate,))
         thread.start()

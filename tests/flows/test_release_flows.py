@@ -142,13 +142,13 @@ def test_rollback_waits_for_approval_and_a_refusal_changes_nothing(release_env):
     thread.start()
     try:
         run_id = _paused_flow_run_id()
-        resumed = resume_flow_run(run_id, run_input={"approve": False, "reason": "not during the demo"})
+        resumed = resume_flow_run(run_id, run_input={"approve": False, "approver": "ops", "reason": "not during the demo"})
         if inspect.isawaitable(resumed):
             asyncio.run(resumed)
     finally:
         thread.join(180)
     assert outcome["state"].is_failed()
-    with pytest.raises(Exception, match="not during the demo"):
+    with pytest.raises(Exception, match="not applied: rejected by ops: not during the demo"):
         outcome["state"].result()
     assert _version(release_env.health_url) == "200 v3"
     assert [r.kind for r in _store().all()] == ["baseline", "deploy"]
@@ -251,7 +251,7 @@ def _alembic_revision(dsn: str) -> str | None:
 
 def test_a_migration_that_would_be_refused_leaves_the_deploy_not_applied(migrating_env):
     state = deploy_release(
-        images={"backend": "s2m-ops-test/app:v3"}, migrate=True, approve_migration=True, return_state=True
+        images={"backend": "s2m-ops-test/app:v3"}, migrate=True, approved=True, return_state=True
     )
     assert state.is_failed()
     message = state.message or ""
@@ -273,7 +273,7 @@ def test_writes_policy_reaches_the_migration(migrating_env):
     state = deploy_release(
         images={"backend": "s2m-ops-test/app:v3"},
         migrate=True,
-        approve_migration=True,
+        approved=True,
         writes_policy="keep-running",
         return_state=True,
     )
