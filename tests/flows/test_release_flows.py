@@ -142,7 +142,9 @@ def test_rollback_waits_for_approval_and_a_refusal_changes_nothing(release_env):
     thread.start()
     try:
         run_id = _paused_flow_run_id()
-        resumed = resume_flow_run(run_id, run_input={"approve": False, "approver": "ops", "reason": "not during the demo"})
+        resumed = resume_flow_run(
+            run_id, run_input={"approve": False, "approver": "ops", "reason": "not during the demo"}
+        )
         if inspect.isawaitable(resumed):
             asyncio.run(resumed)
     finally:
