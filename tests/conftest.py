@@ -31,10 +31,13 @@ os.environ.update(
     }
 )
 
-pytest_plugins = sorted(
+# The helpers other fixture modules import come first, so each module is loaded (and its asserts
+# rewritten) as a plugin before anything imports it.
+_FIRST = ("ports", "pg_cluster")
+pytest_plugins = [f"tests.fixtures.{name}" for name in _FIRST] + sorted(
     f"tests.fixtures.{path.stem}"
     for path in (Path(__file__).parent / "fixtures").glob("*.py")
-    if path.stem != "__init__"
+    if path.stem not in {"__init__", *_FIRST}
 )
 
 

@@ -18,6 +18,7 @@ from tasks import certificates
 from tests.fixtures.acme import (
     DEAD_PORT,
     HTTP01_PORT,
+    OTHER_HTTP01_PORT,
     Lineage,
     Nginx,
     certificate_env,
@@ -199,7 +200,7 @@ def test_failed_challenge_reports_its_cause_not_only_certbots_summary(
     acme_lineage: Lineage, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # certbot answers the http-01 challenge on another port than the one the CA fetches it from.
-    broken = copy_lineage(acme_lineage, tmp_path, http01_port=str(HTTP01_PORT + 1))
+    broken = copy_lineage(acme_lineage, tmp_path, http01_port=str(OTHER_HTTP01_PORT))
     set_env(monkeypatch, certificate_env(broken, None))
     refused = f"dial tcp 127.0.0.1:{HTTP01_PORT}: connect: connection refused"
 

@@ -20,6 +20,7 @@ from prefect.states import State
 from flows.dependencies import update_dependencies
 from tests.fixtures.docker_engine import ComposeStack, DockerEngine
 from tests.fixtures.npm_registry import APP_BASE_IMAGE, PACKAGE, FixtureApp, tree_digest
+from tests.fixtures.ports import claim_port
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.flow, pytest.mark.integration]
 
@@ -165,7 +166,7 @@ def test_old_working_copies_are_removed_and_nothing_else(
     assert first.name in artifacts(state)["dependencies-teststack"].data
 
 
-STAGING_PORT = 15572  # this area's own port, apart from the runtime tests' stacks
+STAGING_PORT = claim_port()  # this area's own port, apart from the runtime tests' stacks
 # The runtime tests' app images: app-backend serves /cgi-bin/health on $HEALTH_PORT (503 on :v2).
 STAGING_COMPOSE = f"""\
 services:

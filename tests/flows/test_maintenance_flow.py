@@ -15,10 +15,11 @@ import psycopg
 import pytest
 
 from tests.fixtures.migrations import ADD_NAME, BACKFILL, BAD_SQL, Revision, snapshot, use
+from tests.fixtures.ports import claim_port
 
 pytestmark = [pytest.mark.flow, pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
-MAINTENANCE_PORT = 15521
+MAINTENANCE_PORT = claim_port()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from tasks.settings import CertEndpoint, OpsSettings
 from tests.fixtures.acme import (
     DEAD_PORT,
     HTTP01_PORT,
+    OTHER_HTTP01_PORT,
     Lineage,
     Nginx,
     certificate_settings,
@@ -128,7 +129,7 @@ def test_each_lineage_renews_against_the_server_that_issued_it(acme_lineage: Lin
 
 def test_failed_challenge_names_the_cause_from_certbots_log(acme_lineage: Lineage, tmp_path: Path) -> None:
     # certbot answers the http-01 challenge on another port than the one the CA fetches it from.
-    broken = copy_lineage(acme_lineage, tmp_path, http01_port=str(HTTP01_PORT + 1))
+    broken = copy_lineage(acme_lineage, tmp_path, http01_port=str(OTHER_HTTP01_PORT))
     cfg = certificate_settings(broken, None)
     before = certificates.read_lineage(broken.config_dir, broken.cert_name).info.serial
 

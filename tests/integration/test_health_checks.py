@@ -133,11 +133,11 @@ def test_http_endpoint(status_code: int, pg_database: tuple[str, str], redis_db:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 15595), Handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        url = "http://127.0.0.1:15595/api/health"
+        url = f"http://127.0.0.1:{server.server_address[1]}/api/health"
         report = run_checks(settings_for(pg_database[1], redis_db, urls=[url]))
     finally:
         server.shutdown()
