@@ -15,7 +15,7 @@ from tasks import releases, reports
 from tasks.health import HealthReport
 from tasks.ops_task import ops_task
 from tasks.releases import MigrationRevision, Readiness, RollbackStep, read_migration_revision
-from tasks.runtime import ChangeRecord, Runtime, ServiceStatus
+from tasks.runtime import ChangeRecord, Revision, Runtime, ServiceStatus
 from tasks.settings import OpsSettings
 
 
@@ -24,9 +24,9 @@ def _list_services(runtime: Runtime) -> list[ServiceStatus]:
     return runtime.list_services()
 
 
-def _restart(runtime: Runtime, services: list[str]) -> list[ChangeRecord]:
+def _restart(runtime: Runtime, services: Sequence[str]) -> list[ChangeRecord]:
     """Restart the services (compose restart / rollout restart); one change record each."""
-    return runtime.restart(services)
+    return runtime.restart(list(services))
 
 
 def _wait_ready(runtime: Runtime, services: list[str], timeout_seconds: float) -> list[ServiceStatus]:
@@ -51,7 +51,7 @@ def _set_images(runtime: Runtime, images: dict[str, str]) -> list[ChangeRecord]:
     return runtime.set_images(images)
 
 
-def _histories(runtime: Runtime, services: list[str]) -> dict[str, list[Any]]:
+def _histories(runtime: Runtime, services: Sequence[str]) -> dict[str, list[Revision]]:
     """Each service's rollout history (ReplicaSet revisions, or recorded releases on Compose)."""
     return {service: runtime.history(service) for service in services}
 
@@ -67,7 +67,7 @@ def _apply_rollback(runtime: Runtime, steps: list[RollbackStep]) -> list[ChangeR
     return records
 
 
-list_services = ops_task(_list_services, name="list-services")
+list_services = ops_task(_list_services, name="list-services", retries=1)
 restart = ops_task(_restart, name="restart-services")
 wait_ready = ops_task(_wait_ready, name="wait-services-ready")
 verify_health = ops_task(_verify_health, name="verify-health")

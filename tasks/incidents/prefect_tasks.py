@@ -3,38 +3,21 @@ Prefect (tests, other tasks), and a flow submits the wrapped ones. Nothing is ca
 task).
 
 The key census and FLUSHDB are tasks of :mod:`tasks.redisdb`; recording replicas, scaling and waiting
-for readiness are tasks of :mod:`tasks.scaling`.
+for readiness are tasks of :mod:`tasks.scaling`; listing, restarting and the rollout history are the
+steps of :mod:`tasks.rollout`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from tasks import health
+from tasks import health, rollout
 from tasks.health import HealthReport
 from tasks.incidents.evidence import collect_evidence_bundle, verify_bundle
 from tasks.incidents.rotation import plan_rotation, restart_for_new_config, rotate_secrets
 from tasks.incidents.validation import run_validation_queries
 from tasks.ops_task import ops_task
-from tasks.runtime import ChangeRecord, Revision, Runtime, ServiceStatus
 from tasks.settings import OpsSettings
 
-# --- runtime reads the flows share ----------------------------------------------------------------
-
-
-def service_statuses(runtime: Runtime) -> list[ServiceStatus]:
-    """Every service's status (``docker compose ps`` / ``kubectl get deployments``)."""
-    return runtime.list_services()
-
-
-def service_histories(runtime: Runtime, services: Sequence[str]) -> dict[str, list[Revision]]:
-    """Each service's rollout history (ReplicaSet revisions, or the recorded releases on Compose)."""
-    return {service: runtime.history(service) for service in services}
-
-
-def restart_services(runtime: Runtime, services: Sequence[str]) -> list[ChangeRecord]:
-    """``docker compose restart`` / ``kubectl rollout restart`` the services."""
-    return runtime.restart(list(services))
+# --- the health read the incident flows share ----------------------------------------------------
 
 
 def health_report(settings: OpsSettings) -> HealthReport:
@@ -51,7 +34,8 @@ plan_rotation_task = ops_task(plan_rotation, name="plan-secret-rotation")
 rotate_secrets_task = ops_task(rotate_secrets, name="rotate-secrets")
 restart_for_new_config_task = ops_task(restart_for_new_config, name="restart-for-new-secrets")
 validation_queries_task = ops_task(run_validation_queries, name="run-validation-queries")
-service_statuses_task = ops_task(service_statuses, name="list-services", retries=1)
-service_histories_task = ops_task(service_histories, name="rollout-history")
-restart_services_task = ops_task(restart_services, name="restart-services")
+# The runtime steps are the ones deploy, rollback and restart use (tasks/rollout.py).
+service_statuses_task = rollout.list_services
+service_histories_task = rollout.histories
+restart_services_task = rollout.restart
 health_report_task = ops_task(health_report, name="health-checks")
