@@ -313,6 +313,7 @@ def test_conditional_put_writes_only_over_the_version_it_read(any_storage: Stora
 
 _VERIFY_CHILD = """
 import json, pathlib, sys, time
+from tasks import backup as backups
 from tests.fixtures.s3 import backup_settings
 args = json.loads(sys.argv[1])
 settings = backup_settings(args["dsn"], args["url"], storage=args["storage"])
