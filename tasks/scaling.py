@@ -2,7 +2,7 @@
 are scaled to zero (so that they go back to exactly what ran), scaling, and waiting until scaled-down
 services are gone or scaled-back services are ready.
 
-recover-data and the writers' window of migrate-database (:mod:`tasks.writers`) both stop the
+recover-data and the writers' window of migrate-database (:mod:`tasks.migrate.writers`) both stop the
 application's writers this way.
 """
 
