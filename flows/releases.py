@@ -30,6 +30,7 @@ from tasks.releases import (
     MigrationRevision,
     ReleaseNotFound,
     ReleaseRecord,
+    ReleaseStatus,
     ReleaseStore,
     RollbackStep,
     read_migration_revision,
@@ -374,9 +375,9 @@ def _choose_target(
         record = store.get(release_id)
         return dict(record.images), record, record.label
     running = {s: i for s, i in current.items() if i}
-    record = store.previous_good(running)
-    if record is not None:
-        return dict(record.images), record, record.label
+    previous = store.previous_good(running)
+    if previous is not None:
+        return dict(previous.images), previous, previous.label
     # No recorded release to return to: the runtime's own history (Kubernetes ReplicaSets).
     target = {}
     for service in services:
@@ -503,7 +504,7 @@ def rollback_release(
             raise CheckFailed(f"rolled back to {label}, but the services are not ready: {exc}") from exc
         report = verify_health(settings, health_scope, list(settings.runtime.smoke_urls))
         failures = releases.verification_failures(report)
-        status = "failed" if failures else "succeeded"
+        status: ReleaseStatus = "failed" if failures else "succeeded"
         store.record(
             kind="rollback",
             status=status,

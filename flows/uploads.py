@@ -133,16 +133,16 @@ def render_markdown(report: CleanupReport) -> str:
             lines += ["", "Skipped: " + ", ".join(s for s in skipped if s) + "."]
         lines += ["", f"Full plan (JSON Lines, one file per line): `{report.plan.plan_path}`"]
     if report.disk_before is not None:
-        rows = [["before", report.disk_before]]
+        disks = [("before", report.disk_before)]
         if report.disk_after is not None:
-            rows.append(["after", report.disk_after])
+            disks.append(("after", report.disk_after))
         lines += [
             "",
             "## Disk space",
             "",
             reports.markdown_table(
                 ["", "size", "used", "avail", "use%"],
-                [[n, _size(d.total), _size(d.used), _size(d.free), f"{d.used_percent}%"] for n, d in rows],
+                [[n, _size(d.total), _size(d.used), _size(d.free), f"{d.used_percent}%"] for n, d in disks],
             ),
         ]
         if report.disk_after is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import uuid
@@ -236,7 +237,7 @@ def read_migration_revision(pg: PostgresSettings, query: str | None = None) -> M
                 revision = ",".join(str(r[0]) for r in rows) or None
                 return MigrationRevision(revision, "alembic_version")
             if query:
-                row = conn.execute(query).fetchone()  # type: ignore[call-overload]
+                row = conn.execute(query).fetchone()
                 return MigrationRevision(None if row is None else str(row[0]), "runtime.migration_query")
             if "_prisma_migrations" in tables:
                 row = conn.execute(
@@ -364,9 +365,9 @@ def verification_report(
         checks.update(health.all_checks(settings))
     else:
         for url in settings.health.urls:
-            checks[health.http_check_name(url)] = lambda url=url: health.check_http(url, settings)
+            checks[health.http_check_name(url)] = functools.partial(health.check_http, url, settings)
     for url in smoke_urls:
-        checks[f"smoke:{http_probe.mask_url(url)}"] = lambda url=url: health.check_http(url, settings)
+        checks[f"smoke:{http_probe.mask_url(url)}"] = functools.partial(health.check_http, url, settings)
     deadline = settings.health.timeout_seconds * 2 + 1
     results = {name: health.run_with_deadline(name, check, deadline) for name, check in checks.items()}
     return health.assemble_report(settings.stack, results)

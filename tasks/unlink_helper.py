@@ -84,7 +84,7 @@ def remove_files(
             try:
                 now = lstat_at(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
-                reason: str | None = "gone"
+                reason = "gone"
             except OSError as exc:
                 errors_count += 1
                 if len(errors) < MAX_RECORDED:

@@ -245,7 +245,7 @@ class _Remover:
             chunks.append(chunk)
             size -= len(chunk)
         # From the helper this process started, over a private socket pair.
-        return marshal.loads(b"".join(chunks))  # type: ignore[no-any-return]  # noqa: S302
+        return marshal.loads(b"".join(chunks))  # noqa: S302
 
     def abort(self) -> None:
         """Stop the helper now (after an error in the scan); a no-op once :meth:`finish` returned."""

@@ -16,14 +16,14 @@ from tasks.uploads.locations import disk_usage
 from tasks.uploads.quarantine import prepare_quarantine, purge_quarantine, restore_quarantine_run
 from tasks.uploads.remove import remove_planned
 
-check_root_task = task(check_root, name="check-uploads-root", cache_policy=NO_CACHE)
-prepare_quarantine_task = task(prepare_quarantine, name="prepare-uploads-quarantine", cache_policy=NO_CACHE)
-disk_usage_task = task(disk_usage, name="disk-usage", cache_policy=NO_CACHE, retries=1)
-clean_uploads_task = task(clean_uploads, name="clean-uploads", cache_policy=NO_CACHE)
-remove_planned_task = task(remove_planned, name="remove-planned-uploads", cache_policy=NO_CACHE)
-purge_quarantine_task = task(purge_quarantine, name="purge-uploads-quarantine", cache_policy=NO_CACHE)
-restore_quarantine_task = task(
-    restore_quarantine_run, name="restore-uploads-quarantine", cache_policy=NO_CACHE
+check_root_task = task(name="check-uploads-root", cache_policy=NO_CACHE)(check_root)
+prepare_quarantine_task = task(name="prepare-uploads-quarantine", cache_policy=NO_CACHE)(prepare_quarantine)
+disk_usage_task = task(name="disk-usage", cache_policy=NO_CACHE, retries=1)(disk_usage)
+clean_uploads_task = task(name="clean-uploads", cache_policy=NO_CACHE)(clean_uploads)
+remove_planned_task = task(name="remove-planned-uploads", cache_policy=NO_CACHE)(remove_planned)
+purge_quarantine_task = task(name="purge-uploads-quarantine", cache_policy=NO_CACHE)(purge_quarantine)
+restore_quarantine_task = task(name="restore-uploads-quarantine", cache_policy=NO_CACHE)(
+    restore_quarantine_run
 )
 
 

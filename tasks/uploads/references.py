@@ -34,7 +34,7 @@ class ReferenceChecker:
         self._statement = sql.SQL(
             "SELECT refs.path FROM ({}) AS refs(path) WHERE refs.path = ANY(%s)"
         ).format(
-            sql.SQL(body)  # type: ignore[arg-type]  # operator-configured SQL, not user input
+            sql.SQL(body)  # operator-configured SQL, not user input
         )
 
     def referenced(self, rels: Iterable[str]) -> set[str]:

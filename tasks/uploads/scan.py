@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +77,7 @@ def _walk_old_files(
     cross_filesystem: bool = False,
     protect: ProtectMatcher | None = None,
     max_depth: int = MAX_DEPTH,
-) -> Iterator[tuple[int, str, list[tuple[str, os.stat_result]]]]:
+) -> Generator[tuple[int, str, list[tuple[str, os.stat_result]]], None, None]:
     """The scan of :func:`scan_old_files`, one directory at a time.
 
     Yields ``(dir_fd, prefix, found)`` per directory holding old unprotected regular files: the
