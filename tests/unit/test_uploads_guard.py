@@ -77,9 +77,14 @@ def test_a_symlink_as_root_is_refused_even_to_an_allowed_directory(tmp_path: Pat
 
 
 def test_the_projects_own_directory_and_its_ancestors_are_refused() -> None:
-    for root in (PROJECT, PROJECT.parent):
-        message = refused(UploadsSettings(root=root))
-        assert "project's own directory" in message
+    assert "project's own directory" in refused(UploadsSettings(root=PROJECT))
+    # An ancestor is refused too; where the checkout lies in a system directory (a clone under /tmp),
+    # the system-directory rule names it first.
+    message = refused(UploadsSettings(root=PROJECT.parent))
+    assert "project's own directory" in message or "system directory" in message
+    assert uploads.location_refusal(
+        Path("/srv/checkout"), home=None, project=Path("/srv/checkout/swagger2mcp-ops")
+    ) == ("it is the project's own directory /srv/checkout/swagger2mcp-ops or an ancestor of it")
 
 
 def test_a_root_holding_the_quarantine_is_refused_in_every_mode(tmp_path: Path) -> None:
