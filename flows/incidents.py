@@ -329,11 +329,11 @@ def recover_data(
     approval = ""
     held = contextlib.ExitStack()
 
-    def publish(run: RunOutcome) -> None:
-        held.close()
-        markdown = render_recovery(
+    def recovery_markdown(outcome: str) -> str:
+        """The recovery's report as it stands (the plan before approval; everything at the end)."""
+        return render_recovery(
             settings.stack,
-            run.outcome,
+            outcome,
             steps,
             preflight,
             listing,
@@ -344,7 +344,11 @@ def recover_data(
             queries,
             queries_source,
             approval,
-        ) + "\n".join(_failure_line(run))
+        )
+
+    def publish(run: RunOutcome) -> None:
+        held.close()
+        markdown = recovery_markdown(run.outcome) + "\n".join(_failure_line(run))
         reports.publish_markdown(key, markdown, f"Data recovery of {settings.stack}: {run.outcome}")
         reports.publish_table(f"{key}-steps", steps.rows(), "Each step with its timing")
         if listing:
@@ -403,41 +407,14 @@ def recover_data(
             }
         if not approved:
             run.outcome = "waiting for approval"
-            reports.publish_markdown(
-                key,
-                render_recovery(
-                    settings.stack,
-                    run.outcome,
-                    steps,
-                    preflight,
-                    listing,
-                    recorded,
-                    [],
-                    None,
-                    None,
-                    queries,
-                    queries_source,
-                ),
-                "Data recovery: waiting for approval",
-            )
+            waiting = recovery_markdown(run.outcome)
+            reports.publish_markdown(key, waiting, "Data recovery: waiting for approval")
         ask = functools.partial(
             approvals.request_approval,
             settings,
             approved=approved,
             action=f"stop the writers and restore backup {manifest.id} over {preflight.target_database}",
-            plan_markdown=render_recovery(
-                settings.stack,
-                "approve?",
-                steps,
-                preflight,
-                listing,
-                recorded,
-                [],
-                None,
-                None,
-                queries,
-                queries_source,
-            ),
+            plan_markdown=recovery_markdown("approve?"),
             timeout_seconds=timeout,
             form=RecoveryApproval,
             backup_id=manifest.id,
