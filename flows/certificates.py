@@ -204,6 +204,34 @@ def emit_unrenewed_events(summary: RunSummary) -> int:
     return emitted
 
 
+# The escalation's rule: a certificate this close to its end with no successful renewal reaches DevOps.
+EXPIRING_DAYS = 7
+
+
+@task(name="emit-expiring-events", cache_policy=NO_CACHE)
+def emit_expiring_events(summary: RunSummary) -> int:
+    """One event per certificate or endpoint expiring within ``EXPIRING_DAYS`` days that this run did
+    not renew; returns how many."""
+    emitted = 0
+    for subject, days_left in summary.expiring(EXPIRING_DAYS):
+        event = emit_event(
+            event=f"{EVENT_PREFIX}.expiring",
+            resource={
+                "prefect.resource.id": f"swagger2mcp-ops.stack.{summary.stack}.{subject.replace(' ', '.')}",
+                "prefect.resource.name": f"{summary.stack} {subject}",
+                "swagger2mcp-ops.stack": summary.stack,
+            },
+            payload={
+                "message": f"{subject} expires in {days_left} days with no successful renewal",
+                "subject": subject,
+                "days_left": days_left,
+                "within_days": EXPIRING_DAYS,
+            },
+        )
+        emitted += event is not None
+    return emitted
+
+
 @flow(name="renew-certificates", log_prints=True)
 def renew_certificates(force: bool = False, dry_run: bool = False) -> dict[str, Any]:
     """Runbook "Certificate Renewal": expiry check, certbot dry run then renew, reload, verify served.
@@ -272,6 +300,8 @@ def renew_certificates(force: bool = False, dry_run: bool = False) -> dict[str, 
             )
         if summary.unrenewed_due():
             summary.events_emitted = emit_unrenewed_events(summary)
+        if not dry_run:
+            summary.events_emitted += emit_expiring_events(summary)
     except Exception as exc:
         summary.error = f"{type(exc).__name__}: {exc}"
         raise

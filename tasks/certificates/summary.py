@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from tasks.certificates.certbot import DryRunResult, RenewalRecord
 from tasks.certificates.decisions import Inventory, RenewalPlan
@@ -34,6 +35,25 @@ class RunSummary:
             return []
         failed_dry = [d.cert_name for d in self.dry_runs if not d.passed]
         return sorted({*failed_dry, *self.renewal_errors, *self.plan.not_renewable})
+
+    def expiring(self, days: float, now: datetime | None = None) -> list[tuple[str, float]]:
+        """What expires within ``days`` with no successful renewal in this run: watched certificates
+        not renewed, and endpoints by what they serve after the run; ``(what, days left)`` each."""
+        if self.inventory is None:
+            return []
+        now = now or datetime.now(UTC)
+        renewed = {r.cert_name for r in self.renewals if r.changed}
+        found = [
+            (f"certificate {c.name}", round(c.info.days_left(now), 1))
+            for c in self.inventory.certificates
+            if c.name not in renewed and c.info.days_left(now) < days
+        ]
+        after = {v.endpoint: v.served for v in self.verdicts}
+        for state in self.inventory.endpoints:
+            served = after.get(state.served.endpoint, state.served)
+            if served.info is not None and served.info.days_left(now) < days:
+                found.append((f"endpoint {served.endpoint}", round(served.info.days_left(now), 1)))
+        return found
 
     def problems(self) -> list[str]:
         """What makes the run fail, one line each."""

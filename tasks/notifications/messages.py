@@ -102,7 +102,7 @@ def health_message(
     )
 
 
-_EVENT_SEVERITY: dict[str, Severity] = {"failed": "error", "renewal-failed": "error"}
+_EVENT_SEVERITY: dict[str, Severity] = {"failed": "error", "renewal-failed": "error", "expiring": "error"}
 
 
 def event_message(

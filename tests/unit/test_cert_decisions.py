@@ -417,3 +417,22 @@ def test_endpoint_no_watched_certificate_covers_is_flagged_near_expiry() -> None
     verdict = certificates.judge_endpoint(served("aa", 10), None, 30)
     assert not verdict.ok
     assert "no watched certificate covers" in (verdict.problem or "")
+
+
+def test_certificates_expiring_within_seven_days_without_a_renewal_are_named() -> None:
+    soon = lineage("shop", "01", days_left=5)
+    renewed = lineage("api", "02", days_left=3)
+    fine = lineage("docs", "03", days_left=40)
+    endpoint = certificates.EndpointState(
+        CertEndpoint(host="127.0.0.1", port=443, server_name="shop.example.com"), served("09", 2), None
+    )
+    summary = certificates.RunSummary(stack="s", force=False, dry_run=False)
+    summary.inventory = certificates.Inventory(NOW, (soon, renewed, fine), (endpoint,), ())
+    summary.renewals = [
+        certificates.RenewalRecord("api", True, "02", "12", NOW, NOW + dt.timedelta(days=90), "certbot renew")
+    ]
+    assert summary.expiring(7, now=NOW) == [
+        ("certificate shop", 5.0),
+        ("endpoint shop.example.com at 127.0.0.1:443", 2.0),
+    ]
+    assert summary.expiring(1, now=NOW) == []

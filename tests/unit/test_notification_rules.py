@@ -106,6 +106,12 @@ def test_routes_file_declares_every_route_of_the_issue() -> None:
         "prefect.flow-run.TimedOut",
     }
     assert routes["maintenance"].to == ["users", "status"]
+    # Renewal failed, or a certificate expires within 7 days with no successful renewal: DevOps.
+    assert set(routes["certificate-renewal-failed"].expect) == {
+        "swagger2mcp-ops.certificate.renewal-failed",
+        "swagger2mcp-ops.certificate.expiring",
+    }
+    assert routes["certificate-renewal-failed"].to == ["devops"]
 
 
 def test_invalid_routes_file_names_the_problem(tmp_path: Path) -> None:
