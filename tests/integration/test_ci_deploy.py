@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.fixtures.kube import NEVER_READY_IMAGE
 from tests.fixtures.prefect_server import PrefectServer, child_env, free_port
 
 pytestmark = pytest.mark.integration
@@ -151,7 +152,7 @@ def test_ci_deploy_exit_codes_follow_the_deploy(
         env,
         "staging",
         "--params",
-        json.dumps({"images": {"backend": target.missing_image}, "timeout_seconds": 300}),
+        json.dumps({"images": {"backend": NEVER_READY_IMAGE}, "timeout_seconds": 300}),
         "--timeout",
         "12",
         "--poll",
