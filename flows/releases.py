@@ -554,6 +554,7 @@ def rollback_release(
     label = "?"
     crossed: list[str] = []
     approval_line = ""
+    replicas_line = ""
     lock = contextlib.ExitStack()
     try:
         lock.enter_context(
@@ -571,10 +572,20 @@ def rollback_release(
         if target is not None:
             crossed = releases.guard_migrations(store.all(), target, revision, force=force)
         steps = releases.plan_rollback(before, target_images, histories(runtime, list(target_images)))
+        # A rollback changes images only: the counts scale-services set stay (shown, and checked after).
+        replicas_line = "Replica counts are kept: " + (
+            ", ".join(f"{s.name} {s.desired}" for s in before if s.name in target_images) or "none known"
+        )
         reports.publish_markdown(
             f"rollback-release-{environment}-plan",
             "\n".join(
-                [f"# Rollback plan for {environment}: to {label}", "", *[f"- {s.describe()}" for s in steps]]
+                [
+                    f"# Rollback plan for {environment}: to {label}",
+                    "",
+                    *[f"- {s.describe()}" for s in steps],
+                    "",
+                    replicas_line,
+                ]
             ),
             f"Rollback plan to {label}",
         )
@@ -586,6 +597,8 @@ def rollback_release(
                 f"# Rollback of {environment} to {label}",
                 "",
                 *[f"- {s.describe()}" for s in steps],
+                "",
+                replicas_line,
                 *(["", f"**Crosses database migrations {crossed} (forced).**"] if crossed else []),
             ]
         )
@@ -611,6 +624,14 @@ def rollback_release(
             after = exc.statuses
             raise CheckFailed(f"rolled back to {label}, but the services are not ready: {exc}") from exc
         after, report, failures = readiness.statuses, readiness.report, readiness.failures
+        counts_before = {s.name: s.desired for s in before}
+        moved = [
+            f"{s.name} {counts_before[s.name]} -> {s.desired}"
+            for s in after
+            if s.name in counts_before and counts_before[s.name] != s.desired
+        ]
+        if moved:
+            replicas_line = f"**Replica counts changed by the rollback:** {', '.join(moved)}"
         status: ReleaseStatus = "failed" if failures else "succeeded"
         store.record(
             kind="rollback",
@@ -622,6 +643,7 @@ def rollback_release(
             flow_run_id=_flow_run_id(),
             previous_id=target.id if target else None,
             note=f"rollback to {label}" + (f"; forced across migrations {crossed}" if crossed else ""),
+            replicas={s.name: s.desired for s in after},
         )
         if failures:
             raise CheckFailed(
@@ -637,6 +659,7 @@ def rollback_release(
             "health": report.as_runbook() if report else None,
             "readiness": readiness.as_dict(),
             "approval": approval_line,
+            "replicas": {s.name: s.desired for s in after},
         }
     except Exception as exc:
         problem = str(exc)
@@ -654,6 +677,7 @@ def rollback_release(
             "",
             *([f"- {s.describe()}" for s in steps] or ["No plan was made."]),
             "",
+            *([replicas_line, ""] if replicas_line else []),
             *rollout_sections(before=None, records=records, after=after, readiness=readiness),
             *health_lines(report),
             "",

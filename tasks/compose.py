@@ -13,6 +13,7 @@ and a later ``up`` keeps the released images. Compose keeps no rollout history: 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import time
@@ -319,11 +320,15 @@ class ComposeRuntime:
                     f"image(s) {', '.join(absent)} not on this Docker Engine and runtime.compose.pull is"
                     " 'never': build or load them first, or fix the tag. Nothing was changed."
                 )
+        # `up` brings a service back to its file's count (1 unless it says otherwise): the count it
+        # runs now is passed on, so a deploy or rollback keeps what scale-services set.
+        counts = {s: len(self._containers(s)) for s in changes}
+        keep = [arg for s, n in counts.items() if n > 0 for arg in ("--scale", f"{s}={n}")]
         old_pins = self.pinned_images()
         had_file = self.images_file.exists()
         self._write_pins({**old_pins, **changes})
         try:
-            result = self._compose("up", "--detach", "--no-deps", "--pull", self.config.pull, *changes)
+            result = self._compose("up", "--detach", "--no-deps", "--pull", self.config.pull, *keep, *changes)
         except CommandError as exc:
             self._restore_pins(old_pins, had_file)
             raise RuntimeOperationFailed(
@@ -400,3 +405,35 @@ class ComposeRuntime:
                 f"{f' with id {revision}' if revision else ' (all recorded releases run the same image)'}"
             )
         return self.set_images({service: chosen[0].images[service]}, operation="rollback")[0]
+
+    def single_replica_reason(self, service: str) -> str | None:
+        """A ``container_name`` or a published host port that is one fixed port (not a range): Docker
+        names each container once and binds a host port once, so a second replica cannot start (for
+        a fixed name Compose only warns and keeps one). Read from ``docker compose config``.
+
+        Raises:
+            RuntimeOperationFailed: the Compose files define no such service.
+        """
+        # The resolved configuration holds the environment's values: not logged.
+        result = run_command(
+            self.compose_argv("config", "--format", "json"),
+            timeout=60,
+            env=self._env(),
+            log_output=False,
+        )
+        services = (json.loads(result.stdout or "{}").get("services")) or {}
+        if service not in services:
+            raise RuntimeOperationFailed(
+                f"unknown Compose service {service} in project {self.project}; the files define:"
+                f" {', '.join(sorted(services)) or 'nothing'}. Nothing was changed."
+            )
+        spec = services[service]
+        reasons = []
+        if spec.get("container_name"):
+            reasons.append(f"it has a fixed container_name ({spec['container_name']})")
+        for port in spec.get("ports") or []:
+            published = str(port.get("published") or "")
+            if published and "-" not in published:
+                host = f"{port['host_ip']}:" if port.get("host_ip") else ""
+                reasons.append(f"it publishes the fixed host port {host}{published}")
+        return "; ".join(reasons) or None

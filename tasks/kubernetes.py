@@ -484,3 +484,13 @@ class KubernetesRuntime:
                 f" -n {self.namespace}",
             ),
         )
+
+    def single_replica_reason(self, service: str) -> str | None:
+        """None for an existing Deployment: its replicas are pods, each with its own name and IP (a
+        ``hostPort`` limits them to one per node, which the scheduler handles by leaving extras Pending).
+
+        Raises:
+            RuntimeOperationFailed: no such Deployment.
+        """
+        self._deployment(service)
+        return None

@@ -6,7 +6,7 @@ of the application's database, and restore and migrate lock there too):
 
 | operation | lock name |
 |---|---|
-| deploy-release / rollback-release | ``swagger2mcp-ops:release:<stack>:<environment>`` |
+| deploy-release / rollback-release / scale-services | ``swagger2mcp-ops:release:<stack>:<environment>`` |
 | cleanup-uploads / restore-uploads | ``swagger2mcp-ops:uploads:<absolute uploads root>`` |
 | prune-backups | ``swagger2mcp-ops:prune:<storage location>`` |
 | flush-redis | ``swagger2mcp-ops:redis:<host:port/db>`` |

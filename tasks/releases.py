@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 # "not-switched": the deploy failed before any service changed (a missing image, a refused migration).
 ReleaseStatus = Literal["recorded", "deploying", "succeeded", "failed", "rolled-back", "not-switched"]
-ReleaseKind = Literal["baseline", "deploy", "rollback"]
+# "scale": scale-services changed replica counts; the images are what ran then (a rollback keeps counts).
+ReleaseKind = Literal["baseline", "deploy", "rollback", "scale"]
 # Releases a rollback may return to: they ran healthy (a baseline is what ran before a deploy).
 GOOD_STATUSES: frozenset[str] = frozenset({"recorded", "succeeded"})
 
@@ -71,6 +72,7 @@ class ReleaseRecord(BaseModel):
     previous_id: str | None = None
     note: str | None = None
     revisions: dict[str, str] = Field(default_factory=dict, description="runtime revision per service")
+    replicas: dict[str, int] = Field(default_factory=dict, description="replica count per service, if known")
 
     @property
     def label(self) -> str:
@@ -180,6 +182,7 @@ class ReleaseStore:
         previous_id: str | None = None,
         note: str | None = None,
         revisions: dict[str, str] | None = None,
+        replicas: dict[str, int] | None = None,
     ) -> ReleaseRecord:
         """Create and save a new release record."""
         now = datetime.now(UTC)
@@ -199,6 +202,7 @@ class ReleaseStore:
                 previous_id=previous_id,
                 note=note,
                 revisions=dict(revisions or {}),
+                replicas=dict(replicas or {}),
             )
         )
 

@@ -273,6 +273,15 @@ class Runtime(Protocol):
         """
         ...
 
+    def single_replica_reason(self, service: str) -> str | None:
+        """Why ``service`` cannot run more than one replica (a fixed host port, a fixed container
+        name), or None when nothing in its definition prevents it. Reads only.
+
+        Raises:
+            RuntimeOperationFailed: the service does not exist.
+        """
+        ...
+
 
 class NoRuntime:
     """``runtime.kind = "none"``: the services are not managed by this tool."""
@@ -310,6 +319,9 @@ class NoRuntime:
 
     def rollback(self, service: str, revision: str | None = None) -> ChangeRecord:
         raise self._refuse(f"roll back {service}")
+
+    def single_replica_reason(self, service: str) -> str | None:
+        return None
 
 
 def get_runtime(settings: OpsSettings) -> Runtime:

@@ -27,6 +27,7 @@ FLOW_RETRY = "retry-failed-jobs"
 FLOW_CLEAN_JOBS = "clean-jobs"
 FLOW_CLEANUP_UPLOADS = "cleanup-uploads"
 FLOW_OUTAGE = "outage-triage"
+FLOW_SCALE = "scale-services"
 
 
 class Severity(enum.StrEnum):

@@ -12,6 +12,7 @@ from typing import Any
 from tasks.diagnose.model import (
     FLOW_OUTAGE,
     FLOW_RESTART,
+    FLOW_SCALE,
     RB_CPU,
     RB_DATABASE,
     RB_MEMORY,
@@ -21,8 +22,9 @@ from tasks.diagnose.model import (
     Severity,
 )
 from tasks.runtime import ResourceUsage, Runtime, ServiceStatus, get_runtime
+from tasks.scaling import approval_reason, suggest_replicas
 from tasks.secrets import configured_secrets, mask_text, one_line, safe_error
-from tasks.settings import DiagnoseSettings, OpsSettings
+from tasks.settings import DiagnoseSettings, OpsSettings, ScalingSettings
 
 CHECK = "services"
 
@@ -142,26 +144,64 @@ def _one_service_findings(s: ServiceStatus, tail: LogTail | None, limits: Diagno
     return findings
 
 
-def _cpu_findings(usage: Sequence[ResourceUsage], limits: DiagnoseSettings) -> list[Finding]:
-    return [
-        Finding(
-            CHECK,
-            Severity.WARNING,
-            f"service {u.name} uses {u.cpu_percent:.0f}% CPU",
-            RB_CPU,
-            "Check for CPU-intensive work (large files, schema parsing, loops); scale if the load"
-            " is legitimate (kubectl scale deployment backend --replicas=3)",
-            None,
+def _cpu_finding(name: str, cpu_percent: float, current: int, scaling: ScalingSettings) -> Finding:
+    """A service over the CPU threshold, with the replica count scale-services would bring it to."""
+    bounds = scaling.bounds.get(name)
+    suggestion = suggest_replicas(name, current, cpu_percent, scaling.cpu_target_percent, bounds)
+    each = f"about {scaling.cpu_target_percent:g}% CPU each"
+
+    def command(replicas: int) -> str:
+        return f"scale-services -p replicas='{{\"{name}\": {replicas}}}' -p dry_run=false"
+
+    if bounds is not None and suggestion.at_max:
+        action = (
+            f"{name} is already at its max of {bounds.max} replicas ({suggestion.wanted} would give {each}):"
+            f" raise its max in OPS_SCALING__BOUNDS, or run {command(suggestion.wanted)} and approve it"
         )
+    else:
+        capped = f", capped by its max {bounds.max}" if bounds and suggestion.wanted > bounds.max else ""
+        why = approval_reason(suggestion.current, suggestion.replicas, bounds)
+        gate = f"asks for approval: {why}" if why else "within its bounds: no approval needed"
+        action = (
+            f"scale {name} from {suggestion.current} to {suggestion.replicas} replicas ({each}{capped}):"
+            f" run {command(suggestion.replicas)} ({gate})"
+        )
+    return Finding(
+        CHECK,
+        Severity.WARNING,
+        f"service {name} uses {cpu_percent:.0f}% CPU over {current} replica{'s' if current != 1 else ''}",
+        RB_CPU,
+        "Check for CPU-intensive work (large files, schema parsing, loops); if the load is legitimate, "
+        + action,
+        FLOW_SCALE,
+    )
+
+
+def _cpu_findings(
+    usage: Sequence[ResourceUsage],
+    statuses: Sequence[ServiceStatus],
+    limits: DiagnoseSettings,
+    scaling: ScalingSettings,
+) -> list[Finding]:
+    replicas = {s.name: s.desired for s in statuses}
+    return [
+        _cpu_finding(u.name, u.cpu_percent, replicas.get(u.name, 1), scaling)
         for u in usage
         if u.cpu_percent is not None and u.cpu_percent >= limits.cpu_warn_percent
     ]
 
 
 def service_findings(
-    evidence: ServicesEvidence, expected: Sequence[str], limits: DiagnoseSettings
+    evidence: ServicesEvidence,
+    expected: Sequence[str],
+    limits: DiagnoseSettings,
+    scaling: ScalingSettings | None = None,
 ) -> list[Finding]:
-    """Findings from services' status, restarts, logs and resource usage (a pure function)."""
+    """Findings from services' status, restarts, logs and resource usage (a pure function).
+
+    A service over the CPU threshold names scale-services with a replica count sized by
+    ``scaling.cpu_target_percent`` and capped by the service's max bound.
+    """
     if evidence.runtime == "none":
         return [
             Finding(
@@ -178,7 +218,7 @@ def service_findings(
         # A runtime may list a configured service it cannot find with state "missing".
         if s.state != "missing":
             findings += _one_service_findings(s, logs.get(s.name), limits)
-    findings += _cpu_findings(evidence.usage, limits)
+    findings += _cpu_findings(evidence.usage, evidence.services, limits, scaling or ScalingSettings())
     if not findings:
         findings.append(
             Finding(CHECK, Severity.OK, f"{len(evidence.services)} services running and ready", RB_MEMORY)
@@ -232,5 +272,5 @@ def services(settings: OpsSettings) -> Diagnosis:
         check,
         title,
         evidence,
-        tuple(service_findings(evidence, settings.runtime.services, settings.diagnose)),
+        tuple(service_findings(evidence, settings.runtime.services, settings.diagnose, settings.scaling)),
     )

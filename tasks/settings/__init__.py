@@ -19,7 +19,8 @@ The model is split along its sections: :mod:`~tasks.settings.database` (postgres
 storage, backup, wal), :mod:`~tasks.settings.uploads`, :mod:`~tasks.settings.runtime` (compose,
 kubernetes, runtime), :mod:`~tasks.settings.health` (health, diagnose), :mod:`~tasks.settings.migrations`,
 :mod:`~tasks.settings.certificates`, :mod:`~tasks.settings.dependencies`, :mod:`~tasks.settings.incidents`,
-:mod:`~tasks.settings.approvals` and :mod:`~tasks.settings.notifications`; :mod:`~tasks.settings.model`
+:mod:`~tasks.settings.approvals`, :mod:`~tasks.settings.notifications` and
+:mod:`~tasks.settings.scaling`; :mod:`~tasks.settings.model`
 holds :class:`OpsSettings` and its sources, :mod:`~tasks.settings.names` the names that exist, and
 :mod:`~tasks.settings.loading` :func:`load_settings` and its error message. Import from
 ``tasks.settings``: every public name is here.
@@ -58,6 +59,7 @@ from tasks.settings.runtime import (
     KubernetesRuntimeSettings,
     RuntimeSettings,
 )
+from tasks.settings.scaling import ReplicaBounds, ScalingSettings
 from tasks.settings.uploads import UploadsSettings
 
 __all__ = [
@@ -84,7 +86,9 @@ __all__ = [
     "PostgresSettings",
     "QueueSettings",
     "RedisSettings",
+    "ReplicaBounds",
     "RuntimeSettings",
+    "ScalingSettings",
     "SettingField",
     "SmtpSettings",
     "StorageSettings",

@@ -31,6 +31,7 @@ from tasks.settings.incidents import IncidentsSettings
 from tasks.settings.migrations import MigrationsSettings
 from tasks.settings.notifications import NotificationsSettings
 from tasks.settings.runtime import RuntimeSettings
+from tasks.settings.scaling import ScalingSettings
 from tasks.settings.uploads import UploadsSettings
 
 
@@ -64,6 +65,7 @@ class OpsSettings(BaseSettings):
     incidents: IncidentsSettings = Field(default_factory=IncidentsSettings)
     approvals: ApprovalSettings = Field(default_factory=ApprovalSettings)
     notifications: NotificationsSettings = Field(default_factory=NotificationsSettings)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
 
     @model_validator(mode="after")
     def _valid_stack(self) -> OpsSettings:

@@ -54,6 +54,7 @@ CATALOG = {
     "flows/diagnose.py:diagnose": "diagnose",
     "flows/queues.py:retry_failed_jobs": "retry-failed-jobs",
     "flows/services.py:restart_services": "restart-services",
+    "flows/services.py:scale_services": "scale-services",
     "flows/backup.py:backup_database": "backup-database",
     "flows/backup.py:restore_database": "restore-database",
     "flows/migrate.py:migrate_database": "migrate-database",

@@ -13,7 +13,7 @@ from tasks import diagnose as d
 from tasks.diagnose import Severity
 from tasks.queues import JobInfo, QueueCounts, StalledJob
 from tasks.runtime import ResourceUsage, ServiceStatus
-from tasks.settings import DiagnoseSettings
+from tasks.settings import DiagnoseSettings, ScalingSettings
 
 LIMITS = DiagnoseSettings()
 
@@ -174,6 +174,44 @@ def test_service_findings() -> None:
     assert rows[0]["log_matches"] == 1
     none = d.service_findings(d.ServicesEvidence("none", (), (), ()), ["backend"], LIMITS)
     assert [f.severity for f in none] == [Severity.INFO]
+
+
+def test_high_cpu_names_scale_services_with_a_count_capped_by_the_bounds() -> None:
+    scaling = ScalingSettings.model_validate(
+        {
+            "cpu_target_percent": 60,
+            "bounds": {"backend": {"min": 2, "max": 4}, "worker": {"min": 1, "max": 2}},
+        }
+    )
+    evidence = d.ServicesEvidence(
+        runtime="kubernetes",
+        services=(
+            ServiceStatus("backend", "app:2", desired=2, ready=2, state="available"),
+            ServiceStatus("worker", "app:2", desired=2, ready=2, state="available"),
+            ServiceStatus("api", "app:2", desired=1, ready=1, state="available"),
+        ),
+        usage=(
+            ResourceUsage("backend", cpu_percent=170.0, memory_bytes=None),  # ceil(170 / 60) = 3
+            ResourceUsage("worker", cpu_percent=190.0, memory_bytes=None),  # wants 4, max 2
+            ResourceUsage("api", cpu_percent=500.0, memory_bytes=None),  # wants 9, no bounds
+            ResourceUsage("idle", cpu_percent=10.0, memory_bytes=None),
+        ),
+        logs=(),
+    )
+    found = [f for f in d.service_findings(evidence, ["backend"], LIMITS, scaling) if f.runbook == d.RB_CPU]
+    by_service = {f.summary.split()[1]: f for f in found}
+    assert set(by_service) == {"backend", "worker", "api"}
+    assert all(f.flow == d.FLOW_SCALE == "scale-services" for f in found)
+    backend = by_service["backend"].resolution or ""
+    assert "from 2 to 3 replicas" in backend
+    assert (
+        """-p replicas='{"backend": 3}' -p dry_run=false (within its bounds: no approval needed)""" in backend
+    )
+    worker = by_service["worker"].resolution or ""
+    assert "already at its max of 2 replicas (4 would give about 60% CPU each)" in worker
+    api = by_service["api"].resolution or ""
+    assert "from 1 to 9 replicas" in api
+    assert "asks for approval: the service has no bounds" in api
 
 
 def test_scan_log_counts_matching_lines_and_masks_secrets() -> None:
