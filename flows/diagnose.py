@@ -3,8 +3,9 @@
 Every diagnostic the runbook runs by hand, gathered in one read-only run: PostgreSQL connections,
 long-running queries and top statements; Redis memory and eviction policy; BullMQ queues, stalled
 and failed jobs; services' status, restarts, logs and resource usage; disk space and the uploads
-directory; TCP reachability and DNS. Each finding names the runbook's resolution and the flow that
-performs it. Started by hand, or by an automation on the health check's ``unhealthy`` event.
+directory; TCP reachability and DNS, from the ops host and from inside the backend, side by side.
+Each finding names the runbook's resolution and the flow that performs it. Started by hand, or by an
+automation on the health check's ``unhealthy`` event.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -26,7 +27,9 @@ import yaml
 from tasks.commands import CommandResult, run_command
 from tasks.errors import CommandError
 from tasks.runtime import (
+    EXIT_NOT_FOUND,
     ChangeRecord,
+    ExecResult,
     ReleaseHistory,
     ResourceUsage,
     Revision,
@@ -41,6 +44,8 @@ from tasks.settings import OpsSettings
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
 ONEOFF_LABEL = "com.docker.compose.oneoff"
+# What an exec may print that is kept (diagnostic probes print a line or two).
+EXEC_OUTPUT_LIMIT = 64 * 1024
 
 
 _DOCKER_TIME = re.compile(
@@ -437,3 +442,61 @@ class ComposeRuntime:
                 host = f"{port['host_ip']}:" if port.get("host_ip") else ""
                 reasons.append(f"it publishes the fixed host port {host}{published}")
         return "; ".join(reasons) or None
+
+    # -- commands inside a service --------------------------------------------------------------
+
+    def exec(self, service: str, argv: Sequence[str], timeout: float) -> ExecResult:
+        """``docker exec`` without stdin or TTY in the service's first running container (by name).
+
+        The Engine API has no time limit for an exec: past ``timeout`` the result says so
+        (``exit_code`` None) and the command is left to end by its own limits.
+
+        Raises:
+            RuntimeOperationFailed: no running container of the service.
+        """
+        running = sorted(
+            (c for c in self._containers(service) if c.status == "running"), key=lambda c: c.name
+        )
+        if not running:
+            raise RuntimeOperationFailed(
+                f"no running container of {service} in project {self.project} to run a command in;"
+                " start it (restart-services) or check runtime.services"
+            )
+        container = running[0]
+        api = self.client.api
+        import docker.errors
+
+        try:
+            created = api.exec_create(
+                container.id, list(argv), stdout=True, stderr=True, stdin=False, tty=False
+            )
+        except docker.errors.APIError as exc:  # e.g. the container stopped since it was listed
+            raise RuntimeOperationFailed(f"cannot run a command in {container.name}: {exc}") from None
+        outcome: list[tuple[bytes | None, bytes | None]] = []
+        failure: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                outcome.append(api.exec_start(created["Id"], demux=True))
+            except Exception as exc:
+                failure.append(exc)
+
+        thread = threading.Thread(target=start, daemon=True, name=f"docker-exec-{service}")
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
+            return ExecResult(service, container.name, tuple(argv), None, "", f"no end within {timeout:g} s")
+        if failure:
+            raise RuntimeUnavailable(f"docker exec in {container.name} failed: {failure[0]}") from None
+        raw_out, raw_err = outcome[0]
+        stdout = (raw_out or b"")[:EXEC_OUTPUT_LIMIT].decode("utf-8", errors="replace")
+        stderr = (raw_err or b"")[:EXEC_OUTPUT_LIMIT].decode("utf-8", errors="replace")
+        code = api.exec_inspect(created["Id"]).get("ExitCode")
+        # The Engine reports a command it could not start as exit 126 (or 127) with the OCI runtime's
+        # message on stdout: the shell's "not found", so callers can try another command.
+        if code in (126, 127) and "OCI runtime exec failed" in stdout:
+            missing = "executable file not found" in stdout or "no such file or directory" in stdout
+            return ExecResult(
+                service, container.name, tuple(argv), EXIT_NOT_FOUND if missing else 126, "", stdout.strip()
+            )
+        return ExecResult(service, container.name, tuple(argv), code, stdout, stderr)

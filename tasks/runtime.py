@@ -191,6 +191,34 @@ def not_ready_summary(statuses: Sequence[ServiceStatus]) -> str:
     return ", ".join(f"{s.name} {s.ready}/{s.desired} ({s.state})" for s in statuses) or "no services"
 
 
+# Exit status of a command that could not be started in the container (the shell's "not found").
+EXIT_NOT_FOUND = 127
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """A command run inside one running container or pod of a service, and how it ended.
+
+    ``exit_code`` is None when the command was still running at the timeout (it is left to end by its
+    own time limits); a command the container does not have ends with :data:`EXIT_NOT_FOUND`.
+    """
+
+    service: str
+    instance: str
+    argv: tuple[str, ...]
+    exit_code: int | None
+    stdout: str = ""
+    stderr: str = ""
+
+    @property
+    def timed_out(self) -> bool:
+        return self.exit_code is None
+
+    @property
+    def not_found(self) -> bool:
+        return self.exit_code == EXIT_NOT_FOUND
+
+
 # A service's good recorded releases as revisions, oldest first: the history of a runtime that keeps
 # none of its own (Compose). The release records provide it (tasks.releases.release_history).
 ReleaseHistory = Callable[[str], list[Revision]]
@@ -282,6 +310,17 @@ class Runtime(Protocol):
         """
         ...
 
+    def exec(self, service: str, argv: Sequence[str], timeout: float) -> ExecResult:
+        """Run ``argv`` (no shell, no stdin, no TTY) in one running container or pod of the service.
+
+        Read-only use only (diagnostics): the command runs with the service's own rights. Waits at
+        most ``timeout`` seconds; a command still running then is reported with ``exit_code`` None.
+
+        Raises:
+            RuntimeOperationFailed: the service does not exist or has no running container or pod.
+        """
+        ...
+
 
 class NoRuntime:
     """``runtime.kind = "none"``: the services are not managed by this tool."""
@@ -322,6 +361,9 @@ class NoRuntime:
 
     def single_replica_reason(self, service: str) -> str | None:
         return None
+
+    def exec(self, service: str, argv: Sequence[str], timeout: float) -> ExecResult:
+        raise self._refuse(f"run commands inside {service}")
 
 
 def get_runtime(settings: OpsSettings) -> Runtime:

@@ -16,12 +16,24 @@ Where things are:
   ``system_checks`` (disk, uploads directory, network), ``http_timing_checks`` (response times of the
   app's endpoints, phase by phase), ``upload_limit_checks`` (upload size limits of nginx, Ingresses
   and the backend);
+- ``backend_network_checks``: the same reachability and DNS probed inside the backend's container or
+  pod (``Runtime.exec``, tools falling back in order) beside the ops host's view, and their differences;
 - ``runner``: every check by name, each run under a deadline (``deadline``);
 - ``prefect_tasks``: the Prefect tasks the diagnose flow submits.
 
 Import the names below from this package; the modules are how the code is organised, not an API.
 """
 
+from tasks.diagnose.backend_network_checks import (
+    Comparison,
+    InsideProbes,
+    NetworkViewsEvidence,
+    View,
+    backend_service,
+    network_from_backend,
+    network_view_findings,
+    network_views,
+)
 from tasks.diagnose.http_timing_checks import (
     EndpointTiming,
     ResponseTimesEvidence,
@@ -121,6 +133,7 @@ __all__ = [
     "RB_UPLOADS",
     "RB_WORKER",
     "BodyLimit",
+    "Comparison",
     "ConnectionGroup",
     "ConnectionsEvidence",
     "DiagnoseReport",
@@ -131,10 +144,12 @@ __all__ = [
     "EndpointTiming",
     "Evidence",
     "Finding",
+    "InsideProbes",
     "LogTail",
     "LongQueriesEvidence",
     "LongQuery",
     "NetworkEvidence",
+    "NetworkViewsEvidence",
     "PathEntry",
     "QueuesEvidence",
     "RedisMemory",
@@ -147,7 +162,9 @@ __all__ = [
     "TopStatementsEvidence",
     "UploadLimitsEvidence",
     "UploadsEvidence",
+    "View",
     "all_diagnostics",
+    "backend_service",
     "connection_findings",
     "disk_findings",
     "disk_paths",
@@ -157,7 +174,10 @@ __all__ = [
     "mask_sql_literals",
     "network",
     "network_findings",
+    "network_from_backend",
     "network_targets",
+    "network_view_findings",
+    "network_views",
     "nginx_body_limits",
     "parse_nginx_size",
     "postgres_connections",

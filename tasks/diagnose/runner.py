@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from tasks.diagnose.backend_network_checks import network_from_backend
 from tasks.diagnose.deadline import with_deadline
 from tasks.diagnose.http_timing_checks import response_times
 from tasks.diagnose.model import Diagnosis, Finding, Severity
@@ -38,6 +39,7 @@ def all_diagnostics(
         "network": lambda: network(settings),
         "response-times": lambda: response_times(settings),
         "upload-limits": lambda: upload_limits(settings),
+        "network-from-backend": lambda: network_from_backend(settings),
     }
 
 
@@ -53,6 +55,7 @@ _TITLES = {
     "network": "Reachability and DNS",
     "response-times": "Response times",
     "upload-limits": "Upload size limits",
+    "network-from-backend": "Reachability and DNS: ops host vs inside the backend",
 }
 
 

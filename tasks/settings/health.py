@@ -127,6 +127,15 @@ class DiagnoseSettings(_Section):
     network_timeout_seconds: float = Field(
         default=3.0, gt=0, le=60, description="timeout of each TCP connect and DNS lookup, seconds"
     )
+    backend_service: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "the service (of runtime.services) inside whose container or pod the TCP and DNS checks run"
+            " too, to compare with the ops host's view; None: the first of runtime.services"
+        ),
+        examples=["backend"],
+    )
     check_deadline_seconds: float = Field(
         default=30.0, gt=0, le=600, description="hard deadline of each diagnostic check, seconds"
     )

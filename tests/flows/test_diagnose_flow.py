@@ -79,6 +79,7 @@ def test_diagnose_reports_evidence_and_findings(
         "network",
         "response-times",
         "upload-limits",
+        "network-from-backend",
     }
     assert report["checks"]["postgres-long-queries"] == "warning"
     assert report["checks"]["queues"] == "warning"
@@ -94,6 +95,9 @@ def test_diagnose_reports_evidence_and_findings(
     assert "upstream 503 from crawler" in markdown
     assert "`retry-failed-jobs`" in markdown
     assert "pg_stat_statements is not installed" in markdown
+    # No runtime here: the backend's view is missing, said so beside the ops host's.
+    assert report["checks"]["network-from-backend"] == "info"
+    assert "backend's own view was not taken" in markdown
     table = asyncio.run(_artifact("diagnose-teststack-findings"))
     assert table.type == "table"
 

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tasks.runtime import RuntimeOperationFailed, ServicesNotReady
+from tasks.runtime import EXIT_NOT_FOUND, RuntimeOperationFailed, ServicesNotReady
 
 pytestmark = pytest.mark.integration
 
@@ -113,3 +113,15 @@ def test_resource_usage_answers_per_service(runtime_target):
         # The emulator has no metrics API: reported as unavailable, not an error.
         assert not usage["backend"].available
         assert "metrics" in (usage["backend"].note or "")
+
+
+def test_exec_runs_a_command_in_a_running_instance(runtime_target, request):
+    if runtime_target.kind == "kubernetes":
+        request.getfixturevalue("kube_exec")  # pods/exec, which the emulator lacks
+    runtime = runtime_target.runtime()
+    result = runtime.exec("backend", ["sh", "-c", "echo out; echo err >&2; exit 3"], 20)
+    assert (result.exit_code, result.stdout.strip(), result.stderr.strip()) == (3, "out", "err")
+    assert result.instance.startswith("backend") or "-backend-" in result.instance
+    assert runtime.exec("backend", ["s2m-no-such-command"], 20).exit_code == EXIT_NOT_FOUND
+    with pytest.raises(RuntimeOperationFailed):
+        runtime.exec("nope", ["true"], 20)

@@ -90,6 +90,10 @@ def api_calls() -> set[tuple[str, str, str]]:
     pattern = re.compile(r"^(read|list|patch|create|delete|replace)_namespaced_([a-z_]+)$")
     for path in RBAC_SOURCES:
         for node in ast.walk(ast.parse(path.read_text())):
+            # pods/exec is passed to stream() rather than called: a websocket GET, authorized as
+            # `create` since Kubernetes 1.30 and as `get` before.
+            if isinstance(node, ast.Attribute) and node.attr == "connect_get_namespaced_pod_exec":
+                calls |= {("", "pods/exec", "create"), ("", "pods/exec", "get")}
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
                 continue
             match = pattern.match(node.func.attr)
