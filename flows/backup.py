@@ -3,7 +3,8 @@
 - ``backup-database``: dump (streamed, compressed, checksummed, same-snapshot row counts), verify,
   prune; nightly with a restore drill.
 - ``restore-database``: preflight, approval, checksum, restore into a scratch database, verify against
-  the manifest, atomic swap; dry-run by default.
+  the manifest, atomic swap; dry-run by default. Given a point in time instead of a backup, it takes
+  restore-to-point's path (WAL replay, copy, compare, swap; or only some tables into a side schema).
 - ``verify-backup``: verify one backup (checksum / catalog / restore drill) and list every backup with
   its verification state.
 - ``prune-backups``: the retention plan (keep-last, daily, weekly, monthly; the newest verified backup
@@ -13,10 +14,12 @@
 from __future__ import annotations
 
 import contextlib
+from datetime import datetime
 from typing import Any, Literal
 
 from prefect import flow
 
+from flows.pitr import run_point_restore
 from tasks import approvals, backup, locks, reports
 from tasks.approvals import Approval
 from tasks.backup import (
@@ -32,6 +35,8 @@ from tasks.errors import ParameterError
 from tasks.reports import FailureReport
 from tasks.runlog import run_logger
 from tasks.settings import OpsSettings, load_settings
+from tasks.wal import point
+from tasks.wal import steps as wal_steps
 
 
 def _size(n: int | None) -> str:
@@ -246,6 +251,50 @@ def _swap_back(
     }
 
 
+def _restore_point(
+    settings: OpsSettings,
+    key: str,
+    target_database: str | None,
+    *,
+    target_time: datetime | None,
+    target_lsn: str | None,
+    target_xid: int | None,
+    tables: list[str] | None,
+    dry_run: bool,
+    approved: bool,
+    keep_old: bool,
+    create_missing: bool,
+    approval_timeout_seconds: int | None,
+) -> dict[str, Any]:
+    """restore-database to a point in time: restore-to-point's plan and sequence, under this report."""
+    if not keep_old:
+        raise ParameterError(
+            "a restore to a point always keeps the replaced database: keep_old=false is refused; nothing done"
+        )
+    plan = wal_steps.plan_point_restore_task(
+        settings,
+        target_time=target_time,
+        target_lsn=target_lsn,
+        target_xid=target_xid,
+        database=target_database,
+        tables=tables,
+    )
+    if not backup.database_exists(settings, plan.database) and (plan.tables or not create_missing):
+        raise backup.DatabaseNotFound(
+            f"target database {plan.database!r} does not exist; nothing was done."
+            + ("" if plan.tables else " Pass create_missing=true to restore it as a new database")
+        )
+    return run_point_restore(
+        settings,
+        key,
+        "Restore",
+        plan,
+        dry_run=dry_run,
+        approved=approved,
+        approval_timeout_seconds=approval_timeout_seconds,
+    )
+
+
 @flow(name="backup-database", log_prints=True)
 def backup_database(
     database: str | None = None,
@@ -432,7 +481,7 @@ def prune_backups(database: str | None = None, confirm: bool = False) -> dict[st
 
 @flow(name="restore-database", log_prints=True)
 def restore_database(
-    backup_id: str = "latest-verified",
+    backup_id: str | None = None,
     target_database: str | None = None,
     dry_run: bool = True,
     approved: bool = False,
@@ -440,6 +489,10 @@ def restore_database(
     create_missing: bool = False,
     approval_timeout_seconds: int | None = None,
     swap_back: str | None = None,
+    target_time: datetime | None = None,
+    target_lsn: str | None = None,
+    target_xid: int | None = None,
+    tables: list[str] | None = None,
 ) -> dict[str, Any]:
     """Runbook "Restore from backup": preflight, approval, checksum, restore, verify, swap; or its undo.
 
@@ -447,8 +500,15 @@ def restore_database(
     target's sessions ended and the two databases swapped by rename in one transaction. A failure at any
     step leaves the target as it was.
 
+    With a point in time (``target_time``, ``target_lsn`` or ``target_xid``) instead of a backup, the
+    source is the WAL archive (restore-to-point's path): the target is checked against the restorable
+    window, the WAL replayed into a scratch PostgreSQL, the database copied into a new one, compared
+    with the replay and swapped in by rename, the replaced database kept. ``tables`` then brings back
+    only those tables into a side schema of the live database.
+
     Args:
-        backup_id: an id, ``latest`` or ``latest-verified`` (the newest backup that passed a restore drill).
+        backup_id: an id, ``latest`` or ``latest-verified`` (the newest backup that passed a restore
+            drill); default ``latest-verified`` when no point in time is given.
         target_database: database to replace; defaults to the backup's database.
         dry_run: only show the preflight (what would happen); nothing is touched.
         approved: pre-approve instead of the approval form (CI, staging); refused where
@@ -463,12 +523,21 @@ def restore_database(
             behind the same approval; the current one is kept in its place; the proof is that the
             target's per-table counts and content hashes equal what the kept database held.
             ``backup_id`` is not used then.
+        target_time: restore the database as it was at this moment (with its zone), from the WAL
+            archive, instead of a backup.
+        target_lsn: or as it was at this WAL position.
+        target_xid: or as it was just before transaction X committed.
+        tables: with a point in time, bring back only these tables (``table`` or ``schema.table``) into
+            a side schema ``restored_<time>``; the report gives the SQL to compare and copy back.
 
     Returns:
         The preflight (dry run) or the restore's change record with the comparison.
 
     Raises:
-        ParameterError: ``approved`` where pre-approval is not allowed, or a bad parameter; nothing done.
+        ParameterError: ``approved`` where pre-approval is not allowed, a backup and a point in time
+            both given, or a bad parameter; nothing done.
+        TargetOutsideWindow: the point is in the future or outside the restorable window (the
+            message gives the window); nothing done.
         ApprovalRejected: the approval was rejected or timed out; nothing was touched (the report's
             outcome is "not applied: ...").
         BackupCorrupt: the backup failed its checksum; nothing was touched.
@@ -481,6 +550,25 @@ def restore_database(
     with reports.publishing(FailureReport(key, "Restore"), FailureReport.publish, settings):
         # Refused here, before the backup is even read, where pre-approval is not allowed.
         approvals.check_preapproval(settings, approved)
+        point_given = point.point_target_given(target_time, target_lsn, target_xid)
+        point.refuse_backup_and_target(backup_id, tables, point_given)
+        if swap_back and point_given:
+            raise ParameterError("swap_back undoes an earlier restore: give no point in time with it")
+        if point_given:
+            return _restore_point(
+                settings,
+                key,
+                target_database,
+                target_time=target_time,
+                target_lsn=target_lsn,
+                target_xid=target_xid,
+                tables=tables,
+                dry_run=dry_run,
+                approved=approved,
+                keep_old=keep_old,
+                create_missing=create_missing,
+                approval_timeout_seconds=approval_timeout_seconds,
+            )
         if swap_back:
             return _swap_back(
                 settings,
@@ -491,7 +579,7 @@ def restore_database(
                 approved=approved,
                 approval_timeout_seconds=approval_timeout_seconds,
             )
-        manifest = backup.resolve_backup_task(settings, backup_id)
+        manifest = backup.resolve_backup_task(settings, backup_id or "latest-verified")
         plan = backup.restore_preflight_task(
             settings, manifest, target_database=target_database, keep_old=keep_old
         )

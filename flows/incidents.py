@@ -22,10 +22,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prefect import flow
-from pydantic import Field
 
-from tasks import approvals, backup, incidents, locks, postgres, redisdb, releases, reports, scaling
-from tasks.approvals import ApprovalForm
+from tasks import approvals, incidents, locks, redisdb, releases, reports, scaling
 from tasks.errors import ApprovalRejected, CheckFailed, ParameterError
 from tasks.health import HealthReport, Status
 from tasks.incidents import (
@@ -37,15 +35,12 @@ from tasks.incidents import (
     RotationRecord,
     RotationRefused,
     StepLog,
-    ValidationResult,
+    recovery,
 )
 from tasks.incidents.reports import (
-    _backup_rows,
     _failure_line,
-    _validation_next_steps,
     render_census,
     render_flush,
-    render_recovery,
     render_security,
     render_triage,
 )
@@ -53,18 +48,8 @@ from tasks.redisdb import FlushRecord, KeyCensus
 from tasks.reports import RunOutcome
 from tasks.runlog import run_logger
 from tasks.runtime import RuntimeUnavailable, ServiceStatus, get_runtime
-from tasks.scaling import ReplicaCount
 from tasks.secrets import configured_secrets, safe_error
 from tasks.settings import OpsSettings, load_settings
-
-
-class RecoveryApproval(ApprovalForm):
-    """The form shown before recover-data stops the application and replaces the database: it can
-    name another backup than the one planned."""
-
-    backup_id: str = Field(
-        default="", description="the backup to restore (another id than planned is allowed)"
-    )
 
 
 def _timeout(settings: OpsSettings, override: int | None) -> int:
@@ -246,7 +231,7 @@ def outage_triage(
 
 @flow(name="recover-data", log_prints=True)
 def recover_data(
-    backup_id: str = "latest-verified",
+    backup_id: str | None = None,
     dry_run: bool = True,
     approved: bool = False,
     target_database: str | None = None,
@@ -254,45 +239,64 @@ def recover_data(
     candidates: int = 10,
     approval_timeout_seconds: int | None = None,
     validation_queries: list[str] | None = None,
+    target_time: datetime | None = None,
+    target_lsn: str | None = None,
+    target_xid: int | None = None,
+    tables: list[str] | None = None,
 ) -> dict[str, Any]:
     """Runbook "Data Loss / Corruption": stop writes, restore, verify, resume.
 
-    1. Assess: candidate backups with their verification state and times, the restore plan, the
-       replicas of the services that write (``incidents.stop_services``, default backend and worker).
+    1. Assess: candidate backups with their verification state and times and the restore plan (or,
+       given a point in time, the point-in-time plan: target checked against the restorable window,
+       every WAL segment checked), the replicas of the services that write
+       (``incidents.stop_services``, default backend and worker).
     2. Approval (or ``approved``, refused before anything where pre-approval is not allowed); the
        form can name another backup.
     3. Stop all writes: read the replica counts again (they may have changed while the approval
        waited), then scale those services to 0.
-    4. Restore the backup: into a scratch database, proven equal to its manifest, swapped in atomically.
-       The replaced database is always kept as ``<db>__old_<time>`` (read-only by default) and the
-       report lists its tables whose rows changed since the backup; nothing is dropped.
+    4. Restore: the backup into a scratch database, proven equal to its manifest, swapped in
+       atomically; or the WAL replayed to the point in a scratch PostgreSQL, copied into a new
+       database, proven equal to the replay, swapped in (with ``tables``: only those tables, into a
+       side schema of the live database). The replaced database is always kept as
+       ``<db>__old_<time>`` (read-only by default); nothing is dropped.
     5. Verify data integrity: this incident's ``validation_queries``, else the default set of
        ``incidents.validation_queries``; the plan and the report show which, and where they came from.
     6. Resume service: scale back to the counts read in step 3, also when step 3, 4 or 5 failed; wait
        ready.
     7. Health check (also after a failed validation, whose message then says what to do next: undo
-       with restore-database ``swap_back``, or another backup).
+       with restore-database ``swap_back``, or another backup or point).
 
     Args:
-        backup_id: an id, ``latest`` or ``latest-verified`` (the newest backup that passed a restore drill).
+        backup_id: an id, ``latest`` or ``latest-verified`` (the newest backup that passed a restore
+            drill); default ``latest-verified`` when no point in time is given.
         dry_run: only report the plan (the default); nothing is stopped or restored.
         approved: pre-approve instead of the approval form (drills, staging); refused where
             pre-approval is not allowed (``approvals.allow_preapproved``; by default in production).
         target_database: the database to replace; default the application's (``OPS_POSTGRES__DSN``).
             The backup must be of that database.
         stop_writes: scale the writers to 0 during the restore; false when the application is stopped
-            by other means (``runtime.kind = none``).
+            by other means (``runtime.kind = none``), or for a per-table restore that leaves the live
+            tables alone.
         candidates: how many backups the report lists.
         approval_timeout_seconds: how long the form waits; default ``incidents.approval_timeout_seconds``.
         validation_queries: read-only SQL checks for this incident (each passes when its first column
             is true, not NULL, not 0); default ``incidents.validation_queries``.
+        target_time: recover the database as it was at this moment (with its zone) from the WAL
+            archive instead of a backup, e.g. one second before the damage.
+        target_lsn: or as it was at this WAL position.
+        target_xid: or as it was just before transaction X (e.g. the bad DELETE's) committed.
+        tables: with a point in time, bring back only these tables into a side schema
+            ``restored_<time>``; the report gives the SQL to compare and copy back.
 
     Returns:
-        The outcome, the backup restored, the replica counts, the validation results and the step timings.
+        The outcome, the source restored, the replica counts, the validation results and the step
+        timings.
 
     Raises:
-        ParameterError: an empty validation query, ``candidates`` under 1, or ``approved`` where
-            pre-approval is not allowed; nothing was done.
+        ParameterError: an empty validation query, ``candidates`` under 1, a backup and a point in
+            time both given, or ``approved`` where pre-approval is not allowed; nothing was done.
+        TargetOutsideWindow: the point is in the future or outside the restorable window (the
+            message gives the window); nothing was done.
         ApprovalRejected: rejected or timed out; nothing was changed (the report's outcome is
             "not applied: ...").
         LockBusy: another run recovers, restores or migrates the database (on any worker; it is named);
@@ -302,229 +306,37 @@ def recover_data(
             back either way).
     """
     settings = load_settings()
-    approvals.check_preapproval(settings, approved)
-    incidents.require_settings(settings)
-    timeout = _timeout(settings, approval_timeout_seconds)
-    if candidates < 1:
-        raise ParameterError("candidates must be at least 1")
-    if validation_queries is not None and not all(q.strip() for q in validation_queries):
-        raise ParameterError(
-            "validation_queries holds an empty query; remove it, or pass no validation_queries to use"
-            " incidents.validation_queries. Nothing was done"
-        )
-    default_queries = settings.incidents.validation_queries
-    queries = list(default_queries if validation_queries is None else validation_queries)
-    queries_source = (
-        "incidents.validation_queries" if validation_queries is None else "the run's validation_queries"
+    source = recovery.Source(backup_id, target_time, target_lsn, target_xid, tables)
+    rec = recovery.start(
+        settings,
+        source,
+        approved=approved,
+        target_database=target_database,
+        candidates=candidates,
+        approval_timeout_seconds=approval_timeout_seconds,
+        validation_queries=validation_queries,
     )
-    logger = run_logger(__name__)
-    key = f"recover-data-{settings.stack}"
-    steps = StepLog(secrets=configured_secrets(settings))
-    preflight = None
-    listing: list[backup.BackupManifest] = []
-    recorded: list[ReplicaCount] = []
-    validations: list[ValidationResult] = []
-    report: HealthReport | None = None
-    restore: backup.RestoreResult | None = None
-    approval = ""
     held = contextlib.ExitStack()
-
-    def recovery_markdown(outcome: str) -> str:
-        """The recovery's report as it stands (the plan before approval; everything at the end)."""
-        return render_recovery(
-            settings.stack,
-            outcome,
-            steps,
-            preflight,
-            listing,
-            recorded,
-            validations,
-            report,
-            restore,
-            queries,
-            queries_source,
-            approval,
-        )
 
     def publish(run: RunOutcome) -> None:
         held.close()
-        markdown = recovery_markdown(run.outcome) + "\n".join(_failure_line(run))
-        reports.publish_markdown(key, markdown, f"Data recovery of {settings.stack}: {run.outcome}")
-        reports.publish_table(f"{key}-steps", steps.rows(), "Each step with its timing")
-        if listing:
-            reports.publish_table(
-                f"{key}-backups",
-                _backup_rows(listing, preflight.backup_id if preflight else None),
-                "Candidate backups, newest first, with their verification state",
-            )
+        rec.publish(run)
 
     with reports.publishing(
         RunOutcome(), publish, settings, running=("started", "waiting for approval")
     ) as run:
         if not dry_run:
-            # The database's restore lock, for the whole recovery (replica counts included), on every
-            # worker: a second recovery, a restore or a migration of it waits, then refuses naming this run.
-            database = target_database or postgres.database_name(settings.postgres.dsn.get_secret_value())
-            held.enter_context(
-                locks.exclusive(
-                    settings,
-                    backup.database_lock_name(database),
-                    operation="recover-data",
-                    what=f"a recovery, restore or migration of database {database}",
-                    timeout=settings.backup.lock_timeout_seconds,
-                )
-            )
+            held.enter_context(recovery.database_lock(rec))
         runtime = get_runtime(settings)
         services = settings.incidents.stop_services or settings.runtime.services
-        with steps.step("assess: backups, plan, replicas") as step:
-            # The application's database (the DSN's) unless another is named: candidates, "latest" and
-            # an explicit id are all of that database, so a backup of another one is never swapped in.
-            database = target_database or postgres.database_name(settings.postgres.dsn.get_secret_value())
-            listing = backup.list_backups_task(settings, database)[:candidates]
-            manifest = backup.resolve_backup_task(settings, backup_id, database=database)
-            preflight = backup.restore_preflight_task(
-                settings, manifest, target_database=database, keep_old=True
-            )
-            if not preflight.target_exists:
-                raise backup.DatabaseNotFound(
-                    f"target database {preflight.target_database!r} does not exist; use restore-database"
-                    " with create_missing=true. Nothing was done"
-                )
-            if stop_writes:
-                recorded = scaling.record_replicas_task(runtime, services)
-            replicas = ", ".join(f"{r.service}={r.replicas}" for r in recorded) or "-"
-            step.detail = f"backup {manifest.id}; replicas {replicas}"
+        recovery.assess(rec, runtime, services, stop_writes=stop_writes)
         if dry_run:
             run.outcome = "dry run (plan only)"
-            return {
-                "outcome": "dry-run",
-                "backup_id": manifest.id,
-                "target_database": preflight.target_database,
-                "replicas": {r.service: r.replicas for r in recorded},
-                "plan": preflight.steps(),
-                "validation_queries": queries,
-                "candidates": [m.id for m in listing],
-            }
-        if not approved:
-            run.outcome = "waiting for approval"
-            waiting = recovery_markdown(run.outcome)
-            reports.publish_markdown(key, waiting, "Data recovery: waiting for approval")
-        ask = functools.partial(
-            approvals.request_approval,
-            settings,
-            approved=approved,
-            action=f"stop the writers and restore backup {manifest.id} over {preflight.target_database}",
-            plan_markdown=recovery_markdown("approve?"),
-            timeout_seconds=timeout,
-            form=RecoveryApproval,
-            backup_id=manifest.id,
-        )
-        if approved:
-            record, answer = ask()
-        else:
-            with steps.step("approval"):
-                record, answer = ask()
-        approval = record.describe()
-        if answer is not None and answer.backup_id and answer.backup_id != manifest.id:
-            manifest = backup.resolve_backup_task(settings, answer.backup_id, database=database)
-            preflight = backup.restore_preflight_task(
-                settings, manifest, target_database=preflight.target_database, keep_old=True
-            )
-            logger.info("the approval chose backup %s", manifest.id)
-        primary: BaseException | None = None
-        validation_error: CheckFailed | None = None
-        try:
-            if recorded:
-                with steps.step("stop writes: scale to 0") as step:
-                    # Read again: the counts shown for approval may have changed while it waited, and
-                    # the services go back to what really ran. Nothing is scaled back if this fails.
-                    planned, recorded = recorded, []
-                    recorded = scaling.record_replicas_task(runtime, services)
-                    changed = [
-                        f"{r.service} {p.replicas} -> {r.replicas}"
-                        for r in recorded
-                        for p in planned
-                        if p.service == r.service and p.replicas != r.replicas
-                    ]
-                    if changed:
-                        logger.info("replicas changed while waiting for approval: %s", ", ".join(changed))
-                    scaling.scale_services_task(runtime, {r.service: 0 for r in recorded})
-                    step.detail = ", ".join(f"{r.service} {r.replicas} -> 0" for r in recorded) + (
-                        f" (read again after approval; changed: {', '.join(changed)})" if changed else ""
-                    )
-            with steps.step(f"restore {manifest.id}") as step:
-                backup.checksum_backup_task(settings, manifest)
-                # Automatic path: the replaced database is always kept, never dropped.
-                restore = backup.restore_backup_task(
-                    settings,
-                    manifest.id,
-                    target_database=preflight.target_database,
-                    keep_old=True,
-                    checksum_first=False,
-                    database_lock_held=True,
-                )
-                step.detail = restore.comparison.summary()
-            try:
-                with steps.step("verify data: validation queries") as step:
-                    validations = incidents.validation_queries_task(settings, queries)
-                    failed = [v for v in validations if not v.ok]
-                    step.detail = f"{len(validations) - len(failed)} of {len(validations)} passed"
-                    if failed:
-                        raise CheckFailed(
-                            "validation failed after the restore: "
-                            + "; ".join(f"{v.query!r}: {v.error}" for v in failed)
-                        )
-            except CheckFailed as exc:
-                # The services go back and the health is checked first; the message then says what next.
-                validation_error = exc
-        except BaseException as exc:
-            primary = exc
-            raise
-        finally:
-            if recorded:
-                try:
-                    with steps.step("resume: scale back to the recorded counts") as step:
-                        scaling.scale_services_task(runtime, {r.service: r.replicas for r in recorded})
-                        scaling.wait_services_ready_task(
-                            runtime,
-                            [r.service for r in recorded if r.replicas > 0],
-                            settings.runtime.ready_timeout_seconds,
-                        )
-                        step.detail = ", ".join(f"{r.service} 0 -> {r.replicas}" for r in recorded)
-                except Exception:
-                    if primary is None:
-                        raise
-                    # The first failure is the one to act on; the scale-back failure is in the steps.
-                    logger.error("scaling back failed too; see the steps table")
-        with steps.step("health check") as step:
-            report = incidents.health_report_task(settings)
-            step.detail = report.status.value
-        if validation_error is not None:
-            run.outcome = "restored, validation failed"
-            raise CheckFailed(
-                _validation_next_steps(
-                    validation_error, settings, manifest, restore, report, [m.id for m in listing]
-                )
-            )
-        run.outcome = "recovered" if report.status is not Status.UNHEALTHY else "restored, but unhealthy"
-        if report.status is Status.UNHEALTHY:
-            raise CheckFailed(
-                f"{settings.stack} is unhealthy after the recovery: "
-                + "; ".join(f"{n}: {report.checks[n].error or 'failing'}" for n in report.failed_checks)
-                + ". Run diagnose"
-            )
-        return {
-            "outcome": "recovered",
-            "backup_id": manifest.id,
-            "target_database": preflight.target_database,
-            "old_database": restore.old_database if restore else None,
-            "kept_changed_tables": restore.kept_changed_tables if restore else [],
-            "replicas": {r.service: r.replicas for r in recorded},
-            "validations": [{"query": v.query, "ok": v.ok, "value": v.value} for v in validations],
-            "health": report.status.value,
-            "steps": steps.rows(),
-            "approval": approval,
-        }
+            return recovery.plan_result(rec)
+        recovery.approve(rec, run, approved=approved)
+        validation_error = recovery.stop_restore_resume(rec, runtime, services)
+        recovery.check_health(rec, run, validation_error)
+        return rec.result("recovered")
 
 
 # --- Security Incident ----------------------------------------------------------------------------

@@ -3,10 +3,12 @@
 - ``backup-base``: a base backup (pg_basebackup -> zstd + sha256 -> storage) with its WAL range,
   checked restorable once the archive holds its stop segment; then base-backup and WAL retention
   (dry run unless ``confirm_prune``). Weekly.
-- ``restore-to-point``: restore a database as it was at ``target_time`` (or ``target_lsn``): the
-  archive is checked segment by segment first, the WAL replayed into a scratch PostgreSQL, the
-  database copied into a new one on the app's server, compared, and swapped in by rename; the
-  current database is kept. Dry run by default.
+- ``restore-to-point``: restore a database as it was at ``target_time`` (or ``target_lsn``, or just
+  before ``target_xid``): the target is checked against the restorable window and the archive segment
+  by segment first, the WAL replayed into a scratch PostgreSQL, the database copied into a new one on
+  the app's server, compared, and swapped in by rename; the current database is kept. With
+  ``tables``, only those come back, into a side schema. Dry run by default. restore-database and
+  recover-data take the same path when given a target.
 - ``check-wal-archive``: the archive's RPO, slot lag, gaps and restorable window; an event when the
   RPO passes ``wal.rpo_warn_seconds``.
 
@@ -26,9 +28,9 @@ from tasks import approvals, reports
 from tasks.errors import ParameterError
 from tasks.reports import FailureReport
 from tasks.runlog import run_logger
-from tasks.settings import load_settings
+from tasks.settings import OpsSettings, load_settings
 from tasks.storage import open_storage
-from tasks.wal import base, steps
+from tasks.wal import base, point, steps
 from tasks.wal.recover import PointPlan
 from tasks.wal.status import ArchiveStatus
 
@@ -97,58 +99,106 @@ def backup_base(
         }
 
 
-def render_point_plan(plan: PointPlan) -> str:
-    """What a restore to a point will do, for the approval form and the dry-run report."""
-    return "\n".join(
-        [
-            f"Restore **{plan.database}** as it was at {plan.target}.",
-            "",
-            f"- base backup: `{plan.base.id}` (WAL {plan.base.start_lsn} .. {plan.base.stop_lsn})",
-            f"- archive check: {plan.check.summary()}",
-            "",
-            "Steps:",
-            *[f"{i}. {step}" for i, step in enumerate(plan.steps(), 1)],
-        ]
+def run_point_restore(
+    settings: OpsSettings,
+    key: str,
+    title: str,
+    plan: PointPlan,
+    *,
+    dry_run: bool,
+    approved: bool,
+    approval_timeout_seconds: int | None,
+) -> dict[str, Any]:
+    """Plan report, approval, replay, copy, compare, swap (or side schema), final report.
+
+    The one sequence of restore-to-point and of restore-database's point-in-time path: the plan was
+    checked (archive, window, target) before this is called.
+    """
+    described = point.render_point_plan(plan)
+    if dry_run:
+        reports.publish_markdown(
+            key, f"# {title} (dry run)\n\n{described}\n\nRun with dry_run=false.", f"{title}: plan"
+        )
+        return {
+            "dry_run": True,
+            "target": plan.target,
+            "base_backup": plan.base.id,
+            "target_database": plan.database,
+            "steps": plan.steps(),
+        }
+    reports.publish_markdown(key, f"# {title}: waiting for approval\n\n{described}", f"{title}: plan")
+    what = ", ".join(f"{s}.{t}" for s, t in plan.tables) + " of " if plan.tables else ""
+    approval, _ = approvals.request_approval(
+        settings,
+        approved=approved,
+        action=f"restore {what}{plan.database} as it was at {plan.target}",
+        plan_markdown=described,
+        timeout_seconds=approval_timeout_seconds or int(settings.backup.approval_timeout_seconds),
     )
+    result = steps.restore_to_point_task(settings, plan=plan)
+    reports.publish_markdown(
+        key,
+        "\n".join(
+            [
+                f"# {title} of {result.target_database} to {plan.target}: **done**",
+                "",
+                f"- {approval.describe()}",
+                *point.render_point_done(result),
+            ]
+        ),
+        f"{title} of {result.target_database}: done",
+    )
+    run_logger(__name__).info("restored %s to %s", result.target_database, plan.target)
+    return {"dry_run": False, **point.point_result(result), "approval": approval.describe()}
 
 
 @flow(name="restore-to-point", log_prints=True)
 def restore_to_point(
     target_time: datetime | None = None,
     target_lsn: str | None = None,
+    target_xid: int | None = None,
     database: str | None = None,
+    tables: list[str] | None = None,
     dry_run: bool = True,
     approved: bool = False,
     approval_timeout_seconds: int | None = None,
 ) -> dict[str, Any]:
     """Runbook "Data Loss / Corruption": bring a database back as it was at a moment.
 
-    The plan checks every WAL segment from the chosen base backup to the target before anything is
-    touched; then the WAL is replayed into a scratch PostgreSQL, the database copied into a new one on
-    the app's server, compared table by table, and swapped in by rename. The current database is kept
-    as ``<db>__old_<time>``.
+    The plan checks the target against the restorable window and every WAL segment from the chosen
+    base backup to the target before anything is touched; then the WAL is replayed into a scratch
+    PostgreSQL, the database copied into a new one on the app's server, compared table by table, and
+    swapped in by rename. The current database is kept as ``<db>__old_<time>``. With ``tables``, only
+    those tables come back, into a side schema ``restored_<time>`` of the live database; the report
+    gives the SQL to compare and copy back.
 
     Args:
         target_time: the moment to go back to, with its time zone (e.g. one second before the damage).
         target_lsn: or a WAL position (``0/3000148``), e.g. from the logs of a bad transaction.
+        target_xid: or just before transaction X (its commit is not replayed), e.g. the xid of a bad
+            DELETE from the logs or ``pg_stat_activity``.
         database: the database to restore; defaults to the one in ``OPS_POSTGRES__DSN``.
+        tables: bring back only these tables (``table`` or ``schema.table``) into a side schema;
+            every other table keeps today's data. Each must have existed at the target.
         dry_run: only plan and check the archive; nothing is touched.
         approved: pre-approve instead of the approval form (drills, staging); refused where
             pre-approval is not allowed (``approvals.allow_preapproved``; by default in production).
         approval_timeout_seconds: how long the form waits; defaults to ``backup.approval_timeout_seconds``.
 
     Returns:
-        The plan (dry run), or what was restored with the comparison's numbers.
+        The plan (dry run), or what was restored with the comparison's numbers (and the side schema).
 
     Raises:
-        ParameterError: not exactly one target, a time without a zone, or ``approved`` where
-            pre-approval is not allowed; nothing touched.
+        ParameterError: not exactly one target, a time without a zone, a bad table name, or
+            ``approved`` where pre-approval is not allowed; nothing touched.
+        TargetOutsideWindow: the target is in the future or outside the restorable window (the
+            message gives the window); nothing touched.
         WalArchiveError: segments missing or corrupt (named); nothing touched.
+        TablesNotFound: a named table did not exist at the target; the live database untouched.
         PointRestoreError: no base backup before the target, recovery stopped early, or the copy differs.
         ApprovalRejected: rejected or timed out; nothing touched (the report says "not applied: ...").
     """
     settings = load_settings()
-    logger = run_logger(__name__)
     key = f"restore-to-point-{settings.stack}"
     if approval_timeout_seconds is not None and approval_timeout_seconds <= 0:
         raise ParameterError("approval_timeout_seconds must be positive")
@@ -156,61 +206,22 @@ def restore_to_point(
         # Refused here, before the archive is read, where pre-approval is not allowed.
         approvals.check_preapproval(settings, approved)
         plan = steps.plan_point_restore_task(
-            settings, target_time=target_time, target_lsn=target_lsn, database=database
-        )
-        described = render_point_plan(plan)
-        if dry_run:
-            reports.publish_markdown(
-                key, f"# Restore to a point (dry run)\n\n{described}\n\nRun with dry_run=false.", "PITR plan"
-            )
-            return {
-                "dry_run": True,
-                "target": plan.target,
-                "base_backup": plan.base.id,
-                "steps": plan.steps(),
-            }
-        reports.publish_markdown(
-            key, f"# Restore to a point: waiting for approval\n\n{described}", "PITR plan"
-        )
-        approval, _ = approvals.request_approval(
             settings,
-            approved=approved,
-            action=f"restore {plan.database} as it was at {plan.target}",
-            plan_markdown=described,
-            timeout_seconds=approval_timeout_seconds or int(settings.backup.approval_timeout_seconds),
+            target_time=target_time,
+            target_lsn=target_lsn,
+            target_xid=target_xid,
+            database=database,
+            tables=tables,
         )
-        result = steps.restore_to_point_task(settings, plan=plan)
-        reports.publish_markdown(
+        return run_point_restore(
+            settings,
             key,
-            "\n".join(
-                [
-                    f"# Restore of {result.target_database} to {plan.target}: **done**",
-                    "",
-                    f"- {approval.describe()}",
-                    f"- replay: {result.reached}",
-                    f"- evidence: {result.comparison.summary()}",
-                    f"- old database kept as: {result.old_database or '-'}",
-                    f"- took {result.duration_seconds:.1f} s",
-                    "",
-                    "Commands:",
-                    *[f"- `{c}`" for c in result.commands],
-                ]
-            ),
-            f"Restore to a point of {result.target_database}: done",
+            "Restore to a point",
+            plan,
+            dry_run=dry_run,
+            approved=approved,
+            approval_timeout_seconds=approval_timeout_seconds,
         )
-        logger.info("restored %s to %s", result.target_database, plan.target)
-        return {
-            "dry_run": False,
-            "target": plan.target,
-            "base_backup": plan.base.id,
-            "reached": result.reached,
-            "target_database": result.target_database,
-            "old_database": result.old_database,
-            "matches": result.comparison.matches,
-            "tables": result.comparison.tables_compared,
-            "rows": result.comparison.rows_compared,
-            "approval": approval.describe(),
-        }
 
 
 def render_status(status: ArchiveStatus) -> str:

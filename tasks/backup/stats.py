@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import psycopg
@@ -91,8 +92,11 @@ def _user_tables(conn: psycopg.Connection) -> list[tuple[str, str]]:
     return [(str(r[0]), str(r[1])) for r in rows]
 
 
-def table_stats(conn: psycopg.Connection, *, algorithm: str | None) -> dict[str, TableStats]:
-    """Per-table row counts (and content hashes) as the connection's current snapshot sees them.
+def table_stats(
+    conn: psycopg.Connection, *, algorithm: str | None, schemas: Collection[str] | None = None
+) -> dict[str, TableStats]:
+    """Per-table row counts (and content hashes) as the connection's current snapshot sees them
+    (of the tables in ``schemas`` only, when given).
 
     A content hash is the sum of a 64-bit hash of each row: independent of row order (no sort of large
     tables), equal for equal multisets of rows, computed with fixed session settings so time zone or
@@ -102,6 +106,7 @@ def table_stats(conn: psycopg.Connection, *, algorithm: str | None) -> dict[str,
     return {
         f"{schema}.{table}": _one_table_stats(conn, schema, table, algorithm=algorithm)
         for schema, table in _user_tables(conn)
+        if schemas is None or schema in schemas
     }
 
 

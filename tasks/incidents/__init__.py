@@ -9,6 +9,8 @@
   role passwords as SCRAM verifiers, app secrets), and the restart that makes services read them;
 - :mod:`~tasks.incidents.triage`: outage triage, what changed recently and a rollback proposal;
 - :mod:`~tasks.incidents.validation`: validation queries after a data recovery;
+- :mod:`~tasks.incidents.recovery`: the steps of recover-data (imported by the flow, not re-exported
+  here: it builds on the reports and the backup and WAL packages);
 - :mod:`~tasks.incidents.steps`: the step timings the incident reports show;
 - :mod:`~tasks.incidents.prefect_tasks`: every Prefect task of the incident flows.
 

@@ -24,6 +24,8 @@ from tasks.reports import RunOutcome
 from tasks.runtime import ServiceStatus
 from tasks.scaling import ReplicaCount
 from tasks.settings import OpsSettings
+from tasks.wal import point
+from tasks.wal.recover import PointPlan, PointRestoreResult
 
 
 def _failure_line(run: RunOutcome) -> list[str]:
@@ -151,12 +153,19 @@ def render_recovery(
     queries: Sequence[str] = (),
     queries_source: str = "incidents.validation_queries",
     approval: str = "",
+    *,
+    point_plan: PointPlan | None = None,
+    point_done: PointRestoreResult | None = None,
 ) -> str:
-    """The recovery as markdown: plan, every step with its timing, evidence, validation, health."""
+    """The recovery as markdown: plan, every step with its timing, evidence, validation, health.
+
+    A recovery to a point in time gives ``point_plan`` (and, once done, ``point_done``) instead of a
+    backup's ``preflight`` and ``restore``.
+    """
     lines = [f"# Data recovery of {stack}: {outcome}", "", "## Steps", "", _steps_table(steps)]
     if approval:
         lines += ["", f"Approval: {approval}"]
-    if preflight is not None:
+    if preflight is not None or point_plan is not None:
         lines += ["", "## Plan", ""]
         if recorded:
             lines.append(
@@ -166,7 +175,10 @@ def render_recovery(
             )
         else:
             lines.append("Writes are not stopped by this run (stop_writes=false or no runtime).")
-        lines += ["", *[f"{i}. {s}" for i, s in enumerate(preflight.steps(), 1)]]
+        if point_plan is not None:
+            lines += ["", point.render_point_plan(point_plan)]
+        elif preflight is not None:
+            lines += ["", *[f"{i}. {s}" for i, s in enumerate(preflight.steps(), 1)]]
         if queries:
             lines += [
                 "",
@@ -198,6 +210,8 @@ def render_recovery(
             "",
             *restore.kept_lines(),
         ]
+    if point_done is not None:
+        lines += ["", "## Restore to a point", "", *point.render_point_done(point_done)]
     if validations:
         lines += [
             "",

@@ -44,9 +44,10 @@ from tasks.errors import CommandError, OpsError, ParameterError
 from tasks.runlog import run_logger
 from tasks.settings import OpsSettings
 from tasks.storage import Storage, open_storage
-from tasks.wal import archive
+from tasks.wal import archive, targets
+from tasks.wal import tables as side_tables
 from tasks.wal.base import BaseBackupManifest, extract_base_backup, list_base_backups
-from tasks.wal.names import format_lsn, parse_lsn, parse_segment, segment_of, segments_between
+from tasks.wal.names import WalNameError, format_lsn, parse_lsn, parse_segment, segment_of, segments_between
 
 ROOT = Path(__file__).resolve().parents[2]
 _STOP_RE = re.compile(r"recovery stopping (?:before|after) .*")
@@ -68,13 +69,31 @@ class PointPlan:
     base: BaseBackupManifest
     segments: list[str]
     check: archive.ArchiveCheck
+    target_xid: str | None = None
+    window: str = ""
+    # (schema, table) pairs: only these come back, into a side schema of the live database.
+    tables: tuple[tuple[str, str], ...] = ()
 
     def steps(self) -> list[str]:
-        return [
+        replay = [
             f"unpack base backup {self.base.id} (finished {self.base.finished_at:%Y-%m-%d %H:%M:%S} UTC,"
             f" WAL from {self.base.start_lsn}) into a scratch data directory",
             f"replay {len(self.segments)} archived WAL segments ({self.segments[0]}..{self.segments[-1]})"
             f" to {self.target} in a scratch PostgreSQL",
+        ]
+        if self.tables:
+            names = ", ".join(f"{s}.{t}" for s, t in self.tables)
+            return [
+                *replay,
+                f"check that {names} existed in {self.database} at the target, and move them into a new"
+                " schema restored_<time> of the scratch instance (foreign keys to other tables and triggers"
+                " dropped there)",
+                f"copy that schema into {self.database} on the app's server in one transaction and compare"
+                " each table with the recovered one",
+                f"every other table of {self.database} keeps today's data; nothing is swapped",
+            ]
+        return [
+            *replay,
             f"copy database {self.database} into a new database on the app's server and compare every table",
             f"swap it in for {self.database} by rename; the current {self.database} is kept renamed",
         ]
@@ -91,6 +110,8 @@ class PointRestoreResult:
     comparison: TableComparison
     commands: list[str] = field(default_factory=list)
     duration_seconds: float = 0.0
+    # A per-table restore: the side schema and what it holds (old_database is None then).
+    side: side_tables.TablesRestored | None = None
 
 
 def _storage(settings: OpsSettings) -> Storage:
@@ -102,41 +123,68 @@ def plan_point_restore(
     *,
     target_time: datetime | None = None,
     target_lsn: str | None = None,
+    target_xid: str | int | None = None,
     database: str | None = None,
+    tables: list[str] | None = None,
     storage: Storage | None = None,
+    now: datetime | None = None,
 ) -> PointPlan:
     """Choose the base backup and check every WAL segment up to the target; touches nothing.
 
+    Exactly one target: ``target_time`` (with a zone), ``target_lsn``, or ``target_xid`` (recovery stops
+    just before that transaction's commit). Each is checked against the restorable window first
+    (:mod:`tasks.wal.targets`). ``tables`` (``table`` or ``schema.table``) makes it a per-table restore
+    into a side schema (:mod:`tasks.wal.tables`).
+
     Raises:
-        ParameterError: not exactly one target, or a naive time.
-        PointRestoreError: no base backup before the target, or the target lies past the archive.
+        ParameterError: not exactly one target, a naive time, or a malformed LSN or xid.
+        TargetOutsideWindow: the target is in the future or outside the restorable window (the message
+            gives the window).
+        PointRestoreError: no base backup before the target.
         WalArchiveError: segments are missing or corrupt (named in the message).
     """
-    if (target_time is None) == (target_lsn is None):
-        raise ParameterError("give exactly one of target_time and target_lsn")
+    if sum(t is not None for t in (target_time, target_lsn, target_xid)) != 1:
+        raise ParameterError(
+            "give exactly one of target_time, target_lsn and target_xid; nothing was touched"
+        )
     if target_time is not None and target_time.tzinfo is None:
-        raise ParameterError("target_time needs a time zone (e.g. 2026-03-01T14:05:00+00:00)")
-    lsn = parse_lsn(target_lsn) if target_lsn is not None else None
+        raise ParameterError(
+            "target_time needs a time zone (e.g. 2026-03-01T14:05:00+00:00); nothing was touched"
+        )
+    try:
+        lsn = parse_lsn(target_lsn) if target_lsn is not None else None
+    except WalNameError as exc:
+        raise ParameterError(f"{exc}; nothing was touched") from None
+    xid = targets.parse_xid(target_xid) if target_xid is not None else None
+    wanted = side_tables.parse_tables(tables) if tables is not None else ()
     storage = storage or _storage(settings)
     database = database or postgres.database_name(settings.postgres.dsn.get_secret_value())
     bases = list_base_backups(settings, storage=storage)
+    listing = archive.list_archive(storage)
+    window = targets.restorable_window(bases, listing)
+    ended: targets.XidRecord | None = None
     if target_time is not None:
+        targets.check_time(target_time, window, now=now)
         usable = [b for b in bases if b.finished_at < target_time]
         target = f"time {target_time.astimezone(UTC).isoformat()}"
+    elif xid is not None:
+        ended, chosen = targets.locate_xid(settings, storage, xid, bases, listing, window)
+        lsn = parse_lsn(ended.lsn)
+        usable = [chosen]
+        target = f"just before transaction {xid} ({ended.describe()})"
     else:
-        usable = [b for b in bases if parse_lsn(b.stop_lsn) <= lsn]  # type: ignore[operator]
-        target = f"LSN {format_lsn(lsn)}"  # type: ignore[arg-type]
+        assert lsn is not None
+        if bases:
+            targets.check_lsn(lsn, window, listing, bases[0].wal_segment_size)
+        usable = [b for b in bases if parse_lsn(b.stop_lsn) <= lsn]
+        target = f"LSN {format_lsn(lsn)}"
     if not usable:
-        oldest = min((b.finished_at for b in bases), default=None)
         raise PointRestoreError(
-            f"no base backup finished before {target}"
-            + (f"; the oldest finished at {oldest:%Y-%m-%d %H:%M:%S} UTC" if oldest else "; run backup-base")
-            + ". Nothing was touched"
+            f"no base backup finished before {target}; {window.describe()}. Nothing was touched"
         )
     base = usable[0]
     size = base.wal_segment_size
     first = parse_segment(base.start_wal, size)
-    listing = archive.list_archive(storage)
     if lsn is not None:
         last = segment_of(lsn, base.timeline, size)
     else:
@@ -151,11 +199,9 @@ def plan_point_restore(
         elif partial:
             last = parse_segment(max(partial), size)
         else:
-            newest = listing.newest()
             raise PointRestoreError(
-                f"{target} is past the newest archived WAL"
-                + (f" ({newest[0]}, {newest[1]:%Y-%m-%d %H:%M:%S} UTC)" if newest else "")
-                + "; pick an earlier time or check the archiver. Nothing was touched"
+                f"{target} is past the newest archived WAL; {window.describe()}. Pick an earlier time or"
+                " check the archiver. Nothing was touched"
             )
     last = max(last, parse_segment(base.stop_wal, size))
     names = [s.name for s in segments_between(first, last)]
@@ -165,7 +211,18 @@ def plan_point_restore(
             f"restore to {target} from base backup {base.id} is not possible: {check.summary()}."
             " Nothing was touched; pick a target before the first missing segment, or a later base backup"
         )
-    return PointPlan(target, target_time, target_lsn, database, base, names, check)
+    return PointPlan(
+        target,
+        target_time,
+        target_lsn,
+        database,
+        base,
+        names,
+        check,
+        target_xid=None if xid is None else str(xid),
+        window=window.describe(),
+        tables=wanted,
+    )
 
 
 # --- the scratch instance -------------------------------------------------------------------------
@@ -250,6 +307,9 @@ def _recovery_conf(plan: PointPlan, port: int, sockets: Path, scratch: Path, sta
     ]
     if plan.target_time is not None:
         lines.append(f"recovery_target_time = '{plan.target_time.astimezone(UTC).isoformat()}'")
+    elif plan.target_xid is not None:
+        # "Just before transaction X": its commit (or abort) record is not replayed.
+        lines += [f"recovery_target_xid = '{plan.target_xid}'", "recovery_target_inclusive = off"]
     else:
         lines.append(f"recovery_target_lsn = '{plan.target_lsn}'")
     return "\n".join(lines) + "\n"
@@ -404,22 +464,39 @@ def restore_to_point(
     *,
     target_time: datetime | None = None,
     target_lsn: str | None = None,
+    target_xid: str | int | None = None,
     database: str | None = None,
+    tables: list[str] | None = None,
     plan: PointPlan | None = None,
+    database_lock_held: bool = False,
 ) -> PointRestoreResult:
     """Bring ``database`` back as it was at the target (see the module's steps); the old one is kept.
+
+    With ``tables`` (or a plan that names them) only those tables come back, into a side schema of the
+    live database (:func:`tasks.wal.tables.copy_tables`); nothing is swapped.
+
+    Args:
+        database_lock_held: the caller holds the database's lock (:func:`tasks.backup.database_lock_name`)
+            on its own session, as recover-data does for its whole run; else it is taken for the swap.
 
     Raises:
         ParameterError / PointRestoreError / WalArchiveError: from the plan, before anything is touched.
         BackupCorrupt: the base backup fails its checksum (nothing touched).
         PointRestoreError: recovery stopped early, or the copy differs from the replay (app untouched).
+        TablesNotFound: a named table did not exist at the target (the live database untouched).
         LockBusy: another run works on the database.
     """
     started = time.monotonic()
     logger = run_logger(__name__)
     storage = _storage(settings)
     plan = plan or plan_point_restore(
-        settings, target_time=target_time, target_lsn=target_lsn, database=database, storage=storage
+        settings,
+        target_time=target_time,
+        target_lsn=target_lsn,
+        target_xid=target_xid,
+        database=database,
+        tables=tables,
+        storage=storage,
     )
     target = plan.database
     commands: list[str] = []
@@ -429,6 +506,25 @@ def restore_to_point(
                 raise PointRestoreError(
                     f"database {target!r} did not exist at {plan.target}; nothing was touched"
                 )
+        if plan.tables:
+            side = side_tables.copy_tables(
+                settings,
+                server.conninfo(target),
+                target,
+                plan.tables,
+                label=f"{plan.base.id} at {plan.target}",
+                database_lock_held=database_lock_held,
+            )
+            return PointRestoreResult(
+                plan=plan,
+                reached=server.reached(),
+                target_database=target,
+                old_database=None,
+                comparison=side.comparison,
+                commands=side.commands,
+                duration_seconds=round(time.monotonic() - started, 3),
+                side=side,
+            )
         copy_name = backup.scratch_name(target, "pitr")
         with _maintenance(settings) as lock_conn:
             owner = _database_owner(lock_conn, target)
@@ -450,12 +546,14 @@ def restore_to_point(
                     f" {comparison.summary()}"
                 )
             reached = server.reached()
-            with (
-                _maintenance(settings) as lock_conn,
-                postgres.advisory_lock(
-                    lock_conn, backup.database_lock_name(target), settings.backup.lock_timeout_seconds
-                ),
-            ):
+            with contextlib.ExitStack() as held:
+                if not database_lock_held:
+                    lock_conn = held.enter_context(_maintenance(settings))
+                    held.enter_context(
+                        postgres.advisory_lock(
+                            lock_conn, backup.database_lock_name(target), settings.backup.lock_timeout_seconds
+                        )
+                    )
                 old = None
                 if backup.database_exists(settings, target):
                     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
