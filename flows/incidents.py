@@ -6,8 +6,11 @@
 - ``recover-data`` (Data Loss / Corruption): approval, stop writes (scale backend and worker to 0,
   recording their replicas), restore the chosen backup, run the validation queries, scale back to the
   recorded counts (also when a step failed), health check;
-- ``security-incident`` (Security Incident): an evidence bundle with a sha256 manifest (always), then,
-  behind an approval, rotation of the secrets the settings name, a rolling restart and a health check;
+- ``security-incident`` (Security Incident): an evidence bundle with a sha256 manifest (always, first),
+  then, behind an approval, isolation (external traffic blocked through the runtime, the state before
+  recorded), rotation of the secrets the settings name, a rolling restart and a health check, and the
+  security patches (update-dependencies with its staging deploy, as a subflow);
+- ``end-isolation``: the recorded state before the isolation put back, behind an approval;
 - ``flush-redis`` (Redis out of memory): what FLUSHDB would lose (keys by prefix, BullMQ jobs), and the
   FLUSHDB itself only behind an approval, then a worker restart.
 
@@ -30,6 +33,8 @@ from tasks.incidents import (
     EvidenceBundle,
     EvidenceTampered,
     EvidenceVerification,
+    IsolationEnd,
+    IsolationRecord,
     RollbackProposal,
     RotationPlan,
     RotationRecord,
@@ -38,8 +43,11 @@ from tasks.incidents import (
     recovery,
 )
 from tasks.incidents.reports import (
+    LinkedRun,
+    PatchStep,
     _failure_line,
     render_census,
+    render_end_isolation,
     render_flush,
     render_security,
     render_triage,
@@ -48,7 +56,7 @@ from tasks.redisdb import FlushRecord, KeyCensus
 from tasks.reports import RunOutcome
 from tasks.runlog import run_logger
 from tasks.runtime import RuntimeUnavailable, ServiceStatus, get_runtime
-from tasks.secrets import configured_secrets, safe_error
+from tasks.secrets import configured_secrets, mask_text, safe_error
 from tasks.settings import OpsSettings, load_settings
 
 
@@ -341,6 +349,61 @@ def recover_data(
 
 # --- Security Incident ----------------------------------------------------------------------------
 
+STAGING = "staging"
+
+
+def _linked_runs(settings: OpsSettings, run_id: Any) -> list[LinkedRun]:
+    """The run ``run_id`` and the runs it started (deploy-release), with their UI links."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    ui = settings.notifications.ui_url.rstrip("/")
+    try:
+        with get_client(sync_client=True) as client:
+            parent = client.read_flow_run(run_id)
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id]))
+            )
+            flows = {r.flow_id: client.read_flow(r.flow_id).name for r in [parent, *children]}
+    except Exception as exc:
+        # The link is what matters: without the API's details the run id still finds the run.
+        run_logger(__name__).warning("runs of %s not read: %s", run_id, safe_error(exc, settings))
+        return [
+            LinkedRun(
+                "update-dependencies", str(run_id), str(run_id), "see the run", f"{ui}/runs/flow-run/{run_id}"
+            )
+        ]
+    return [
+        LinkedRun(
+            flow=flows[r.flow_id],
+            name=r.name,
+            id=str(r.id),
+            state=(r.state.name if r.state else None) or "unknown",
+            url=f"{ui}/runs/flow-run/{r.id}",
+        )
+        for r in sorted(
+            [parent, *children], key=lambda r: r.expected_start_time or r.created or datetime.now(UTC)
+        )
+    ]
+
+
+def _patch_and_redeploy(settings: OpsSettings, step: PatchStep) -> PatchStep:
+    """Runbook "Security Incident" step 4: update-dependencies with scope ``security`` as a subflow,
+    which builds the patched image and deploys it to staging through deploy-release (rolled back
+    there on failure). ``step`` gets the runs (linked) and the summary, or the failure."""
+    from flows.dependencies import update_dependencies
+
+    state = update_dependencies(
+        scope="security", deploy_to_staging=step.deploy_to_staging, build=True, return_state=True
+    )
+    step.planned_only = False
+    step.runs = _linked_runs(settings, state.state_details.flow_run_id)
+    if state.is_completed():
+        step.summary = dict(state.result())
+    else:
+        step.error = mask_text(state.message or state.name or "failed", configured_secrets(settings))
+    return step
+
 
 @flow(name="security-incident", log_prints=True)
 def security_incident(
@@ -349,43 +412,72 @@ def security_incident(
     rotate: list[str] | None = None,
     restart: bool = True,
     approval_timeout_seconds: int | None = None,
+    isolate: bool = False,
+    isolate_services: list[str] | None = None,
+    patch_and_redeploy: bool = False,
 ) -> dict[str, Any]:
-    """Runbook "Security Incident": collect evidence, rotate all secrets, redeploy.
+    """Runbook "Security Incident": collect evidence, isolate, rotate all secrets, patch and redeploy.
 
-    1. Collect evidence (always, also on a dry run): every service's logs, ``pg_stat_activity``, the
-       roles, Redis clients, resource usage, rollout and release history, the health report, into a
-       timestamped bundle in the storage with a sha256 manifest; the bundle is re-read and verified.
-    2. Plan the rotation of what ``incidents.rotate_roles`` and ``incidents.app_secrets`` name (or the
+    1. Collect evidence (always, also on a dry run, and before anything changes): every service's
+       logs, ``pg_stat_activity``, the roles, Redis clients, resource usage, rollout and release
+       history, the health report, into a timestamped bundle in the storage with a sha256 manifest;
+       the bundle is re-read and verified.
+    2. Plan: the isolation (``isolate``: what blocking external traffic changes, from what runs now),
+       and the rotation of what ``incidents.rotate_roles`` and ``incidents.app_secrets`` name (or the
        ``rotate`` subset), checking that each role, env file and Secret exists.
-    3. Approval (or ``approved``); then rotate: role passwords (``ALTER ROLE``), app secrets in
-       the Compose env file or the Kubernetes Secret, all or nothing.
-    4. Redeploy: a rolling restart of ``incidents.restart_services`` (default every service) so the new
-       secrets are read, then a health check.
+    3. Approval (or ``approved``) of the whole plan; then:
+       - isolate affected systems: on Kubernetes a NetworkPolicy (labelled) admitting ingress to the
+         pods only from the namespace's own pods, policies that would still let outside traffic in
+         limited for the time; on Compose the public entry service (the reverse proxy,
+         ``runtime.compose.public_entry_services``) stopped. The state before is recorded under
+         ``runtime.state_dir/isolation/`` (who, when, what) before anything changes; ``end-isolation``
+         puts it back;
+       - rotate: role passwords (``ALTER ROLE``), app secrets in the Compose env file or the Kubernetes
+         Secret, all or nothing.
+    4. Redeploy: a rolling restart of ``incidents.restart_services`` (default every service; never one
+       the isolation stopped) so the new secrets are read, then a health check; with
+       ``patch_and_redeploy``, ``update-dependencies`` with scope ``security`` as a subflow, which
+       builds the patched image and deploys it to staging through ``deploy-release``; the report
+       links those runs.
 
     New secrets are never logged, returned or published: reports show names and fingerprints only.
 
     Args:
-        dry_run: collect evidence and show the rotation plan only (the default).
-        approved: rotate without the approval form; refused before anything (the evidence too) where
+        dry_run: collect evidence and show the plans only (the default).
+        approved: act without the approval form; refused before anything (the evidence too) where
             pre-approval is not allowed (``approvals.allow_preapproved``; by default in production).
         rotate: names of roles / app secrets to rotate; default all configured.
         restart: restart the services after rotating (they keep old secrets until they do).
         approval_timeout_seconds: how long the form waits; default ``incidents.approval_timeout_seconds``.
+        isolate: block external traffic after the evidence is taken (reversible with end-isolation).
+        isolate_services: the services to cut off (Kubernetes Deployments whose pods get the policy;
+            Compose services to stop); default every pod of the namespace / the public entry services.
+        patch_and_redeploy: after the rotation, run update-dependencies (scope security) and its staging
+            deploy. When these settings do not point at staging, the patched image is built only.
 
     Returns:
-        The evidence bundle (prefix, manifest sha256, files) and the rotation record (names, fingerprints).
+        The evidence bundle (prefix, manifest sha256, files), the isolation (plan, record, changes), the
+        rotation record (names, fingerprints) and the patch runs (links, outcome).
 
     Raises:
         EvidenceTampered: the bundle did not verify right after it was written.
         ParameterError: a bad parameter, or ``approved`` where pre-approval is not allowed.
+        RuntimeOperationFailed: a service to isolate does not exist (before the evidence), or the
+            isolation did not take effect (its record stays: run end-isolation).
+        RuntimeUnavailable: isolate with no runtime to isolate on (``runtime.kind`` none).
+        IsolationInForce: an isolation is recorded and the runtime no longer matches it; end it first.
         RotationRefused: the plan has problems; nothing was rotated (evidence is kept).
-        ApprovalRejected: the rotation was rejected or timed out (evidence is kept; the report's
-            outcome is "not applied: ...").
-        LockBusy: another run rotates this stack's secrets (on any worker; it is named); nothing was rotated.
+        ApprovalRejected: the plan was rejected or timed out (evidence is kept; nothing was changed;
+            the report's outcome is "not applied: ...").
+        LockBusy: another run rotates this stack's secrets or isolates it (on any worker; it is named);
+            nothing was changed.
+        CheckFailed: unhealthy after the rotation, or update-dependencies failed (the report links it).
     """
     settings = load_settings()
     approvals.check_preapproval(settings, approved)
     timeout = _timeout(settings, approval_timeout_seconds)
+    if isolate_services is not None and not isolate:
+        raise ParameterError("isolate_services names what isolate=true cuts off; pass isolate=true too")
     logger = run_logger(__name__)
     key = f"security-incident-{settings.stack}"
     steps = StepLog(secrets=configured_secrets(settings))
@@ -394,14 +486,33 @@ def security_incident(
     plan: RotationPlan | None = None
     record: RotationRecord | None = None
     report: HealthReport | None = None
+    isolation: IsolationRecord | None = None
+    patch: PatchStep | None = None
+    if patch_and_redeploy:
+        points_at_staging = settings.runtime.kind != "none" and settings.runtime.environment == STAGING
+        patch = PatchStep(deploy_to_staging=points_at_staging, planned_only=True)
     approval = ""
     held = contextlib.ExitStack()
 
+    def render(outcome: str, health: HealthReport | None) -> str:
+        return render_security(
+            settings.stack,
+            outcome,
+            steps,
+            bundle,
+            verification,
+            plan,
+            record,
+            health,
+            approval,
+            isolation=isolation,
+            isolate=isolate,
+            patch=patch,
+        )
+
     def publish(run: RunOutcome) -> None:
         held.close()
-        markdown = render_security(
-            settings.stack, run.outcome, steps, bundle, verification, plan, record, report, approval
-        ) + "\n".join(_failure_line(run))
+        markdown = render(run.outcome, report) + "\n".join(_failure_line(run))
         reports.publish_markdown(key, markdown, f"Security incident on {settings.stack}: {run.outcome}")
         reports.publish_table(f"{key}-steps", steps.rows(), "Each step with its timing")
         if record is not None and record.secrets:
@@ -413,6 +524,9 @@ def security_incident(
         RunOutcome(), publish, settings, running=("started", "waiting for approval")
     ) as run:
         runtime = get_runtime(settings)
+        if isolate:
+            # Read-only, before the evidence: an unknown service or no runtime to isolate on fails here.
+            incidents.plan_isolation_task(runtime, isolate_services)
         with steps.step("collect evidence") as step:
             bundle = incidents.collect_evidence_task(settings, runtime)
             step.detail = f"{bundle.prefix}: {len(bundle.manifest.files)} files"
@@ -421,32 +535,74 @@ def security_incident(
             step.detail = verification.summary()
             if not verification.ok:
                 raise EvidenceTampered(verification.summary())
+        if isolate:
+            with steps.step("plan isolation") as step:
+                # The dry run of the one isolating function: the exact plan, from what runs now.
+                isolation = incidents.isolate_systems_task(
+                    settings, runtime, isolate_services, confirm=False, evidence=bundle.prefix
+                )
+                step.detail = f"{len(isolation.plan.actions)} change(s)" + (
+                    "; already in force" if isolation.already_in_force else ""
+                )
         with steps.step("plan secret rotation") as step:
             plan = incidents.plan_rotation_task(settings, only=rotate)
             step.detail = f"{len(plan.targets)} secrets, {len(plan.problems)} problems"
-        if plan.empty:
-            run.outcome = "evidence collected; nothing configured to rotate"
-        elif dry_run:
-            record = incidents.rotate_secrets_task(settings, plan, confirm=False)
-            run.outcome = "evidence collected; rotation dry run"
-        else:
-            held.enter_context(
-                locks.exclusive(
-                    settings,
-                    locks.rotation_lock_name(settings),
-                    operation="security-incident",
-                    what=f"a secret rotation of {settings.stack}",
-                )
+        rotating = not plan.empty
+        if dry_run:
+            if rotating:
+                record = incidents.rotate_secrets_task(settings, plan, confirm=False)
+            run.outcome = "evidence collected; " + (
+                "rotation dry run" if rotating else "nothing configured to rotate"
             )
-            if plan.problems:
-                raise RotationRefused("rotation refused, nothing was changed: " + "; ".join(plan.problems))
+            if isolate:
+                run.outcome += "; isolation dry run"
+            if patch is not None:
+                run.outcome += "; patch dry run"
+        elif not (rotating or isolate or patch_and_redeploy):
+            run.outcome = "evidence collected; nothing configured to rotate"
+        else:
+            if isolate:
+                held.enter_context(
+                    locks.exclusive(
+                        settings,
+                        locks.isolation_lock_name(settings),
+                        operation="security-incident",
+                        what=f"an isolation of {settings.stack}",
+                    )
+                )
+            if rotating:
+                held.enter_context(
+                    locks.exclusive(
+                        settings,
+                        locks.rotation_lock_name(settings),
+                        operation="security-incident",
+                        what=f"a secret rotation of {settings.stack}",
+                    )
+                )
+                if plan.problems:
+                    raise RotationRefused(
+                        "rotation refused, nothing was changed: " + "; ".join(plan.problems)
+                    )
+            doing = []
+            plan_lines = []
+            if isolation is not None:
+                doing.append("block external traffic")
+                plan_lines += [
+                    "Isolate (end-isolation puts it back):",
+                    *[f"- {a}" for a in isolation.plan.actions],
+                ]
+            if rotating:
+                doing.append(f"rotate {len(plan.targets)} secret(s)")
+                plan_lines += ["Rotate:", *[f"- {t.describe()}" for t in plan.targets]]
+            if patch is not None:
+                doing.append("run update-dependencies (security) and its staging deploy")
+                plan_lines += ["Patch and redeploy:", *patch.lines()]
             ask = functools.partial(
                 approvals.request_approval,
                 settings,
                 approved=approved,
-                action=f"rotate {len(plan.targets)} secret(s) of {settings.stack}"
-                " (the evidence bundle is kept either way)",
-                plan_markdown="Rotate:\n" + "\n".join(f"- {t.describe()}" for t in plan.targets),
+                action=" and ".join(doing) + f" on {settings.stack} (the evidence bundle is kept either way)",
+                plan_markdown="\n".join(plan_lines),
                 timeout_seconds=timeout,
             )
             if approved:
@@ -454,42 +610,86 @@ def security_incident(
             else:
                 run.outcome = "waiting for approval"
                 reports.publish_markdown(
-                    key,
-                    render_security(
-                        settings.stack, run.outcome, steps, bundle, verification, plan, None, None
-                    ),
-                    "Security incident: waiting for approval",
+                    key, render(run.outcome, None), "Security incident: waiting for approval"
                 )
                 with steps.step("approval"):
                     approval = ask()[0].describe()
-            with steps.step("rotate secrets") as step:
-                record = incidents.rotate_secrets_task(settings, plan, confirm=True)
-                step.detail = ", ".join(f"{s.name} {s.new_fingerprint}" for s in record.secrets)
-            services = settings.incidents.restart_services or settings.runtime.services
-            if not restart:
-                steps.skip("rolling restart", "restart=false: services keep the old secrets until restarted")
-            else:
-                try:
-                    with steps.step("rolling restart") as step:
-                        changes = incidents.restart_for_new_config_task(settings, runtime, services)
-                        scaling.wait_services_ready_task(
-                            runtime, services, settings.runtime.ready_timeout_seconds
+            done: list[str] = []
+            if isolate:
+                with steps.step("isolate: block external traffic") as step:
+                    isolation = incidents.isolate_systems_task(
+                        settings,
+                        runtime,
+                        isolate_services,
+                        confirm=True,
+                        approval=approval,
+                        evidence=bundle.prefix,
+                    )
+                    step.detail = (
+                        "already in force"
+                        if isolation.already_in_force
+                        else ", ".join(c.target for c in isolation.changes if c.changed)
+                        or "nothing to change"
+                    )
+                done.append("isolation already in force" if isolation.already_in_force else "isolated")
+                run.outcome = "; ".join(done)
+            if rotating:
+                with steps.step("rotate secrets") as step:
+                    record = incidents.rotate_secrets_task(settings, plan, confirm=True)
+                    step.detail = ", ".join(f"{s.name} {s.new_fingerprint}" for s in record.secrets)
+                done.append("secrets rotated")
+                run.outcome = "; ".join(done)
+                services = settings.incidents.restart_services or settings.runtime.services
+                stopped = isolation.plan.stopped_services if isolation is not None else ()
+                # A service the isolation stopped stays stopped: restarting it would let traffic in again.
+                services = [s for s in services if s not in stopped]
+                if not restart:
+                    steps.skip(
+                        "rolling restart", "restart=false: services keep the old secrets until restarted"
+                    )
+                elif not services:
+                    steps.skip("rolling restart", "every service to restart is stopped by the isolation")
+                else:
+                    try:
+                        with steps.step("rolling restart") as step:
+                            changes = incidents.restart_for_new_config_task(settings, runtime, services)
+                            scaling.wait_services_ready_task(
+                                runtime, services, settings.runtime.ready_timeout_seconds
+                            )
+                            step.detail = ", ".join(c.target for c in changes)
+                    except RuntimeUnavailable as exc:
+                        steps.steps[-1].outcome = "skipped"
+                        logger.warning("no restart: %s", exc)
+                with steps.step("health check") as step:
+                    report = incidents.health_report_task(settings)
+                    step.detail = report.status.value
+                if report.status is Status.UNHEALTHY:
+                    run.outcome += ", but unhealthy"
+                    raise CheckFailed(
+                        f"{settings.stack} is unhealthy after the rotation: "
+                        + ", ".join(report.failed_checks)
+                        + ". A service may still use an old secret: check its configuration and logs"
+                        + (
+                            "; checks that go through the isolated entry fail until end-isolation"
+                            if isolation is not None
+                            else ""
                         )
-                        step.detail = ", ".join(c.target for c in changes)
-                except RuntimeUnavailable as exc:
-                    steps.steps[-1].outcome = "skipped"
-                    logger.warning("no restart: %s", exc)
-            with steps.step("health check") as step:
-                report = incidents.health_report_task(settings)
-                step.detail = report.status.value
-            run.outcome = "secrets rotated"
-            if report.status is Status.UNHEALTHY:
-                run.outcome = "secrets rotated, but unhealthy"
-                raise CheckFailed(
-                    f"{settings.stack} is unhealthy after the rotation: "
-                    + ", ".join(report.failed_checks)
-                    + ". A service may still use an old secret: check its configuration and logs"
+                    )
+            if patch is not None:
+                with steps.step("patch and redeploy: update-dependencies (security)") as step:
+                    _patch_and_redeploy(settings, patch)
+                    step.detail = ", ".join(f"{r.flow} {r.state}" for r in patch.runs)
+                    if patch.error:
+                        done.append("patch and redeploy failed")
+                        run.outcome = "; ".join(done)
+                        raise CheckFailed(
+                            f"update-dependencies (security) did not finish: {patch.error}. What was done"
+                            " before it stays done; see its run, linked in the report"
+                        )
+                done.append(
+                    "patched and deployed to staging" if patch.deploy_to_staging else "patched image built"
                 )
+                run.outcome = "; ".join(done)
         return {
             "outcome": run.outcome,
             "approval": approval or None,
@@ -502,6 +702,16 @@ def security_incident(
                 "errors": bundle.manifest.errors,
                 "verified": verification.ok,
             },
+            "isolation": None
+            if isolation is None
+            else {
+                "dry_run": isolation.dry_run,
+                "already_in_force": isolation.already_in_force,
+                "actions": list(isolation.plan.actions),
+                "undo": list(isolation.plan.undo),
+                "changes": [{"target": c.target, "changed": c.changed} for c in isolation.changes],
+                "record": None if isolation.dry_run else str(incidents.isolation_path(settings)),
+            },
             "rotation": None
             if record is None
             else {
@@ -510,7 +720,132 @@ def security_incident(
             },
             "problems": list(plan.problems),
             "health": None if report is None else report.status.value,
+            "patch": None
+            if patch is None
+            else {
+                "planned_only": patch.planned_only,
+                "deploy_to_staging": patch.deploy_to_staging,
+                "runs": [{"flow": r.flow, "id": r.id, "state": r.state, "url": r.url} for r in patch.runs],
+                "summary": patch.summary,
+            },
             "steps": steps.rows(),
+        }
+
+
+@flow(name="end-isolation", log_prints=True)
+def end_isolation(
+    dry_run: bool = True,
+    approved: bool = False,
+    approval_timeout_seconds: int | None = None,
+) -> dict[str, Any]:
+    """Runbook "Security Incident", step 1 undone: end the isolation security-incident recorded.
+
+    1. Read the isolation record (``runtime.state_dir/isolation/<stack>-<environment>.json``: who
+       isolated, when, the evidence bundle, and the state before); none is a clear refusal.
+    2. Dry run (the default): show what would be put back.
+    3. Approval (or ``approved``); then put back exactly the recorded state: on Kubernetes the
+       isolation NetworkPolicies deleted and every policy it limited restored as recorded; on Compose
+       the stopped entry services started again (to their recorded container count), waited ready.
+       Read back and compared with the record; the record moves to ``isolation/ended/``.
+    4. Health check.
+
+    Args:
+        dry_run: only show what would be put back (the default).
+        approved: act without the approval form; refused before anything where pre-approval is not
+            allowed (``approvals.allow_preapproved``; by default in production).
+        approval_timeout_seconds: how long the form waits; default ``incidents.approval_timeout_seconds``.
+
+    Returns:
+        The outcome, the record (who, when, what), the changes, where the record went, the health.
+
+    Raises:
+        IsolationNotRecorded: no isolation is recorded for the stack and environment; nothing changed.
+        ParameterError: ``approved`` where pre-approval is not allowed.
+        ApprovalRejected: rejected or timed out; nothing was changed.
+        LockBusy: another run isolates this stack or ends its isolation (it is named); nothing changed.
+        RuntimeOperationFailed: the recorded state could not be put back (the record stays in force).
+        CheckFailed: the stack is unhealthy afterwards (the isolation is ended all the same).
+    """
+    settings = load_settings()
+    approvals.check_preapproval(settings, approved)
+    timeout = _timeout(settings, approval_timeout_seconds)
+    key = f"end-isolation-{settings.stack}"
+    path = incidents.isolation_path(settings)
+    end: IsolationEnd | None = None
+    report: HealthReport | None = None
+    approval = ""
+    held = contextlib.ExitStack()
+
+    def render(outcome: str) -> str:
+        return render_end_isolation(settings.stack, outcome, end, report, approval, str(path))
+
+    def publish(run: RunOutcome) -> None:
+        held.close()
+        reports.publish_markdown(
+            key, render(run.outcome) + "\n".join(_failure_line(run)), f"End of isolation: {run.outcome}"
+        )
+
+    with reports.publishing(
+        RunOutcome(), publish, settings, running=("started", "waiting for approval")
+    ) as run:
+        runtime = get_runtime(settings)
+        if not dry_run:
+            held.enter_context(
+                locks.exclusive(
+                    settings,
+                    locks.isolation_lock_name(settings),
+                    operation="end-isolation",
+                    what=f"an isolation of {settings.stack}",
+                )
+            )
+        end = incidents.end_isolation_task(settings, runtime, confirm=False)
+        if dry_run:
+            run.outcome = f"dry run: would put back {len(end.record.plan.undo)} thing(s)"
+        else:
+            if not approved:
+                run.outcome = "waiting for approval"
+                reports.publish_markdown(key, render(run.outcome), "End of isolation: waiting for approval")
+            approval = approvals.request_approval(
+                settings,
+                approved=approved,
+                action=f"end the isolation of {settings.stack} and put back what it recorded",
+                plan_markdown=f"{end.record.describe()}\n\nPut back:\n"
+                + "\n".join(f"- {u}" for u in end.record.plan.undo),
+                timeout_seconds=timeout,
+            )[0].describe()
+            end = incidents.end_isolation_task(settings, runtime, confirm=True, approval=approval)
+            run.outcome = "isolation ended"
+            started = [
+                s
+                for s in end.record.plan.stopped_services
+                if s in (end.record.plan.state.get("running") or {})
+            ]
+            if started:
+                scaling.wait_services_ready_task(runtime, started, settings.runtime.ready_timeout_seconds)
+            report = incidents.health_report_task(settings)
+            if report.status is Status.UNHEALTHY:
+                run.outcome = "isolation ended, but unhealthy"
+                raise CheckFailed(
+                    f"{settings.stack} is unhealthy after the isolation ended: "
+                    + ", ".join(report.failed_checks)
+                    + ". Run diagnose"
+                )
+        record = end.record
+        return {
+            "outcome": run.outcome,
+            "record": str(path),
+            "isolated_at": record.isolated_at.isoformat(),
+            "isolated_by": record.approval,
+            "isolated_in_run": record.flow_run,
+            "evidence": record.evidence,
+            "undo": list(record.plan.undo),
+            "changes": [
+                {"target": c.target, "changed": c.changed, "before": c.before, "after": c.after}
+                for c in end.changes
+            ],
+            "archived": None if end.archived is None else str(end.archived),
+            "health": None if report is None else report.status.value,
+            "approval": approval or None,
         }
 
 

@@ -30,6 +30,7 @@ from tasks.runtime import (
     EXIT_NOT_FOUND,
     ChangeRecord,
     ExecResult,
+    IsolationPlan,
     ReleaseHistory,
     ResourceUsage,
     Revision,
@@ -500,3 +501,104 @@ class ComposeRuntime:
                 service, container.name, tuple(argv), EXIT_NOT_FOUND if missing else 126, "", stdout.strip()
             )
         return ExecResult(service, container.name, tuple(argv), code, stdout, stderr)
+
+    # -- isolation (security incident): the public entry stopped, and started again -----------------
+
+    def _running(self, service: str) -> int:
+        return len([c for c in self._containers(service) if c.status == "running"])
+
+    def plan_isolation(self, services: Sequence[str] | None = None) -> IsolationPlan:
+        """Stop the services that take traffic from outside (``public_entry_services``, or ``services``).
+
+        With host networking or published ports, a Compose service cannot be fenced off from outside
+        while it runs: the entry (the reverse proxy) is stopped instead, its containers kept, so that
+        ``docker compose start`` brings back the very same ones.
+
+        Raises:
+            RuntimeOperationFailed: no entry service configured, or one the Compose files do not define.
+        """
+        targets = list(services) if services else list(self.config.public_entry_services)
+        if not targets:
+            raise RuntimeOperationFailed(
+                "no public entry service to stop: set OPS_RUNTIME__COMPOSE__PUBLIC_ENTRY_SERVICES (the"
+                ' reverse proxy, e.g. ["nginx"]) or name the services. Nothing was changed.'
+            )
+        self._check_services(targets)
+        running = {s: self._running(s) for s in targets}
+        stop = {s: n for s, n in running.items() if n}
+        timeout = str(self.config.stop_timeout_seconds)
+        return IsolationPlan(
+            runtime=self.kind,
+            services=tuple(services or ()),
+            actions=tuple(
+                f"stop {s} ({n} running container(s)): docker compose stop --timeout {timeout} {s}"
+                for s, n in stop.items()
+            ),
+            undo=tuple(
+                f"start {s} again ({n} container(s)): docker compose start {s}" for s, n in stop.items()
+            ),
+            state={"running": stop},
+            stopped_services=tuple(targets),
+            notes=tuple(f"{s}: no running container, nothing to stop" for s, n in running.items() if not n),
+        )
+
+    def isolate(self, plan: IsolationPlan) -> list[ChangeRecord]:
+        """``docker compose stop`` the entry services that ran; each is read back stopped."""
+        running: dict[str, int] = dict(plan.state.get("running") or {})
+        if not running:
+            return []
+        before = {s: self._running(s) for s in running}
+        result = self._compose("stop", "--timeout", str(self.config.stop_timeout_seconds), *running)
+        after = {s: self._running(s) for s in running}
+        still = [s for s, n in after.items() if n]
+        if still:
+            raise RuntimeOperationFailed(
+                f"{', '.join(still)} still run(s) after docker compose stop; external traffic is not blocked."
+                " Stop it by hand (docker compose stop) and see its logs"
+            )
+        return [
+            ChangeRecord(
+                operation="isolate",
+                target=s,
+                changed=before[s] != after[s],
+                before={"running": str(before[s])},
+                after={"running": str(after[s])},
+                commands=(result.command_line,),
+            )
+            for s in running
+        ]
+
+    def end_isolation(self, plan: IsolationPlan) -> list[ChangeRecord]:
+        """``docker compose start`` what the isolation stopped, back to the recorded container count.
+
+        Containers removed meanwhile (``docker compose down``) are created again (``up --scale``).
+
+        Raises:
+            RuntimeOperationFailed: a service does not run its recorded count afterwards.
+        """
+        running: dict[str, int] = {s: int(n) for s, n in (plan.state.get("running") or {}).items()}
+        if not running:
+            return []
+        before = {s: self._running(s) for s in running}
+        commands = [self._compose("start", *running).command_line]
+        for service, count in running.items():
+            if self._running(service) < count:
+                commands += self.scale(service, count).commands
+        after = {s: self._running(s) for s in running}
+        short = [f"{s} {after[s]}/{n}" for s, n in running.items() if after[s] < n]
+        if short:
+            raise RuntimeOperationFailed(
+                f"not running as recorded after docker compose start: {', '.join(short)}; see the service"
+                " logs (diagnose flow)"
+            )
+        return [
+            ChangeRecord(
+                operation="end-isolation",
+                target=s,
+                changed=before[s] != after[s],
+                before={"running": str(before[s])},
+                after={"running": str(after[s])},
+                commands=tuple(commands),
+            )
+            for s in running
+        ]

@@ -11,6 +11,7 @@ of the application's database, and restore and migrate lock there too):
 | prune-backups | ``swagger2mcp-ops:prune:<storage location>`` |
 | flush-redis | ``swagger2mcp-ops:redis:<host:port/db>`` |
 | security-incident's rotation | ``swagger2mcp-ops:rotation:<stack>`` |
+| security-incident's isolation, end-isolation | ``swagger2mcp-ops:isolation:<stack>`` |
 | recover-data, restore-database, migrate-database | ``swagger2mcp-ops:database:<database>`` |
 
 Why an advisory lock rather than a Prefect global concurrency limit: PostgreSQL releases a session's
@@ -125,6 +126,11 @@ def flushdb_lock_name(settings: OpsSettings) -> str:
 def rotation_lock_name(settings: OpsSettings) -> str:
     """The lock of secret rotations of the stack."""
     return f"{PREFIX}:rotation:{settings.stack}"
+
+
+def isolation_lock_name(settings: OpsSettings) -> str:
+    """The lock of isolating the stack and of ending its isolation."""
+    return f"{PREFIX}:isolation:{settings.stack}"
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from tasks.errors import OpsError
 from tasks.settings import OpsSettings
@@ -84,6 +84,51 @@ class Revision:
     created_at: datetime | None = None
     current: bool = False
     note: str | None = None
+
+
+@dataclass(frozen=True)
+class IsolationPlan:
+    """What blocking external traffic to the services changes, and the state before it.
+
+    Made by :meth:`Runtime.plan_isolation` from what runs now (a dry run shows exactly this plan);
+    ``state`` is the runtime's own JSON-serialisable data: what it applies and what was there before,
+    which :meth:`Runtime.end_isolation` puts back. It is recorded before anything changes.
+    """
+
+    runtime: str
+    services: tuple[str, ...]
+    actions: tuple[str, ...]
+    undo: tuple[str, ...]
+    state: dict[str, Any] = field(default_factory=dict)
+    # Services the isolation takes out of service: nothing may start them again until it ends.
+    stopped_services: tuple[str, ...] = ()
+    # What the plan found and leaves alone (an entry service that was not running...).
+    notes: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plan as JSON data (the isolation record keeps it)."""
+        return {
+            "runtime": self.runtime,
+            "services": list(self.services),
+            "actions": list(self.actions),
+            "undo": list(self.undo),
+            "state": self.state,
+            "stopped_services": list(self.stopped_services),
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IsolationPlan:
+        """The plan :meth:`as_dict` wrote."""
+        return cls(
+            runtime=str(data["runtime"]),
+            services=tuple(data.get("services") or ()),
+            actions=tuple(data.get("actions") or ()),
+            undo=tuple(data.get("undo") or ()),
+            state=dict(data.get("state") or {}),
+            stopped_services=tuple(data.get("stopped_services") or ()),
+            notes=tuple(data.get("notes") or ()),
+        )
 
 
 # The OCI / distribution reference grammar (github.com/distribution/reference, OCI distribution spec):
@@ -321,6 +366,36 @@ class Runtime(Protocol):
         """
         ...
 
+    # -- isolation (security incident): block external traffic, and put back what was there ----------
+
+    def plan_isolation(self, services: Sequence[str] | None = None) -> IsolationPlan:
+        """What blocking external traffic would change, read from what runs now; changes nothing.
+
+        ``services``: the services to cut off; default every service of the namespace (Kubernetes)
+        or the public entry services (Compose, ``runtime.compose.public_entry_services``).
+
+        Raises:
+            RuntimeOperationFailed: an unknown service, no public entry service configured, or an
+                object in the way that this tool did not make.
+        """
+        ...
+
+    def isolate(self, plan: IsolationPlan) -> list[ChangeRecord]:
+        """Apply ``plan`` (record it first: its ``state`` is what :meth:`end_isolation` restores).
+
+        Raises:
+            RuntimeOperationFailed: the change was refused or did not take effect.
+        """
+        ...
+
+    def end_isolation(self, plan: IsolationPlan) -> list[ChangeRecord]:
+        """Put back exactly what ``plan`` recorded; also after a partly applied isolation.
+
+        Raises:
+            RuntimeOperationFailed: the recorded state could not be restored (the message says what).
+        """
+        ...
+
 
 class NoRuntime:
     """``runtime.kind = "none"``: the services are not managed by this tool."""
@@ -364,6 +439,15 @@ class NoRuntime:
 
     def exec(self, service: str, argv: Sequence[str], timeout: float) -> ExecResult:
         raise self._refuse(f"run commands inside {service}")
+
+    def plan_isolation(self, services: Sequence[str] | None = None) -> IsolationPlan:
+        raise self._refuse("block external traffic")
+
+    def isolate(self, plan: IsolationPlan) -> list[ChangeRecord]:
+        raise self._refuse("block external traffic")
+
+    def end_isolation(self, plan: IsolationPlan) -> list[ChangeRecord]:
+        raise self._refuse("end an isolation")
 
 
 def get_runtime(settings: OpsSettings) -> Runtime:

@@ -7,6 +7,8 @@
   Secret);
 - :mod:`~tasks.incidents.rotation`: the rotation plan and the one confirm-gated rotation (PostgreSQL
   role passwords as SCRAM verifiers, app secrets), and the restart that makes services read them;
+- :mod:`~tasks.incidents.isolation`: blocking external traffic (through the runtime) with a record of
+  what was there, and ending it by putting that back;
 - :mod:`~tasks.incidents.triage`: outage triage, what changed recently and a rollback proposal;
 - :mod:`~tasks.incidents.validation`: validation queries after a data recovery;
 - :mod:`~tasks.incidents.recovery`: the steps of recover-data (imported by the flow, not re-exported
@@ -35,10 +37,24 @@ from tasks.incidents.evidence import (
     verify_evidence_bundle,
     write_evidence_bundle,
 )
+from tasks.incidents.isolation import (
+    IsolationEnd,
+    IsolationInForce,
+    IsolationNotRecorded,
+    IsolationRecord,
+    end_isolation,
+    isolate_systems,
+    isolation_path,
+    plan_isolation,
+    read_isolation,
+)
 from tasks.incidents.prefect_tasks import (
     collect_evidence_task,
+    end_isolation_task,
     health_report,
     health_report_task,
+    isolate_systems_task,
+    plan_isolation_task,
     plan_rotation_task,
     restart_for_new_config_task,
     restart_services_task,
@@ -91,6 +107,10 @@ __all__ = [
     "EvidenceManifest",
     "EvidenceTampered",
     "EvidenceVerification",
+    "IsolationEnd",
+    "IsolationInForce",
+    "IsolationNotRecorded",
+    "IsolationRecord",
     "KubernetesSecretStore",
     "RecentChange",
     "RollbackProposal",
@@ -108,15 +128,23 @@ __all__ = [
     "collect_evidence",
     "collect_evidence_bundle",
     "collect_evidence_task",
+    "end_isolation",
+    "end_isolation_task",
     "fingerprint",
     "generate_secret",
     "health_report",
     "health_report_task",
+    "isolate_systems",
+    "isolate_systems_task",
+    "isolation_path",
     "new_bundle_id",
     "parse_env",
+    "plan_isolation",
+    "plan_isolation_task",
     "plan_rotation",
     "plan_rotation_task",
     "propose_rollback",
+    "read_isolation",
     "recent_changes",
     "recent_migration_runs",
     "require_settings",

@@ -12,6 +12,7 @@ from __future__ import annotations
 from tasks import health, rollout
 from tasks.health import HealthReport
 from tasks.incidents.evidence import collect_evidence_bundle, verify_bundle
+from tasks.incidents.isolation import end_isolation, isolate_systems, plan_isolation
 from tasks.incidents.rotation import plan_rotation, restart_for_new_config, rotate_secrets
 from tasks.incidents.validation import run_validation_queries
 from tasks.ops_task import ops_task
@@ -39,3 +40,7 @@ service_statuses_task = rollout.list_services
 service_histories_task = rollout.histories
 restart_services_task = rollout.restart
 health_report_task = ops_task(health_report, name="health-checks")
+plan_isolation_task = ops_task(plan_isolation, name="plan-isolation")
+# No retries: a half-applied isolation is recorded, and end-isolation puts it back.
+isolate_systems_task = ops_task(isolate_systems, name="isolate-systems")
+end_isolation_task = ops_task(end_isolation, name="restore-after-isolation")

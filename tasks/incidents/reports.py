@@ -4,6 +4,7 @@ plain functions from what a run found and did to markdown, tested without Prefec
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,6 +14,8 @@ from tasks.health import HealthReport, Status
 from tasks.incidents import (
     EvidenceBundle,
     EvidenceVerification,
+    IsolationEnd,
+    IsolationRecord,
     RollbackProposal,
     RotationPlan,
     RotationRecord,
@@ -274,6 +277,10 @@ def render_security(
     record: RotationRecord | None,
     report: HealthReport | None,
     approval: str = "",
+    *,
+    isolation: IsolationRecord | None = None,
+    isolate: bool = False,
+    patch: PatchStep | None = None,
 ) -> str:
     """The incident response as markdown; secrets appear only as names and fingerprints."""
     lines = [f"# Security incident on {stack}: {outcome}", "", "## Steps", "", _steps_table(steps)]
@@ -298,6 +305,16 @@ def render_security(
                 ["file", "bytes", "sha256"], [[f.path, f.size, f.sha256] for f in bundle.manifest.files]
             ),
         ]
+    lines += ["", "## Isolation: block external traffic", ""]
+    if isolation is not None:
+        lines += isolation_lines(isolation)
+    elif isolate:
+        lines.append("Not planned yet (the evidence comes first).")
+    else:
+        lines.append(
+            "Not requested: isolate=true blocks external traffic (a NetworkPolicy on Kubernetes, the public"
+            " entry stopped on Compose) after the evidence is taken; end-isolation puts it back."
+        )
     if plan is not None:
         lines += ["", "## Secret rotation", ""]
         if plan.empty:
@@ -335,10 +352,150 @@ def render_security(
             lines += ["", "Commands:", *[f"- `{c}`" for c in record.commands]]
     if report is not None:
         lines += ["", "## After", "", *_health_lines(report)]
+    lines += ["", "## Security patches and redeploy", ""]
+    if patch is not None:
+        lines += patch.lines()
+    else:
+        lines.append(
+            "Not requested: patch_and_redeploy=true runs update-dependencies (scope security) after the"
+            " rotation, which deploys the patched image to staging."
+        )
+    lines += ["", "Also, by hand: review and harden the configuration."]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LinkedRun:
+    """A flow run this one started (a subflow), linked from its report."""
+
+    flow: str
+    name: str
+    id: str
+    state: str
+    url: str
+
+    def markdown(self) -> str:
+        return f"[{self.flow} run {self.name}]({self.url}): {self.state}"
+
+
+@dataclass
+class PatchStep:
+    """Security incident step 4: update-dependencies (scope security) and the staging deploy it makes."""
+
+    deploy_to_staging: bool
+    planned_only: bool = False
+    runs: list[LinkedRun] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def lines(self) -> list[str]:
+        """The step for the report: what runs (or would), with links to the runs and their outcome."""
+        then = (
+            "then deploy-release to staging with the built image (rolled back there on failure)"
+            if self.deploy_to_staging
+            else "building the image only: these settings do not point at staging (runtime.environment"
+            " staging), so deploy it there with deploy-release/staging, then promote it"
+        )
+        head = f"update-dependencies with scope `security` (only what fixes advisories), {then}."
+        if self.planned_only:
+            return [f"Planned (runs after the approval and the rotation): {head}"]
+        lines = [f"Ran: {head}", ""]
+        lines += [f"- {run.markdown()}" for run in self.runs] or ["- no run was started"]
+        if self.summary:
+            fixed = self.summary.get("advisories_fixed") or {}
+            lines += [
+                "",
+                f"- outcome: {self.summary.get('outcome')}",
+                f"- image: `{self.summary.get('image') or '-'}`",
+                f"- staging: {self.summary.get('staging') or '-'}",
+                "- advisories fixed: " + (", ".join(f"{k} {v}" for k, v in fixed.items() if v) or "none"),
+                f"- advisories remaining: {self.summary.get('advisories_remaining')}",
+            ]
+        if self.error:
+            lines += ["", f"**Failed:** {self.error}"]
+        return lines
+
+
+def isolation_lines(isolation: IsolationRecord) -> list[str]:
+    """An isolation for a report: the plan (or the changes), what stays, the undo, the record."""
+    plan = isolation.plan
+    scope = (
+        ", ".join(plan.services) if plan.services else "the runtime's default (every pod / the public entry)"
+    )
+    lines = [f"Runtime {plan.runtime}; services: {scope}.", ""]
+    if isolation.already_in_force:
+        lines += [f"Already in force: {isolation.describe()}; nothing changed.", ""]
+    elif isolation.dry_run:
+        lines += ["Dry run: nothing was changed. Would:", ""]
+    else:
+        lines += [f"Done: {isolation.describe()}.", ""]
+    lines += [f"- {a}" for a in plan.actions] or ["- nothing to change"]
+    if plan.notes:
+        lines += ["", *[f"- {n}" for n in plan.notes]]
+    if isolation.changes:
+        lines += [
+            "",
+            reports.markdown_table(
+                ["target", "changed", "before", "after"],
+                [[c.target, c.changed, _pairs(c.before), _pairs(c.after)] for c in isolation.changes],
+            ),
+        ]
+    lines += ["", "end-isolation puts back:", "", *[f"- {u}" for u in plan.undo]] if plan.undo else []
+    if isolation.evidence:
+        lines += ["", f"Evidence taken before: `{isolation.evidence}`."]
+    return lines
+
+
+def _pairs(values: dict[str, str]) -> str:
+    return "; ".join(f"{k}: {v}" for k, v in values.items())
+
+
+def render_end_isolation(
+    stack: str,
+    outcome: str,
+    end: IsolationEnd | None,
+    report: HealthReport | None,
+    approval: str = "",
+    recorded_at: str = "",
+) -> str:
+    """End of an isolation as markdown: the record (who, when, what), what was put back, health after."""
+    lines = [f"# End of isolation of {stack}: {outcome}", ""]
+    if end is None:
+        lines.append(f"No isolation record read{f' ({recorded_at})' if recorded_at else ''}.")
+        return "\n".join(lines)
+    record = end.record
     lines += [
+        f"- record: `{recorded_at}`" if recorded_at else "- record: -",
+        f"- {record.describe()}",
+        f"- evidence taken before: `{record.evidence or '-'}`",
         "",
-        "Also: isolate affected systems (firewall / security groups), apply patches, review configuration.",
+        "## The isolation",
+        "",
+        *[f"- {a}" for a in record.plan.actions],
+        "",
+        "## Put back" if not end.dry_run else "## Would put back (dry run: nothing was changed)",
+        "",
+        *([f"- {u}" for u in record.plan.undo] or ["- nothing was changed by the isolation"]),
     ]
+    if approval:
+        lines += ["", f"Approval: {approval}"]
+    if end.changes:
+        lines += [
+            "",
+            reports.markdown_table(
+                ["target", "changed", "before", "after", "commands"],
+                [
+                    [c.target, c.changed, _pairs(c.before), _pairs(c.after), "; ".join(c.commands)]
+                    for c in end.changes
+                ],
+            ),
+        ]
+    if end.archived is not None:
+        lines += ["", f"Record moved to `{end.archived}`."]
+    elif end.dry_run:
+        lines += ["", "Run with dry_run=false (after an approval) to put it back."]
+    if report is not None:
+        lines += ["", "## After", "", *_health_lines(report)]
     return "\n".join(lines)
 
 

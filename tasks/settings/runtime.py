@@ -67,6 +67,13 @@ class ComposeRuntimeSettings(_Section):
     command_timeout_seconds: float = Field(
         default=300.0, gt=0, description="time limit of each docker compose command, seconds"
     )
+    public_entry_services: list[str] = Field(
+        default_factory=lambda: ["nginx"],
+        description=(
+            "services that take the traffic from outside (the reverse proxy), JSON list: security-incident's"
+            " isolation stops them, end-isolation starts them again"
+        ),
+    )
 
     _absolute_images_file = field_validator("images_file")(_absolute_state_path)
 

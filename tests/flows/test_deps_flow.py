@@ -1,5 +1,6 @@
 """The update-dependencies flow under the Prefect harness: real npm and git against verdaccio, the real
-Docker Engine for the build, and deploy-release on a Compose staging stack."""
+Docker Engine for the build, and deploy-release on a Compose staging stack; also as security-incident's
+patch-and-redeploy step."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 from prefect.states import State
 
 from flows.dependencies import update_dependencies
@@ -337,3 +338,47 @@ def test_an_image_name_the_services_do_not_run_is_refused_before_any_build(
     finally:
         client.close()
     assert running_images(staging_stack) == before
+
+
+def test_security_incident_patches_and_redeploys_through_update_dependencies(
+    ops_env: dict[str, Any],
+    deps_env: dict[str, Any],
+    staging_stack: ComposeStack,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Security incident step 4: update-dependencies (security) as a subflow, with its staging deploy,
+    both runs linked from the incident's report."""
+    from flows.incidents import security_incident
+
+    for key, value in staging_env(staging_stack, deps_env["tmp"]).items():
+        monkeypatch.setenv(key, value)
+    before = running_images(staging_stack)
+
+    dry = security_incident(patch_and_redeploy=True)
+    assert dry["patch"] == {
+        "planned_only": True,
+        "deploy_to_staging": True,
+        "runs": [],
+        "summary": {},
+    }
+    assert not (deps_env["tmp"] / "work").exists()
+    assert running_images(staging_stack) == before
+
+    done = security_incident(dry_run=False, approved=True, patch_and_redeploy=True)
+
+    assert done["outcome"] == "patched and deployed to staging"
+    runs = {r["flow"]: r for r in done["patch"]["runs"]}
+    assert set(runs) == {"update-dependencies", "deploy-release"}
+    assert {r["state"] for r in runs.values()} == {"Completed"}
+    image = done["patch"]["summary"]["image"]
+    assert image.startswith(f"{APP_BASE_IMAGE}:deps-")
+    assert set(running_images(staging_stack).values()) == {image}
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["security-incident-teststack"]))
+        )
+    report = "\n".join(str(a.data) for a in found)
+    for run in runs.values():
+        assert f"http://127.0.0.1:4200/runs/flow-run/{run['id']}" in report
+    assert "Also: isolate" not in report
+    assert deps_env["token"] not in report

@@ -17,7 +17,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from flows.backup import restore_database
-from flows.incidents import flush_redis, outage_triage, recover_data, security_incident
+from flows.incidents import end_isolation, flush_redis, outage_triage, recover_data, security_incident
 from flows.maintenance import maintenance_window
 from flows.migrate import migrate_database
 from flows.pitr import restore_to_point
@@ -40,6 +40,7 @@ GATED: dict[str, tuple[Callable[..., Any], dict[str, Any], str | None]] = {
     "outage-triage": (outage_triage, {}, None),
     "recover-data": (recover_data, {"dry_run": False, "backup_id": "latest"}, None),
     "security-incident": (security_incident, {"dry_run": False}, None),
+    "end-isolation": (end_isolation, {"dry_run": False}, None),
     "flush-redis": (flush_redis, {"dry_run": False}, None),
 }
 

@@ -66,6 +66,7 @@ CATALOG = {
     "flows/incidents.py:outage_triage": "outage-triage",
     "flows/incidents.py:recover_data": "recover-data",
     "flows/incidents.py:security_incident": "security-incident",
+    "flows/incidents.py:end_isolation": "end-isolation",
     "flows/maintenance.py:maintenance_window": "maintenance-window",
     "flows/notifications.py:notify_test": "notify-test",
 }

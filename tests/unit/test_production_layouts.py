@@ -23,7 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
 # The code whose API calls the flow runs' Role must allow (KubernetesRuntime, the secret store).
 RBAC_SOURCES = [ROOT / "tasks" / "kubernetes.py", *sorted((ROOT / "tasks" / "incidents").glob("*.py"))]
-API_GROUPS = {"deployments": "apps", "replicasets": "apps", "pods": "", "secrets": ""}
+API_GROUPS = {
+    "deployments": "apps",
+    "replicasets": "apps",
+    "pods": "",
+    "secrets": "",
+    "networkpolicies": "networking.k8s.io",
+}
+PLURALS = {"networkpolicy": "networkpolicies"}
 VERBS = {"read": "get", "list": "list", "patch": "patch", "create": "create", "delete": "delete"}
 SUBRESOURCES = {"scale": "scale", "log": "log"}
 
@@ -106,7 +113,7 @@ def api_calls() -> set[tuple[str, str, str]]:
                 continue
             sub = next((s for s in SUBRESOURCES if name.endswith("_" + s)), None)
             base = name.removesuffix("_" + sub) if sub else name
-            resource = base.replace("_", "") + "s"
+            resource = PLURALS.get(base.replace("_", ""), base.replace("_", "") + "s")
             assert resource in API_GROUPS, f"{path.name}: {node.func.attr}: add its API group to the test"
             calls.add((API_GROUPS[resource], f"{resource}/{sub}" if sub else resource, verb))
     return calls
