@@ -3,7 +3,8 @@
 Modules: ``names`` (WAL names and LSNs, pure), ``archive`` (the archive in the storage backend),
 ``archiver`` (the long-running service, ``python -m tasks.wal.archiver``), ``fetch`` (the
 ``restore_command``), ``base`` (base backups and retention), ``status`` (RPO, slot lag, window),
-``recover`` (replay into a scratch instance, copy, compare, swap), ``steps`` (the Prefect tasks).
+``recover`` (replay into a scratch instance, copy, compare, swap), ``drill`` (recover to a logical
+backup's snapshot and compare with its manifest), ``steps`` (the Prefect tasks).
 
 This package imports no Prefect at import time: ``fetch`` runs once per segment during a recovery.
 """
