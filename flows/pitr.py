@@ -226,7 +226,9 @@ def render_status(status: ArchiveStatus) -> str:
         f"- newest WAL: {status.last_wal or '-'} at {status.last_wal_at or '-'} (RPO {status.rpo_seconds} s)",
         f"- slot: {slot.name if slot else '-'} exists={slot.exists if slot else '-'}"
         f" active={slot.active if slot else '-'} lag={slot.lag_bytes if slot else '-'} bytes",
-        f"- restorable window: {status.window_start or '-'} .. {status.window_end or '-'}",
+        f"- restorable window: {status.window_start or '-'} ({status.window_start_backup or '-'}) .."
+        f" {status.window_end or '-'} ({status.window_end_wal or '-'})",
+        f"- timelines: {', '.join(str(t) for t in status.timelines) or '-'}",
     ]
     if status.problems:
         lines += ["", "## Problems", "", *[f"- {p}" for p in status.problems]]
@@ -237,8 +239,9 @@ def render_status(status: ArchiveStatus) -> str:
 def check_wal_archive(fail_on_problem: bool = False) -> dict[str, Any]:
     """Runbook "Service Health Checks" for the WAL archive: RPO, slot lag, gaps, restorable window.
 
-    Emits ``swagger2mcp-ops.wal.rpo-exceeded`` when the newest archived WAL is older than
-    ``wal.rpo_warn_seconds``, and ``swagger2mcp-ops.wal.unhealthy`` for any other problem.
+    Emits ``swagger2mcp-ops.wal.rpo-exceeded`` when the newest archived WAL gets older than
+    ``wal.rpo_warn_seconds`` (once, then daily while it lasts; health-check shares the record), and
+    ``swagger2mcp-ops.wal.unhealthy`` for any other problem.
 
     Args:
         fail_on_problem: end the run Failed when a problem is found (for alerting on run state).
@@ -255,15 +258,16 @@ def check_wal_archive(fail_on_problem: bool = False) -> dict[str, Any]:
     key = f"wal-archive-{settings.stack}"
     status = steps.archive_status_task(settings)
     reports.publish_markdown(key, render_status(status), "WAL archive status")
-    resource = {"prefect.resource.id": f"swagger2mcp-ops.wal.{settings.stack}"}
-    if status.rpo_seconds is None or status.rpo_seconds > settings.wal.rpo_warn_seconds:
+    # Records whether the RPO is past its threshold, and emits when an episode starts; nothing where
+    # point-in-time recovery was never set up.
+    if status.in_use:
+        steps.emit_rpo_exceeded(settings, status.rpo_facts())
+    if status.in_use and status.problems and not status.rpo_exceeded(settings.wal.rpo_warn_seconds):
         emit_event(
-            "swagger2mcp-ops.wal.rpo-exceeded",
-            resource=resource,
-            payload={"rpo_seconds": status.rpo_seconds, "last_wal": status.last_wal},
+            "swagger2mcp-ops.wal.unhealthy",
+            resource=steps.wal_resource(settings.stack),
+            payload={"problems": status.problems},
         )
-    elif status.problems:
-        emit_event("swagger2mcp-ops.wal.unhealthy", resource=resource, payload={"problems": status.problems})
     if status.problems and fail_on_problem:
         raise CheckFailed("; ".join(status.problems))
     return status.model_dump(mode="json")
