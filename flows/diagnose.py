@@ -3,9 +3,10 @@
 Every diagnostic the runbook runs by hand, gathered in one read-only run: PostgreSQL connections,
 long-running queries and top statements; Redis memory and eviction policy; BullMQ queues, stalled
 and failed jobs; services' status, restarts, logs and resource usage; disk space and the uploads
-directory; TCP reachability and DNS, from the ops host and from inside the backend, side by side.
-Each finding names the runbook's resolution and the flow that performs it. Started by hand, or by an
-automation on the health check's ``unhealthy`` event.
+directory; TCP reachability and DNS, from the ops host and from inside the backend, side by side;
+where point-in-time recovery is in use, the WAL archive (RPO, slot, restorable window). Each finding
+names the runbook's resolution and the flow that performs it. Started by hand, or by an automation
+on the health check's ``unhealthy`` event.
 """
 
 from __future__ import annotations
@@ -158,8 +159,11 @@ def diagnose(
         futures = [
             diagnostics.run_diagnostic_task.submit(name, settings, long_query_seconds) for name in names
         ]
+        archive = diagnostics.wal_archive_task.submit(settings)
         for future in futures:
             results.append(future.result())
+        if (wal := archive.result()) is not None:
+            results.append(wal)
     except BaseException as exc:
         notes.append(f"the run stopped early: {diagnostics.safe_error(exc, settings)}")
         raise

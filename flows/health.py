@@ -1,7 +1,8 @@
 """Runbook: "Service Health Checks".
 
 PostgreSQL, Redis, the BullMQ queues and the app's own HTTP health endpoints, each checked under a
-bounded timeout, folded into one report in the runbook's JSON shape.
+bounded timeout, folded into one report in the runbook's JSON shape; and, where point-in-time
+recovery is in use, the WAL archive (RPO, slot, restorable window).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tasks.errors import CheckFailed
 from tasks.health import CheckResult, HealthReport, Status
 from tasks.runlog import run_logger
 from tasks.settings import OpsSettings, load_settings
+from tasks.wal import steps as wal_steps
 
 EVENT_PREFIX = "swagger2mcp-ops.health"
 
@@ -29,6 +31,19 @@ def run_check(name: str, settings: OpsSettings) -> CheckResult:
     return health.run_with_deadline(name, check, settings.health.timeout_seconds * 2 + 1)
 
 
+@task(name="run-health-check", cache_policy=NO_CACHE, task_run_name="check-wal-archive")
+def run_wal_archive_check(settings: OpsSettings) -> CheckResult | None:
+    """The WAL archive's check under its deadline; None when point-in-time recovery is not in use.
+
+    Also emits ``swagger2mcp-ops.wal.rpo-exceeded`` when its RPO passes the threshold (once per
+    episode, see :func:`tasks.wal.steps.emit_rpo_exceeded`; every run records whether it is past).
+    """
+    result = health.run_wal_archive_check(settings)
+    if result is not None and result.error is None:
+        wal_steps.emit_rpo_exceeded(settings, result.details)
+    return result
+
+
 def render_markdown(report: HealthReport) -> str:
     """The report as markdown: status line, one row per check, then warnings and errors."""
     rows = []
@@ -38,6 +53,9 @@ def render_markdown(report: HealthReport) -> str:
             counts = ", ".join(
                 f"{s} {check.details.get(s, 0)}" for s in ("waiting", "active", "delayed", "failed")
             )
+        if name == health.WAL_ARCHIVE_CHECK and check.error is None:
+            rpo, last = check.details.get("rpo_seconds"), check.details.get("last_wal") or "-"
+            counts = f"RPO {'-' if rpo is None else f'{rpo:g} s'}, last {last}"
         rows.append(
             [name, check.status.value, "" if check.latency is None else f"{check.latency} ms", counts]
         )
@@ -130,13 +148,17 @@ def emit_checked_event(report: HealthReport) -> bool:
 
 @flow(name="health-check", log_prints=True)
 def health_check(fail_when_unhealthy: bool = True, fail_when_degraded: bool = False) -> dict[str, Any]:
-    """Runbook "Service Health Checks": PostgreSQL, Redis, BullMQ queues and the app's HTTP endpoints.
+    """Runbook "Service Health Checks": PostgreSQL, Redis, BullMQ queues and the app's HTTP endpoints,
+    and the WAL archive where point-in-time recovery is in use.
 
     Every check runs at once under a bounded timeout; a service that is down, refuses or hangs makes
     its check unhealthy with the (masked) error. The report is published as markdown and table
     artifacts; when not healthy, an event per failing check is emitted
     (``swagger2mcp-ops.health.unhealthy`` / ``.degraded``) for automations such as diagnose, and
     every run emits ``swagger2mcp-ops.health.checked`` with each check's status (health paging).
+    The ``wal-archive`` check (only when the storage holds a base backup or WAL) is degraded at worst;
+    when its RPO passes ``wal.rpo_warn_seconds``, ``swagger2mcp-ops.wal.rpo-exceeded`` is emitted
+    once (and daily while it lasts) for DevOps.
 
     Args:
         fail_when_unhealthy: end the run Failed when the overall status is unhealthy (CI and the UI
@@ -153,7 +175,12 @@ def health_check(fail_when_unhealthy: bool = True, fail_when_degraded: bool = Fa
     logger = run_logger(__name__)
     names = list(health.all_checks(settings))
     futures = {name: run_check.submit(name, settings) for name in names}
-    report = health.assemble_report(settings.stack, {name: f.result() for name, f in futures.items()})
+    archive = run_wal_archive_check.submit(settings)
+    results = {name: f.result() for name, f in futures.items()}
+    wal = archive.result()
+    if wal is not None:
+        results[health.WAL_ARCHIVE_CHECK] = wal
+    report = health.assemble_report(settings.stack, results)
     publish_report(report)
     if report.status is not Status.HEALTHY:
         emit_health_events(report)

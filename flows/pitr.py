@@ -11,6 +11,8 @@
   recover-data take the same path when given a target.
 - ``check-wal-archive``: the archive's RPO, slot lag, gaps and restorable window; an event when the
   RPO passes ``wal.rpo_warn_seconds``.
+- ``pitr-drill``: nightly proof that the archive reproduces the newest logical backup: recover to its
+  snapshot's WAL position in a scratch instance and compare every table with its manifest.
 
 The archiver itself is a service (``python -m tasks.wal.archiver``, see deploy/), not a flow.
 """
@@ -31,6 +33,7 @@ from tasks.runlog import run_logger
 from tasks.settings import OpsSettings, load_settings
 from tasks.storage import open_storage
 from tasks.wal import base, point, steps
+from tasks.wal.drill import DrillFailed, DrillPlan, DrillResult, DrillUnavailable, NoDrill, drill_failure
 from tasks.wal.recover import PointPlan
 from tasks.wal.status import ArchiveStatus
 
@@ -234,7 +237,9 @@ def render_status(status: ArchiveStatus) -> str:
         f"- newest WAL: {status.last_wal or '-'} at {status.last_wal_at or '-'} (RPO {status.rpo_seconds} s)",
         f"- slot: {slot.name if slot else '-'} exists={slot.exists if slot else '-'}"
         f" active={slot.active if slot else '-'} lag={slot.lag_bytes if slot else '-'} bytes",
-        f"- restorable window: {status.window_start or '-'} .. {status.window_end or '-'}",
+        f"- restorable window: {status.window_start or '-'} ({status.window_start_backup or '-'}) .."
+        f" {status.window_end or '-'} ({status.window_end_wal or '-'})",
+        f"- timelines: {', '.join(str(t) for t in status.timelines) or '-'}",
     ]
     if status.problems:
         lines += ["", "## Problems", "", *[f"- {p}" for p in status.problems]]
@@ -245,8 +250,9 @@ def render_status(status: ArchiveStatus) -> str:
 def check_wal_archive(fail_on_problem: bool = False) -> dict[str, Any]:
     """Runbook "Service Health Checks" for the WAL archive: RPO, slot lag, gaps, restorable window.
 
-    Emits ``swagger2mcp-ops.wal.rpo-exceeded`` when the newest archived WAL is older than
-    ``wal.rpo_warn_seconds``, and ``swagger2mcp-ops.wal.unhealthy`` for any other problem.
+    Emits ``swagger2mcp-ops.wal.rpo-exceeded`` when the newest archived WAL gets older than
+    ``wal.rpo_warn_seconds`` (once, then daily while it lasts; health-check shares the record), and
+    ``swagger2mcp-ops.wal.unhealthy`` for any other problem.
 
     Args:
         fail_on_problem: end the run Failed when a problem is found (for alerting on run state).
@@ -263,15 +269,110 @@ def check_wal_archive(fail_on_problem: bool = False) -> dict[str, Any]:
     key = f"wal-archive-{settings.stack}"
     status = steps.archive_status_task(settings)
     reports.publish_markdown(key, render_status(status), "WAL archive status")
-    resource = {"prefect.resource.id": f"swagger2mcp-ops.wal.{settings.stack}"}
-    if status.rpo_seconds is None or status.rpo_seconds > settings.wal.rpo_warn_seconds:
+    # Records whether the RPO is past its threshold, and emits when an episode starts; nothing where
+    # point-in-time recovery was never set up.
+    if status.in_use:
+        steps.emit_rpo_exceeded(settings, status.rpo_facts())
+    if status.in_use and status.problems and not status.rpo_exceeded(settings.wal.rpo_warn_seconds):
         emit_event(
-            "swagger2mcp-ops.wal.rpo-exceeded",
-            resource=resource,
-            payload={"rpo_seconds": status.rpo_seconds, "last_wal": status.last_wal},
+            "swagger2mcp-ops.wal.unhealthy",
+            resource=steps.wal_resource(settings.stack),
+            payload={"problems": status.problems},
         )
-    elif status.problems:
-        emit_event("swagger2mcp-ops.wal.unhealthy", resource=resource, payload={"problems": status.problems})
     if status.problems and fail_on_problem:
         raise CheckFailed("; ".join(status.problems))
     return status.model_dump(mode="json")
+
+
+def render_drill(plan: DrillPlan, result: DrillResult | None = None) -> str:
+    """The drill's plan, and once run, its verdict and evidence (one row per table)."""
+    manifest, point = plan.manifest, plan.point
+    verdict = "running" if result is None else "passed" if result.matches else "FAILED"
+    lines = [
+        f"# PITR drill of backup `{manifest.id}`: **{verdict}**",
+        "",
+        f"- backup: {manifest.database}, snapshot at LSN {plan.lsn} (timeline"
+        f" {manifest.snapshot_timeline or '-'}), taken {manifest.started_at:%Y-%m-%d %H:%M:%S} UTC",
+        f"- base backup: `{point.base.id}` (WAL {point.base.start_lsn} .. {point.base.stop_lsn})",
+        f"- archive: {point.check.summary()}",
+    ]
+    lines += [f"- passed over: {why}" for why in plan.passed_over]
+    if result is not None:
+        lines += [
+            f"- replay: {result.reached}",
+            f"- evidence: {result.comparison.summary()}",
+            f"- took {result.duration_seconds:.1f} s; the scratch instance was stopped and removed",
+        ]
+        if result.in_flight:
+            lines.append(
+                f"- transactions committing at the snapshot's instant, replayed but not in the backup:"
+                f" {', '.join(result.in_flight)}"
+            )
+        lines += [
+            "",
+            reports.markdown_table(
+                ["table", "backup rows", "recovered rows", "backup hash", "recovered hash", "result"],
+                [list(row.values()) for row in result.rows],
+            ),
+        ]
+    return "\n".join(lines)
+
+
+@flow(name="pitr-drill", log_prints=True)
+def pitr_drill(database: str | None = None, fail_when_unusable: bool = True) -> dict[str, Any]:
+    """Runbook "Backup" verification for point-in-time recovery: prove that the WAL archive brings
+    the database back to exactly what the newest logical backup recorded.
+
+    Takes the newest logical backup whose snapshot WAL position lies inside the archive's
+    restorable window, replays the archive to just before that position in a scratch PostgreSQL,
+    counts and hashes every table there with the manifest's own code and compares them. Read-only
+    for the app's server and the storage; the scratch instance is stopped and removed, also on
+    failure.
+
+    Args:
+        database: whose backups to drill; defaults to the one in ``OPS_POSTGRES__DSN``.
+        fail_when_unusable: end Failed when an archive exists but no backup can be drilled (none
+            inside the window, none with a snapshot LSN); with no archive at all the run completes
+            and says so.
+
+    Returns:
+        The backup drilled, the LSN, and per-table counts and hashes with their verdicts.
+
+    Raises:
+        DrillFailed: a table's count or content hash differs (every differing table is named).
+        DrillUnavailable: an archive exists but no backup lies inside its window (why, per backup).
+        PointRestoreError / WalArchiveError / BackupCorrupt: the recovery itself failed.
+    """
+    settings = load_settings()
+    key = f"pitr-drill-{settings.stack}"
+    failure = FailureReport(key, "PITR drill")
+    with reports.publishing(failure, FailureReport.publish, settings, reported=(DrillFailed,)):
+        plan = steps.plan_drill_task(settings, database=database)
+        if isinstance(plan, NoDrill):
+            title = "not configured" if not plan.configured else "no backup to drill"
+            reports.publish_markdown(
+                key, f"# PITR drill: **{title}**\n\n{plan.reason}", f"PITR drill: {title}"
+            )
+            if plan.configured and fail_when_unusable:
+                failure.outcome = title
+                raise DrillUnavailable(plan.reason)
+            return {"ran": False, "configured": plan.configured, "reason": plan.reason}
+        reports.publish_markdown(key, render_drill(plan), f"PITR drill of {plan.manifest.id}: running")
+        result = steps.run_drill_task(settings, plan)
+        verdict = "passed" if result.matches else "failed"
+        reports.publish_markdown(
+            key, render_drill(plan, result), f"PITR drill of {plan.manifest.id}: {verdict}"
+        )
+        reports.publish_table(f"{key}-tables", result.rows, "PITR drill: each table, backup vs recovered")
+        if not result.matches:
+            raise drill_failure(result)
+        return {
+            "ran": True,
+            "backup_id": plan.manifest.id,
+            "snapshot_lsn": plan.lsn,
+            "base_backup": plan.point.base.id,
+            "reached": result.reached,
+            "matches": True,
+            "tables": result.rows,
+            "in_flight": result.in_flight,
+        }

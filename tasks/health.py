@@ -232,6 +232,77 @@ def check_http(url: str, settings: OpsSettings) -> CheckResult:
     )
 
 
+WAL_ARCHIVE_CHECK = "wal-archive"
+
+
+def wal_archive_in_use(settings: OpsSettings) -> bool:
+    """Whether point-in-time recovery is in use: the storage holds a base backup or archived WAL.
+    A storage that cannot tell counts as not in use (health then reports as without it)."""
+    from tasks.storage import open_storage
+    from tasks.wal.status import archive_in_use
+
+    try:
+        return archive_in_use(open_storage(settings.storage, attempts=1))
+    except Exception:
+        return False
+
+
+def check_wal_archive(settings: OpsSettings) -> CheckResult:
+    """The point-in-time archive: newest WAL received and its age (the RPO), the slot's retained WAL
+    and whether it streams, the restorable window and timelines; degraded with the archive's problems
+    (RPO past ``wal.rpo_warn_seconds``, slot lag, gaps, no base backup)."""
+    from tasks.wal.status import archive_status
+
+    try:
+        status = archive_status(settings)
+    except Exception as exc:
+        return CheckResult(
+            status=Status.DEGRADED, error=f"the WAL archive could not be read: {safe_error(exc, settings)}"
+        )
+    slot = status.slot
+    return CheckResult(
+        status=Status.DEGRADED if status.problems else Status.HEALTHY,
+        warnings=list(status.problems),
+        details={
+            "last_wal": status.last_wal,
+            "last_wal_at": None if status.last_wal_at is None else status.last_wal_at.isoformat(),
+            "rpo_seconds": status.rpo_seconds,
+            "rpo_warn_seconds": settings.wal.rpo_warn_seconds,
+            "slot": settings.wal.slot,
+            "slot_active": None if slot is None else slot.active,
+            "slot_retained_bytes": None if slot is None else slot.lag_bytes,
+            "caught_up": status.caught_up,
+            "window_start": None if status.window_start is None else status.window_start.isoformat(),
+            "window_start_backup": status.window_start_backup,
+            "window_end": None if status.window_end is None else status.window_end.isoformat(),
+            "window_end_wal": status.window_end_wal,
+            "timelines": status.timelines,
+            "base_backups": status.base_backups,
+        },
+    )
+
+
+def run_wal_archive_check(settings: OpsSettings) -> CheckResult | None:
+    """:func:`check_wal_archive` under the checks' deadline, when the archive is in use.
+
+    None when point-in-time recovery is not in use, or the storage did not say so before the
+    deadline: without it the health report stays as it was. An archive problem is degraded at worst,
+    even a hang: the app itself is not down, and DevOps hears of the RPO by its own event.
+    """
+    in_use: list[bool] = []
+
+    def check() -> CheckResult:
+        in_use.append(wal_archive_in_use(settings))
+        return check_wal_archive(settings) if in_use[0] else CheckResult(status=Status.HEALTHY)
+
+    result = run_with_deadline(WAL_ARCHIVE_CHECK, check, settings.health.timeout_seconds * 2 + 1)
+    if not in_use or not in_use[0]:
+        return None
+    if result.status is Status.UNHEALTHY:
+        return result.model_copy(update={"status": Status.DEGRADED})
+    return result
+
+
 def http_check_name(url: str) -> str:
     """The check name of one configured endpoint (its URL, password masked)."""
     return f"http:{mask_url(url)}"

@@ -109,9 +109,15 @@ def create_backup(
     progress = Progress(f"backup-{settings.stack}-progress", f"Dump of {database}")
 
     with _connect(settings, database, purpose="backup-snapshot") as snap:
-        snapshot, server_version, db_size = _export_snapshot(snap, cfg.dump_timeout_seconds)
+        exported = _export_snapshot(snap, cfg.dump_timeout_seconds)
+        snapshot, server_version, db_size = exported.snapshot, exported.server_version, exported.db_size
         logger.info(
-            "backup %s of %s: snapshot %s, database size %s bytes", backup_id, database, snapshot, db_size
+            "backup %s of %s: snapshot %s at WAL %s, database size %s bytes",
+            backup_id,
+            database,
+            snapshot,
+            exported.lsn or "-",
+            db_size,
         )
         argv = [
             cfg.pg_dump,
@@ -167,6 +173,10 @@ def create_backup(
         pg_dump_version=pg_dump_version,
         server_version=server_version,
         snapshot=snapshot,
+        snapshot_lsn=exported.lsn,
+        snapshot_timeline=exported.timeline,
+        snapshot_xids=exported.xids,
+        system_identifier=exported.system_identifier,
         content_hash_algorithm=algorithm,
         tables=tables,
     )
@@ -191,21 +201,51 @@ def create_backup(
     return manifest
 
 
-def _export_snapshot(snap: psycopg.Connection, timeout_seconds: float) -> tuple[str, str, int]:
+@dataclass(frozen=True)
+class _Exported:
+    """The dump's snapshot and what was read in the statement that took it."""
+
+    snapshot: str
+    server_version: str
+    db_size: int
+    lsn: str | None
+    timeline: int | None
+    xids: str | None
+    system_identifier: str | None
+
+
+def _export_snapshot(snap: psycopg.Connection, timeout_seconds: float) -> _Exported:
     """Open the dump's REPEATABLE READ transaction on ``snap`` and export its snapshot.
 
-    Returns:
-        The snapshot id, the server version and the database size in bytes.
+    The WAL position is read in the same statement, after the snapshot was taken: the *insert*
+    position, not ``pg_current_wal_lsn()`` (the write position, which an asynchronous commit the
+    snapshot already sees may not have reached). So every commit the snapshot sees lies before it,
+    and a recovery that stops just before it replays exactly those, plus at most the commits still
+    leaving the server's list of running transactions at that instant, which ``pg_current_snapshot()``
+    lets a drill name. A standby has no insert position: nothing is recorded there.
     """
     snap.execute(f"SET statement_timeout = {int(timeout_seconds * 1000)}")
     snap.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
     # The counts and hashes run beside pg_dump: parallel workers would only take its CPU.
     snap.execute("SET LOCAL max_parallel_workers_per_gather = 0")
     row = snap.execute(
-        "SELECT pg_export_snapshot(), current_setting('server_version'), pg_database_size(current_database())"
+        "SELECT pg_export_snapshot(), current_setting('server_version'),"
+        " pg_database_size(current_database()),"
+        " CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_insert_lsn()::text END,"
+        " CASE WHEN NOT pg_is_in_recovery() THEN pg_walfile_name(pg_current_wal_insert_lsn()) END,"
+        " pg_current_snapshot()::text, (pg_control_system()).system_identifier::text"
     ).fetchone()
     assert row is not None
-    return str(row[0]), str(row[1]), int(row[2])
+    walfile = row[4]
+    return _Exported(
+        snapshot=str(row[0]),
+        server_version=str(row[1]),
+        db_size=int(row[2]),
+        lsn=None if row[3] is None else str(row[3]),
+        timeline=None if walfile is None else int(str(walfile)[:8], 16),
+        xids=None if row[5] is None else str(row[5]),
+        system_identifier=None if row[6] is None else str(row[6]),
+    )
 
 
 def _snapshot_stats(snap: psycopg.Connection, algorithm: str | None) -> dict[str, TableStats]:

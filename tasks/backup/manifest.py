@@ -68,6 +68,21 @@ class BackupManifest(BaseModel):
     pg_dump_version: str
     server_version: str
     snapshot: str = ""
+    snapshot_lsn: str | None = Field(
+        default=None,
+        description="WAL insert position read in the statement that exported the dump's snapshot: every"
+        " transaction the snapshot sees has its commit record before it (None: an older manifest, or a"
+        " dump from a standby)",
+    )
+    snapshot_timeline: int | None = Field(default=None, description="the server's timeline at snapshot_lsn")
+    snapshot_xids: str | None = Field(
+        default=None,
+        description="the snapshot itself (pg_current_snapshot: xmin:xmax:in-progress xids), to tell which"
+        " transactions committing at that moment it did not see",
+    )
+    system_identifier: str | None = Field(
+        default=None, description="the cluster's pg_control system identifier (which WAL archive fits)"
+    )
     content_hash_algorithm: str | None = None
     tables: dict[str, TableStats] = Field(default_factory=dict)
     verifications: list[Verification] = Field(default_factory=list)

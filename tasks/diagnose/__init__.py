@@ -15,7 +15,7 @@ Where things are:
   ``redis_checks``, ``queue_checks``, ``service_checks`` (runtime status, restarts, logs, usage),
   ``system_checks`` (disk, uploads directory, network), ``http_timing_checks`` (response times of the
   app's endpoints, phase by phase), ``upload_limit_checks`` (upload size limits of nginx, Ingresses
-  and the backend);
+  and the backend), ``wal_checks`` (the WAL archive, only where point-in-time recovery is in use);
 - ``backend_network_checks``: the same reachability and DNS probed inside the backend's container or
   pod (``Runtime.exec``, tools falling back in order) beside the ops host's view, and their differences;
 - ``runner``: every check by name, each run under a deadline (``deadline``);
@@ -78,7 +78,7 @@ from tasks.diagnose.postgres_checks import (
     postgres_connections,
     top_statements,
 )
-from tasks.diagnose.prefect_tasks import run_diagnostic_task
+from tasks.diagnose.prefect_tasks import run_diagnostic_task, wal_archive_task
 from tasks.diagnose.queue_checks import QueuesEvidence, queue_findings, queue_states
 from tasks.diagnose.redis_checks import RedisMemory, read_redis_memory, redis_memory, redis_memory_findings
 from tasks.diagnose.runner import all_diagnostics, run_diagnostic
@@ -114,6 +114,7 @@ from tasks.diagnose.upload_limit_checks import (
     upload_limit_findings,
     upload_limits,
 )
+from tasks.diagnose.wal_checks import WalArchiveEvidence, wal_archive, wal_archive_findings
 from tasks.secrets import safe_error
 
 __all__ = [
@@ -163,6 +164,7 @@ __all__ = [
     "UploadLimitsEvidence",
     "UploadsEvidence",
     "View",
+    "WalArchiveEvidence",
     "all_diagnostics",
     "backend_service",
     "connection_findings",
@@ -206,5 +208,8 @@ __all__ = [
     "upload_limits",
     "uploads_findings",
     "uploads_permissions",
+    "wal_archive",
+    "wal_archive_findings",
+    "wal_archive_task",
     "worst",
 ]

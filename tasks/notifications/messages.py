@@ -102,7 +102,12 @@ def health_message(
     )
 
 
-_EVENT_SEVERITY: dict[str, Severity] = {"failed": "error", "renewal-failed": "error", "expiring": "error"}
+_EVENT_SEVERITY: dict[str, Severity] = {
+    "failed": "error",
+    "renewal-failed": "error",
+    "expiring": "error",
+    "rpo-exceeded": "error",
+}
 
 
 def event_message(

@@ -254,7 +254,10 @@ class WalSettings(_Section):
         default=5.0, gt=0, description="wait before restarting pg_receivewal after it stopped, seconds"
     )
     rpo_warn_seconds: float = Field(
-        default=300.0, gt=0, description="archive age (RPO) above which health reports the archive, seconds"
+        default=300.0,
+        gt=0,
+        description="archive age (RPO) above which health reports the archive degraded and"
+        " swagger2mcp-ops.wal.rpo-exceeded is emitted (once, then daily while it lasts), seconds",
     )
     slot_lag_warn_bytes: int = Field(
         default=1 << 30,

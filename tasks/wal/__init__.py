@@ -5,7 +5,8 @@ Modules: ``names`` (WAL names and LSNs, pure), ``archive`` (the archive in the s
 ``restore_command``), ``base`` (base backups and retention), ``status`` (RPO, slot lag, window),
 ``recover`` (replay into a scratch instance, copy, compare, swap), ``targets`` (the restorable window
 and the checks of a time, LSN or transaction id), ``tables`` (per-table restores into a side schema),
-``point`` (the plan and result as the flows show them), ``steps`` (the Prefect tasks).
+``point`` (the plan and result as the flows show them), ``drill`` (recover to a logical backup's
+snapshot and compare with its manifest), ``steps`` (the Prefect tasks).
 
 This package imports no Prefect at import time: ``fetch`` runs once per segment during a recovery.
 """

@@ -73,6 +73,8 @@ class PointPlan:
     window: str = ""
     # (schema, table) pairs: only these come back, into a side schema of the live database.
     tables: tuple[tuple[str, str], ...] = ()
+    # False: stop just before the first WAL record at the target LSN (a dump's snapshot position).
+    inclusive: bool = True
 
     def steps(self) -> list[str]:
         replay = [
@@ -287,7 +289,9 @@ def _fetch_command(staged: Path | None) -> str:
     return f"cp '{staged}/%f' \"%p\""
 
 
-def _recovery_conf(plan: PointPlan, port: int, sockets: Path, scratch: Path, staged: Path | None) -> str:
+def _recovery_conf(
+    plan: PointPlan, port: int, sockets: Path, scratch: Path, staged: Path | None, *, with_target: bool = True
+) -> str:
     fetch = _fetch_command(staged)
     lines = [
         f"port = {port}",
@@ -305,13 +309,15 @@ def _recovery_conf(plan: PointPlan, port: int, sockets: Path, scratch: Path, sta
         "logging_collector = off",
         "log_timezone = 'UTC'",
     ]
-    if plan.target_time is not None:
+    if with_target and plan.target_time is not None:
         lines.append(f"recovery_target_time = '{plan.target_time.astimezone(UTC).isoformat()}'")
-    elif plan.target_xid is not None:
+    elif with_target and plan.target_xid is not None:
         # "Just before transaction X": its commit (or abort) record is not replayed.
         lines += [f"recovery_target_xid = '{plan.target_xid}'", "recovery_target_inclusive = off"]
-    else:
+    elif with_target:
         lines.append(f"recovery_target_lsn = '{plan.target_lsn}'")
+        if not plan.inclusive:
+            lines.append("recovery_target_inclusive = off")
     return "\n".join(lines) + "\n"
 
 
@@ -323,18 +329,35 @@ class ScratchServer:
     sockets: Path
     user: str
     log_path: Path
+    # The archive ended before the target (no WAL written after it): replayed to its end instead.
+    ended_before_target: bool = False
 
     def conninfo(self, database: str) -> str:
         return f"host={self.sockets} port={self.port} user={self.user} dbname={database}"
 
     def reached(self) -> str:
         found = _STOP_RE.findall(self.log_path.read_text(errors="replace"))
-        return found[-1] if found else "end of the archived WAL"
+        if found:
+            return str(found[-1])
+        if self.ended_before_target:
+            return "end of the archived WAL, just before the target (no WAL record after it yet)"
+        return "end of the archived WAL"
+
+
+_ENDED_SHORT = "recovery ended before configured recovery target was reached"
 
 
 @contextlib.contextmanager
-def scratch_server(settings: OpsSettings, storage: Storage, plan: PointPlan) -> Iterator[ScratchServer]:
-    """Unpack, configure and start the scratch PostgreSQL; yield once it has promoted; remove it all."""
+def scratch_server(
+    settings: OpsSettings, storage: Storage, plan: PointPlan, *, to_end_if_short: bool = False
+) -> Iterator[ScratchServer]:
+    """Unpack, configure and start the scratch PostgreSQL; yield once it has promoted; remove it all.
+
+    Args:
+        to_end_if_short: when the archive holds no WAL record at or after the target (nothing was
+            written since), replay to the archive's end instead of failing: for an exclusive LSN
+            target that is the same state. The server is started a second time without the target.
+    """
     logger = run_logger(__name__)
     cfg = settings.wal
     parent = cfg.scratch_dir or Path(tempfile.gettempdir())
@@ -361,29 +384,34 @@ def scratch_server(settings: OpsSettings, storage: Storage, plan: PointPlan) -> 
                 "%s cannot run %s: staging the checked WAL for recovery", cfg.server_os_user, sys.executable
             )
             _stage_wal(storage, plan, staged)
-        (scratch / "recovery.conf").write_text(_recovery_conf(plan, port, sockets, scratch, staged))
+        conf = scratch / "recovery.conf"
+        conf.write_text(_recovery_conf(plan, port, sockets, scratch, staged))
         data.chmod(0o700)
-        if as_root:
-            owner = pwd.getpwnam(cfg.server_os_user)
+        owner = pwd.getpwnam(cfg.server_os_user) if as_root else None
+        if owner is not None:
             _chown_tree(scratch, owner.pw_uid, owner.pw_gid)
-        argv = [
-            str(cfg.server_bin_dir / "postgres"),
-            "-D",
-            str(data),
-            "-c",
-            f"config_file={scratch / 'recovery.conf'}",
-        ]
+        argv = [str(cfg.server_bin_dir / "postgres"), "-D", str(data), "-c", f"config_file={conf}"]
         if as_root:
             argv = ["runuser", "-u", cfg.server_os_user, "--", *argv]
         env = {**os.environ, **_storage_env(settings), "PYTHONPATH": str(ROOT)}
         log_path = scratch / "server.log"
-        logger.info("starting the scratch PostgreSQL on port %s to replay to %s", port, plan.target)
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(  # a server for the length of the restore: not run_command
-                argv, cwd=scratch, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
         server = ScratchServer(port, sockets, user, log_path)
-        _wait_promoted(server, proc, cfg.recovery_timeout_seconds)
+        logger.info("starting the scratch PostgreSQL on port %s to replay to %s", port, plan.target)
+        proc = _start_postgres(argv, scratch, env, log_path)
+        try:
+            _wait_promoted(server, proc, cfg.recovery_timeout_seconds)
+        except PointRestoreError:
+            if not (to_end_if_short and proc.poll() is not None and _ENDED_SHORT in _log_text(log_path)):
+                raise
+            # The data directory stays in archive recovery: started again, it replays from its last
+            # restartpoint to the archive's end and promotes.
+            logger.info("no WAL after %s in the archive yet: replaying to the archive's end", plan.target)
+            conf.write_text(_recovery_conf(plan, port, sockets, scratch, staged, with_target=False))
+            if owner is not None:
+                os.chown(conf, owner.pw_uid, owner.pw_gid)
+            server.ended_before_target = True
+            proc = _start_postgres(argv, scratch, env, log_path)
+            _wait_promoted(server, proc, cfg.recovery_timeout_seconds)
         logger.info("scratch PostgreSQL recovered: %s", server.reached())
         yield server
     finally:
@@ -395,6 +423,19 @@ def scratch_server(settings: OpsSettings, storage: Storage, plan: PointPlan) -> 
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _log_text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _start_postgres(
+    argv: list[str], scratch: Path, env: dict[str, str], log_path: Path
+) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(  # a server for the length of the restore: not run_command
+            argv, cwd=scratch, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def urlsplit_user(settings: OpsSettings) -> str:

@@ -1,18 +1,24 @@
 """The archive's state for health, diagnose and the archiver's ``--status``: the newest WAL received
-and its age (the RPO), the replication slot and the WAL it holds back on the server, gaps, and the
-window a restore to a point can reach (from the oldest base backup's end to the newest WAL)."""
+and its age (the RPO), the replication slot and the WAL it holds back on the server, gaps, the
+timelines, and the window a restore to a point can reach (from the oldest base backup's end to the
+newest WAL). Also when the ``wal.rpo-exceeded`` event is due (:func:`rpo_alert_due`)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 from pydantic import BaseModel
 
 from tasks.settings import OpsSettings
-from tasks.storage import Storage, open_storage
+from tasks.storage import ObjectNotFound, Storage, WriteConflict, open_storage
 from tasks.wal import archive
 from tasks.wal.server import WalServerError, connect
+
+RPO_EXCEEDED_EVENT = "swagger2mcp-ops.wal.rpo-exceeded"
+# While the RPO stays past its threshold, the event is emitted again this often (a daily reminder).
+RPO_REMIND = timedelta(hours=24)
 
 
 class SlotState(BaseModel):
@@ -39,12 +45,51 @@ class ArchiveStatus(BaseModel):
     slot_error: str | None = None
     window_start: datetime | None = None
     window_end: datetime | None = None
+    window_start_backup: str | None = None
+    window_end_wal: str | None = None
+    timelines: list[int] = []
     base_backups: int = 0
     problems: list[str] = []
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def in_use(self) -> bool:
+        """Whether the storage holds any of a point-in-time archive (WAL or a base backup)."""
+        return bool(self.segments or self.last_wal or self.base_backups)
+
+    @property
+    def caught_up(self) -> bool:
+        """The archiver streams and has received every byte of WAL the server wrote (an idle server:
+        the newest archived WAL may be old, yet nothing is at risk)."""
+        slot = self.slot
+        return slot is not None and slot.exists and slot.active and slot.lag_bytes == 0
+
+    def rpo_exceeded(self, threshold_seconds: float) -> bool:
+        """No WAL archived at all, or the newest older than ``threshold_seconds`` while the server has
+        WAL the archiver has not received (or the archiver does not stream)."""
+        if self.rpo_seconds is None:
+            return True
+        return self.rpo_seconds > threshold_seconds and not self.caught_up
+
+    def rpo_facts(self) -> dict[str, Any]:
+        """What the ``rpo-exceeded`` event carries (as health reports them)."""
+        return {
+            "rpo_seconds": self.rpo_seconds,
+            "last_wal": self.last_wal,
+            "last_wal_at": None if self.last_wal_at is None else self.last_wal_at.isoformat(),
+            "slot_retained_bytes": None if self.slot is None else self.slot.lag_bytes,
+            "caught_up": self.caught_up,
+        }
+
+
+def archive_in_use(storage: Storage) -> bool:
+    """Whether point-in-time recovery is set up here: the storage holds a base backup or archived WAL."""
+    from tasks.wal.base import BASE_DIR
+
+    return bool(storage.list(f"{BASE_DIR}/manifests")) or bool(storage.list(archive.WAL_DIR))
 
 
 def slot_state(settings: OpsSettings) -> SlotState:
@@ -87,11 +132,6 @@ def archive_status(
     if newest is not None:
         status.last_wal, status.last_wal_at = newest
         status.rpo_seconds = round((now - newest[1]).total_seconds(), 1)
-        if status.rpo_seconds > cfg.rpo_warn_seconds:
-            problems.append(
-                f"the newest archived WAL ({newest[0]}) is {status.rpo_seconds:.0f}s old (over"
-                f" {cfg.rpo_warn_seconds:.0f}s): is the archiver running? see its log and the slot below"
-            )
     else:
         problems.append("the WAL archive is empty: start the archiver (python -m tasks.wal.archiver)")
     size = archive.segment_size(storage, listing)
@@ -107,6 +147,13 @@ def archive_status(
     except (WalServerError, psycopg.Error) as exc:
         status.slot_error = str(exc)
         problems.append(f"the replication slot could not be read: {exc}")
+    if newest is not None and status.rpo_exceeded(cfg.rpo_warn_seconds):
+        problems.insert(
+            0,
+            f"the newest archived WAL ({newest[0]}) is {status.rpo_seconds:.0f}s old (over"
+            f" {cfg.rpo_warn_seconds:.0f}s) and the archiver is not streaming all of the server's WAL:"
+            " is the archiver running? see its log and the slot below",
+        )
     if status.slot is not None:
         if not status.slot.exists:
             problems.append(f"replication slot {cfg.slot} does not exist: start the archiver, it creates it")
@@ -115,12 +162,74 @@ def archive_status(
                 f"slot {cfg.slot} holds {status.slot.lag_bytes} bytes of WAL on the server (over"
                 f" {cfg.slot_lag_warn_bytes}): the archiver is behind or down and the server's disk fills"
             )
+    status.timelines = sorted(
+        {int(name[:8], 16) for name in [*listing.segments, *listing.partials, *listing.histories]}
+    )
     bases = list_base_backups(settings, storage=storage)
     status.base_backups = len(bases)
     if bases and status.last_wal_at is not None:
-        status.window_start = min(b.finished_at for b in bases)
+        oldest = min(bases, key=lambda b: (b.finished_at, b.id))
+        status.window_start = oldest.finished_at
+        status.window_start_backup = oldest.id
         status.window_end = status.last_wal_at
+        status.window_end_wal = status.last_wal
     elif not bases:
         problems.append("no base backup yet: run backup-base; until then no restore to a point is possible")
     status.problems = problems
     return status
+
+
+class RpoAlertState(BaseModel):
+    """Whether the RPO is past its threshold, since when, and when the event was last emitted."""
+
+    exceeded: bool = False
+    since: datetime | None = None
+    emitted_at: datetime | None = None
+
+
+def rpo_alert_key(settings: OpsSettings) -> str:
+    return f"{settings.notifications.state_prefix}/wal-rpo-{settings.stack}.json"
+
+
+def rpo_alert_due(
+    settings: OpsSettings,
+    rpo_seconds: float | None,
+    *,
+    caught_up: bool = False,
+    storage: Storage | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """Whether ``swagger2mcp-ops.wal.rpo-exceeded`` is to be emitted for an archive whose newest WAL
+    is ``rpo_seconds`` old (None: no WAL archived) now; ``caught_up``: the archiver has received all
+    the server's WAL (:attr:`ArchiveStatus.caught_up`), so an old newest WAL is only an idle server.
+
+    Once when the RPO passes ``wal.rpo_warn_seconds``, again every :data:`RPO_REMIND` while it stays
+    past, and not again until it has come back under. Health and check-wal-archive both ask; the state
+    lives in the storage (``notifications.state_prefix``) and is written conditionally, so of two runs
+    at the same moment only one emits.
+    """
+    storage = storage or open_storage(settings.storage, attempts=settings.backup.upload_attempts)
+    now = now or datetime.now(UTC)
+    key = rpo_alert_key(settings)
+    try:
+        stored = storage.get_versioned(key)
+        state, version = RpoAlertState.model_validate_json(stored.data), stored.version
+    except ObjectNotFound:
+        state, version = RpoAlertState(), None
+    except ValueError:  # unreadable: start over rather than stay silent
+        state, version = RpoAlertState(), storage.get_versioned(key).version
+    exceeded = rpo_seconds is None or (rpo_seconds > settings.wal.rpo_warn_seconds and not caught_up)
+    reminder = state.emitted_at is not None and now - state.emitted_at >= RPO_REMIND
+    due = exceeded and (not state.exceeded or state.emitted_at is None or reminder)
+    if exceeded == state.exceeded and not due:
+        return False
+    new = RpoAlertState(
+        exceeded=exceeded,
+        since=(state.since if state.exceeded else now) if exceeded else None,
+        emitted_at=now if due else state.emitted_at,
+    )
+    try:
+        storage.put_if_version(key, new.model_dump_json().encode(), version)
+    except (WriteConflict, ObjectNotFound):
+        return False  # another run recorded it at the same moment, and emits
+    return due

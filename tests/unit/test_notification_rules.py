@@ -91,6 +91,7 @@ def test_routes_file_declares_every_route_of_the_issue() -> None:
         "health",
         "security",
         "certificate-renewal-failed",
+        "wal-rpo-exceeded",
         "backup-failed",
         "maintenance",
     }
@@ -112,6 +113,10 @@ def test_routes_file_declares_every_route_of_the_issue() -> None:
         "swagger2mcp-ops.certificate.expiring",
     }
     assert routes["certificate-renewal-failed"].to == ["devops"]
+    # The WAL archive's RPO past its threshold, and a failed PITR drill, reach DevOps.
+    assert routes["wal-rpo-exceeded"].expect == ["swagger2mcp-ops.wal.rpo-exceeded"]
+    assert routes["wal-rpo-exceeded"].to == ["devops"]
+    assert "pitr-drill" in routes["backup-failed"].flows  # type: ignore[operator]
 
 
 def test_invalid_routes_file_names_the_problem(tmp_path: Path) -> None:
