@@ -12,6 +12,7 @@ directories of their own (tests/fixtures/prefect_production.py runs them as plai
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import uuid
@@ -72,11 +73,12 @@ def test_twenty_runs_at_once_complete_on_the_postgresql_server(
 ) -> None:
     probe = tmp_path / "prefect.probe.yaml"
     probe.write_text(PROBE_DEPLOYMENT % POOL)
+    worker = start_worker("ops-pg-worker", tmp_path / "worker", limit=20, wait=False)
     layout_server.cli("deploy", "--all", "--prefect-file", str(probe))
-    worker = start_worker("ops-pg-worker", tmp_path / "worker", limit=20)
+    worker.wait_started()
 
     ids = [
-        layout_server.run_deployment("production-probe/at-once", {"number": n, "seconds": 2})
+        layout_server.run_deployment("production-probe/at-once", {"number": n, "seconds": 1})
         for n in range(20)
     ]
     runs = layout_server.wait_runs(ids, timeout=480)
@@ -141,15 +143,34 @@ def test_two_workers_share_the_runs_the_release_history_and_the_environment_lock
         "OPS_RUNTIME__POLL_INTERVAL_SECONDS": "0.2",
         "OPS_HEALTH__URLS": json.dumps([kube_stack.health_url]),
     }
-    layout_server.cli("deploy", "--name", "deploy-release/staging", "--name", "rollback-release/by-hand")
     host_b = _second_checkout(tmp_path)
     # One run at a time each: a run that holds one worker goes to the other.
-    start_worker("ops-host-a", tmp_path / "host-a" / "cwd", limit=1, env=settings_env)
-    start_worker("ops-host-b", tmp_path / "host-b" / "cwd", ops_home=host_b, limit=1, env=settings_env)
+    workers = [
+        start_worker("ops-host-a", tmp_path / "host-a" / "cwd", limit=1, env=settings_env, wait=False),
+        start_worker(
+            "ops-host-b", tmp_path / "host-b" / "cwd", ops_home=host_b, limit=1, env=settings_env, wait=False
+        ),
+    ]
+    layout_server.cli("deploy", "--name", "deploy-release/staging", "--name", "rollback-release/by-hand")
+    for worker in workers:
+        worker.wait_started()
 
-    first = layout_server.run_deployment("deploy-release/staging", {"image_tag": "v3", "timeout_seconds": 60})
-    [done] = layout_server.wait_runs([first])
-    assert done["state"]["type"] == "COMPLETED", layout_server.logs(first)[-5:]
+    # As CI deploys: --watch exits 0 only when the run completed.
+    started = layout_server.cli(
+        "deployment",
+        "run",
+        "deploy-release/staging",
+        "-p",
+        "image_tag=v3",
+        "-p",
+        "timeout_seconds=60",
+        "--watch",
+        "--watch-timeout",
+        "300",
+    )
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout)
+    assert run_id is not None, started.stdout
+    first = run_id.group(1)
     assert _served_version(kube_stack.health_url) == "200 v3"
 
     # An operator's rollback takes staging and waits on its approval form, holding the lock...
@@ -179,8 +200,8 @@ def test_two_workers_share_the_runs_the_release_history_and_the_environment_lock
     ]
 
     # Spread over both workers, each named on its run.
-    workers = {i: r["labels"]["prefect.worker.name"] for i, r in runs.items()}
-    assert set(workers.values()) == {"ops-host-a", "ops-host-b"}, workers
+    ran_on = {i: r["labels"]["prefect.worker.name"] for i, r in runs.items()}
+    assert set(ran_on.values()) == {"ops-host-a", "ops-host-b"}, ran_on
 
     # The environment's exclusive part never ran twice at once: the deploy's began after the
     # rollback's ended (both windows as the runs logged them).
