@@ -188,4 +188,9 @@ def exclusive(
                     f"{what} is still running after {wait:g} s: {exc}. Nothing was done."
                 ) from None
         logger.info("holding lock %s for %s", name, what)
-        yield holder
+        try:
+            yield holder
+        finally:
+            # Logged while the lock is still held: with "holding lock", it brackets the exclusive
+            # work in the run's log, so an operator can see which runs of a target followed each other.
+            logger.info("releasing lock %s", name)

@@ -33,7 +33,7 @@ os.environ.update(
 
 # The helpers other fixture modules import come first, so each module is loaded (and its asserts
 # rewritten) as a plugin before anything imports it.
-_FIRST = ("ports", "pg_cluster")
+_FIRST = ("ports", "pg_cluster", "prefect_server")
 pytest_plugins = [f"tests.fixtures.{name}" for name in _FIRST] + sorted(
     f"tests.fixtures.{path.stem}"
     for path in (Path(__file__).parent / "fixtures").glob("*.py")

@@ -1,6 +1,8 @@
 """The production layouts as files: Kubernetes manifests load into the official client's models, the
 flow runs' Role grants exactly the API calls the code makes, the base job template renders with the
-image, the per-pool prefect.yaml keeps one deployment list, and the systemd unit stops in time."""
+image, the per-pool prefect.yaml keeps one deployment list, the systemd units stop in time (the
+server's runs the Compose server's command), the Compose layout requires API auth, and no committed
+layout file carries a secret value."""
 
 from __future__ import annotations
 
@@ -219,5 +221,125 @@ def test_the_systemd_unit_runs_a_process_worker_that_stops_in_time() -> None:
             check=False,
         )
         # Missing user/paths on this machine are expected; a syntax error is not.
+        assert "Unknown key" not in result.stderr
+        assert "Unknown section" not in result.stderr
+
+
+# Committed layout files hold no secret: names that carry one have a placeholder value only.
+SECRET_NAME = re.compile(
+    r"PASSWORD|PASSWD|AUTH_STRING|TOKEN|SECRET|ACCESS_KEY|API_KEY|PRIVATE_KEY|ROUTING_KEY", re.I
+)
+# KEY=value, KEY: value, "KEY": value; overlapping, so Environment=KEY=value is seen twice.
+ASSIGNMENT = re.compile(
+    r"(?<![A-Za-z0-9_])(?=([A-Za-z_][A-Za-z0-9_]*)\"?[ \t]*(?:=|:(?:[ \t]|$))[ \t]*"
+    r"(\"[^\"]*\"|'[^']*'|[^\s,}\]]*))",
+    re.M,
+)
+URL_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/:@'\"]*:([^\s@/'\"]+)@")
+LAYOUT_FILES = [
+    *sorted(p for p in (ROOT / "deploy").rglob("*") if p.is_file() and p.suffix not in {".crt", ".pem"}),
+    ROOT / "prefect.yaml",
+    ROOT / "automations.yaml",
+    ROOT / "Dockerfile",
+]
+
+
+def _placeholder(value: str) -> bool:
+    value = value.strip().strip("'\"")
+    return (
+        value == ""
+        or value.startswith(("${", "{{", "{", "[", "<"))
+        or "..." in value
+        or value.lower() in {"true", "false", "null", "none"}
+    )
+
+
+def secret_values(text: str) -> list[str]:
+    """The secret-looking values of ``text`` that are not placeholders (``${VAR}``, ``<...>``, empty)."""
+    found = [
+        f"{m.group(1)}={m.group(2)}"
+        for m in ASSIGNMENT.finditer(text)
+        if SECRET_NAME.search(m.group(1)) and not _placeholder(m.group(2))
+    ]
+    found += [m.group(0) for m in URL_PASSWORD.finditer(text) if not _placeholder(m.group(1))]
+    return found
+
+
+def test_the_committed_layout_files_carry_no_secret_values() -> None:
+    # The check itself finds what a leaked secret looks like in each kind of file.
+    leaks = {
+        "PREFECT_SERVER_API_AUTH_STRING=ops:hunter2": 1,
+        '      PREFECT_API_AUTH_STRING: "ops:hunter2"': 1,
+        "Environment=PREFECT_API_AUTH_STRING=ops:hunter2": 1,
+        '  "token": "hunter2"': 1,
+        "ENV OPS_REDIS__URL=redis://:hunter2@redis:6379/0": 1,
+        "PREFECT_API_DATABASE_CONNECTION_URL: postgresql+asyncpg://prefect:hunter2@db/prefect": 1,
+        "PREFECT_SERVER_API_AUTH_STRING: ${PREFECT_SERVER_API_AUTH_STRING:?set it}": 0,
+        "--from-literal=PREFECT_API_AUTH_STRING='ops:...'": 0,
+        "postgresql://replicator:<password>@postgres:5432/postgres": 0,
+        "postgresql+asyncpg://prefect:${PREFECT_DB_PASSWORD}@prefect-db:5432/prefect": 0,
+        "- secretRef:\n    name: swagger2mcp-ops-prefect": 0,
+    }
+    for text, count in leaks.items():
+        assert len(secret_values(text)) == count, (text, secret_values(text))
+    assert len(LAYOUT_FILES) > 10
+    for path in LAYOUT_FILES:
+        assert secret_values(path.read_text()) == [], path
+    # The env file the layout reads is never committed; its example names every secret, empty.
+    example = {
+        k: v
+        for k, _, v in (
+            line.partition("=")
+            for line in (ROOT / "deploy/compose/prefect.env.example").read_text().splitlines()
+            if line and not line.startswith("#")
+        )
+    }
+    assert example["PREFECT_DB_PASSWORD"] == example["PREFECT_SERVER_API_AUTH_STRING"] == ""
+    assert "deploy/compose/prefect.env" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_the_compose_layout_requires_api_auth_on_the_server_and_its_workers() -> None:
+    compose = yaml.safe_load((ROOT / "deploy/compose/compose.yaml").read_text())
+    server = compose["services"]["prefect-server"]
+    worker = compose["services"]["worker"]
+    # The server does not start without the credentials (Compose's ${VAR:?...}).
+    assert server["environment"]["PREFECT_SERVER_API_AUTH_STRING"].startswith(
+        "${PREFECT_SERVER_API_AUTH_STRING:?"
+    )
+    assert worker["environment"]["PREFECT_API_AUTH_STRING"] == "${PREFECT_SERVER_API_AUTH_STRING}"
+    assert worker["environment"]["PREFECT_API_URL"].endswith("/api")
+    assert server["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
+    assert server["ports"] == ["127.0.0.1:4200:4200"]
+
+
+def test_the_systemd_server_unit_runs_the_compose_servers_command() -> None:
+    unit = (ROOT / "deploy" / "systemd" / "swagger2mcp-ops-server.service").read_text()
+    exec_start = re.search(r"^ExecStart=(.*)$", unit, re.M)
+    assert exec_start is not None
+    argv = exec_start.group(1).split()
+    compose = yaml.safe_load((ROOT / "deploy/compose/compose.yaml").read_text())
+    command = list(compose["services"]["prefect-server"]["command"])
+    command[command.index("--host") + 1] = "127.0.0.1"  # no proxy network on a single host
+    assert argv == ["/opt/swagger2mcp-ops/.venv/bin/prefect", *command[1:]]
+    assert re.search(r"^EnvironmentFile=/etc/swagger2mcp-ops/server.env$", unit, re.M)
+    assert re.search(r"^TimeoutStopSec=10$", unit, re.M)
+    # The env file holds the database URL and the credentials the Compose server gets.
+    server_env = set(compose["services"]["prefect-server"]["environment"]) - {
+        "PREFECT_SERVER_ANALYTICS_ENABLED"
+    }
+    for name in server_env:
+        assert f"#   {name}=" in unit, name
+    if shutil.which("systemd-analyze"):
+        result = subprocess.run(
+            [
+                "systemd-analyze",
+                "verify",
+                "--man=no",
+                str(ROOT / "deploy/systemd/swagger2mcp-ops-server.service"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert "Unknown key" not in result.stderr
         assert "Unknown section" not in result.stderr
