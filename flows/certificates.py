@@ -268,7 +268,7 @@ def renew_certificates(force: bool = False, dry_run: bool = False) -> dict[str, 
     cfg = settings.certificates
     logger = run_logger(__name__)
     summary = RunSummary(stack=settings.stack, force=force, dry_run=dry_run)
-    try:
+    with reports.publishing(summary, publish_report, settings):
         summary.inventory = take_inventory_task(cfg)
         for finding in summary.inventory.findings:
             logger.warning("%s (%s): %s", finding.subject, finding.kind, finding.text)
@@ -302,11 +302,6 @@ def renew_certificates(force: bool = False, dry_run: bool = False) -> dict[str, 
             summary.events_emitted = emit_unrenewed_events(summary)
         if not dry_run:
             summary.events_emitted += emit_expiring_events(summary)
-    except Exception as exc:
-        summary.error = f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        publish_report(summary)
 
     problems = summary.problems()
     if problems:

@@ -153,8 +153,14 @@ def diagnose(
     logger = run_logger(__name__)
     started = datetime.now(UTC)
     results: list[Diagnosis] = []
-    notes: list[str] = []
-    try:
+
+    def report_of(run: reports.RunOutcome) -> DiagnoseReport:
+        notes = (f"the run stopped early: {run.failure}",) if run.failure else ()
+        return DiagnoseReport(settings.stack, started, tuple(results), triggered_by, notes)
+
+    with reports.publishing(
+        reports.RunOutcome(), lambda run: publish_report(report_of(run)), settings
+    ) as run:
         names = list(diagnostics.all_diagnostics(settings, long_query_seconds))
         futures = [
             diagnostics.run_diagnostic_task.submit(name, settings, long_query_seconds) for name in names
@@ -164,12 +170,7 @@ def diagnose(
             results.append(future.result())
         if (wal := archive.result()) is not None:
             results.append(wal)
-    except BaseException as exc:
-        notes.append(f"the run stopped early: {diagnostics.safe_error(exc, settings)}")
-        raise
-    finally:
-        report = DiagnoseReport(settings.stack, started, tuple(results), triggered_by, tuple(notes))
-        publish_report(report)
+    report = report_of(run)
     for finding in report.findings(Severity.WARNING):
         logger.warning(
             "%s [%s] %s -> %s", finding.severity.value, finding.check, finding.summary, finding.flow

@@ -103,19 +103,25 @@ def publish_report(
 def _run_operation(
     settings: OpsSettings,
     operation: str,
-    selection: jobs.JobFilter,
+    make_selection: Callable[[], jobs.JobFilter],
     *,
     dry_run: bool,
     batch_size: int,
     rate_per_second: float,
     reset_attempts: bool,
 ) -> dict[str, Any]:
+    """Select, plan and apply (or only list) one job operation; its report is published also when a
+    bad selection stops it before anything is read."""
     key = _key(operation, settings.stack)
     logger = run_logger(__name__)
     plan: JobPlan | None = None
     record: JobOperationRecord | None = None
-    error: str | None = None
-    try:
+
+    def publish(run: reports.RunOutcome) -> None:
+        publish_report(operation, settings.stack, plan, record, run.failure)
+
+    with reports.publishing(reports.RunOutcome(), publish, settings):
+        selection = make_selection()
         plan = jobs.plan_job_operation_task(settings.redis, settings.queue, operation, selection)
         logger.info("%s: %d jobs selected (%s)", operation, len(plan.jobs), selection.describe())
         progress = (
@@ -142,20 +148,6 @@ def _run_operation(
             record.skipped,
         )
         return record.as_dict()
-    except Exception as exc:
-        error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-        raise
-    finally:
-        publish_report(operation, settings.stack, plan, record, error)
-
-
-def _selection(settings: OpsSettings, operation: str, make: Callable[[], jobs.JobFilter]) -> jobs.JobFilter:
-    """Build and validate the selection; a bad one is reported (and raised) before anything is read."""
-    try:
-        return make()
-    except ParameterError as exc:
-        publish_report(operation, settings.stack, None, None, str(exc))
-        raise
 
 
 def _check_common(batch_size: int, rate_per_second: float, limit: int | None) -> None:
@@ -219,11 +211,10 @@ def retry_failed_jobs(
             limit=limit,
         )
 
-    selection = _selection(settings, "retry", make)
     return _run_operation(
         settings,
         "retry",
-        selection,
+        make,
         dry_run=dry_run,
         batch_size=batch_size,
         rate_per_second=rate_per_second,
@@ -299,11 +290,10 @@ def clean_jobs(
             limit=limit,
         )
 
-    selection = _selection(settings, "clean", make)
     return _run_operation(
         settings,
         "clean",
-        selection,
+        make,
         dry_run=dry_run,
         batch_size=batch_size,
         rate_per_second=rate_per_second,

@@ -210,6 +210,40 @@ def _release_table(records: Sequence[ReleaseRecord]) -> str:
     return reports.markdown_table(["release", "kind", "status", "created (UTC)", "images", "migration"], rows)
 
 
+def _check_environment(settings: OpsSettings, environment: str, timeout_seconds: float) -> None:
+    """The environment is the one these settings point at, and the timeout is positive.
+
+    Raises:
+        ParameterError: either is not; nothing was done.
+    """
+    if environment != settings.runtime.environment:
+        raise ParameterError(
+            f"environment {environment!r} does not match these settings (runtime.environment ="
+            f" {settings.runtime.environment!r}); run the deployment configured for {environment}."
+            " Nothing was changed."
+        )
+    if timeout_seconds <= 0:
+        raise ParameterError(f"timeout_seconds must be positive, not {timeout_seconds}")
+
+
+def _release_lock(
+    settings: OpsSettings, environment: str, operation: str
+) -> contextlib.AbstractContextManager[object]:
+    """One deploy or rollback of an environment at a time, on every worker."""
+    return locks.exclusive(
+        settings,
+        locks.release_lock_name(settings, environment),
+        operation=operation,
+        what=f"a deploy or rollback of {environment}",
+    )
+
+
+def _publish_release_report(key: str, description: str, store: ReleaseStore, lines: Sequence[str]) -> None:
+    """A deploy or rollback report: its own sections, then the environment's recent releases."""
+    body = [*lines, "", "## Recent releases", "", _release_table(store.all()[-10:])]
+    reports.publish_markdown(key, "\n".join(body), description)
+
+
 @flow(name="deploy-release", log_prints=True)
 def deploy_release(
     environment: str = "staging",
@@ -271,14 +305,7 @@ def deploy_release(
     """
     settings = load_settings()
     logger = run_logger(__name__)
-    if environment != settings.runtime.environment:
-        raise ParameterError(
-            f"environment {environment!r} does not match these settings (runtime.environment ="
-            f" {settings.runtime.environment!r}); run the deployment configured for {environment}."
-            " Nothing was changed."
-        )
-    if timeout_seconds <= 0:
-        raise ParameterError(f"timeout_seconds must be positive, not {timeout_seconds}")
+    _check_environment(settings, environment, timeout_seconds)
     check_release_input(image_tag, images)
     if migrate:
         approvals.check_preapproval(settings, approved)
@@ -287,7 +314,6 @@ def deploy_release(
     runtime = get_runtime(settings)
     store = ReleaseStore.from_settings(settings, environment)
     lines: list[str] = []
-    outcome = "failed"
     release: ReleaseRecord | None = None
     baseline: ReleaseRecord | None = None
     before: list[ServiceStatus] = []
@@ -296,26 +322,45 @@ def deploy_release(
     readiness: Readiness | None = None
     rollback_readiness: Readiness | None = None
     records: list[ChangeRecord] = []
-    lock = contextlib.ExitStack()
-    try:
+
+    def publish(run: reports.RunOutcome) -> None:
+        body = [
+            f"# Deploy to {environment} on {runtime.kind}: **{run.outcome}**",
+            "",
+            f"Release: {release.label if release else 'not recorded'}",
+            "",
+            *([f"**Why:** {run.failure}", ""] if run.failure else []),
+            *lines,
+            "",
+            *rollout_sections(before=before, records=records, after=after, readiness=readiness),
+            *(
+                ["## Readiness after the rollback", "", *rollback_readiness.lines(), ""]
+                if rollback_readiness
+                else []
+            ),
+            *health_lines(report),
+        ]
+        _publish_release_report(
+            f"deploy-release-{environment}", f"Deploy to {environment}: {run.outcome}", store, body
+        )
+
+    # A failed deploy records its outcome and reason (rolled back, or nothing switched) before it
+    # raises DeployFailed; any other error is recorded by publishing. The lock is released first.
+    with (
+        reports.publishing(reports.RunOutcome(), publish, settings, reported=(DeployFailed,)) as run,
+        contextlib.ExitStack() as lock,
+    ):
         if migrate:
             # Refused here, before the lock, the release store or any service is touched.
             try:
                 plan_writer_stop(settings, writes_policy)
             except (SettingsError, ParameterError) as exc:
-                outcome = "not applied"
+                run.outcome = "not applied"
                 lines.append(f"**Not applied:** the migration would be refused: {exc}")
                 raise DeployNotApplied(
                     f"not applied: the migration would be refused: {exc}. No service was switched."
                 ) from exc
-        lock.enter_context(
-            locks.exclusive(
-                settings,
-                locks.release_lock_name(settings, environment),
-                operation="deploy-release",
-                what=f"a deploy or rollback of {environment}",
-            )
-        )
+        lock.enter_context(_release_lock(settings, environment, "deploy-release"))
         before = [s for s in list_services(runtime) if s.name in services]
         current = {s.name: s.image for s in before}
         target = _target_images(current, services, image_tag, images)
@@ -373,7 +418,7 @@ def deploy_release(
                 release = store.update(release, status="not-switched")
                 after = [s for s in list_services(runtime) if s.name in services]
                 if isinstance(exc, MigrationRefused):
-                    outcome = "not applied"
+                    run.outcome = "not applied"
                     lines += ["", f"**Not applied:** {reason}", "", "No service was switched."]
                     raise DeployNotApplied(f"not applied: {reason}. No service was switched.") from exc
                 if migrate and revision.revision != baseline.migration_revision:
@@ -381,7 +426,7 @@ def deploy_release(
                         f"The migration was applied: the database is at {revision.revision!r} (the running"
                         f" release ran at {baseline.migration_revision!r})."
                     )
-                outcome = "failed, nothing switched"
+                run.outcome = "failed, nothing switched"
                 lines += [
                     "",
                     f"**Deploy failed before any service was switched:** {reason}",
@@ -413,19 +458,19 @@ def deploy_release(
                 release = store.update(
                     release, note=f"{reason[:1500]} | rollback unhealthy: {'; '.join(failures)}"
                 )
-                outcome = "failed, rollback unhealthy"
+                run.outcome = "failed, rollback unhealthy"
                 raise DeployFailed(
                     f"deploy of {release.id} failed ({reason}); the rollback to {baseline.id} did not restore"
                     f" health either: {'; '.join(failures)}. Run the diagnose flow now."
                 ) from exc
             release = store.update(release, status="rolled-back")
-            outcome = "failed, rolled back"
+            run.outcome = "failed, rolled back"
             raise DeployFailed(
                 f"deploy of {release.id} failed and was rolled back to {baseline.id} (health is back):"
                 f" {reason}"
             ) from exc
         release = store.update(release, status="succeeded", migration_revision=revision.revision)
-        outcome = "succeeded"
+        run.outcome = "succeeded"
         logger.info("release %s is live: %s", release.id, release.images)
         return {
             "release": release.model_dump(mode="json"),
@@ -433,31 +478,6 @@ def deploy_release(
             "health": report.as_runbook() if report else None,
             "readiness": readiness.as_dict() if readiness else None,
         }
-    finally:
-        lock.close()
-        title = f"# Deploy to {environment} on {runtime.kind}: **{outcome}**"
-        body = [
-            title,
-            "",
-            f"Release: {release.label if release else 'not recorded'}",
-            "",
-            *lines,
-            "",
-            *rollout_sections(before=before, records=records, after=after, readiness=readiness),
-            *(
-                ["## Readiness after the rollback", "", *rollback_readiness.lines(), ""]
-                if rollback_readiness
-                else []
-            ),
-            *health_lines(report),
-            "",
-            "## Recent releases",
-            "",
-            _release_table(store.all()[-10:]),
-        ]
-        reports.publish_markdown(
-            f"deploy-release-{environment}", "\n".join(body), f"Deploy to {environment}: {outcome}"
-        )
 
 
 def _choose_target(
@@ -533,19 +553,11 @@ def rollback_release(
     """
     settings = load_settings()
     logger = run_logger(__name__)
-    if environment != settings.runtime.environment:
-        raise ParameterError(
-            f"environment {environment!r} does not match these settings (runtime.environment ="
-            f" {settings.runtime.environment!r}). Nothing was changed."
-        )
-    if timeout_seconds <= 0:
-        raise ParameterError(f"timeout_seconds must be positive, not {timeout_seconds}")
+    _check_environment(settings, environment, timeout_seconds)
     approvals.check_preapproval(settings, approved)
     services = list(settings.runtime.services)
     runtime = get_runtime(settings)
     store = ReleaseStore.from_settings(settings, environment)
-    outcome = "failed"
-    problem = ""
     steps: list[RollbackStep] = []
     records: list[ChangeRecord] = []
     after: list[ServiceStatus] = []
@@ -555,16 +567,30 @@ def rollback_release(
     crossed: list[str] = []
     approval_line = ""
     replicas_line = ""
-    lock = contextlib.ExitStack()
-    try:
-        lock.enter_context(
-            locks.exclusive(
-                settings,
-                locks.release_lock_name(settings, environment),
-                operation="rollback-release",
-                what=f"a deploy or rollback of {environment}",
-            )
+
+    def publish(run: reports.RunOutcome) -> None:
+        body = [
+            f"# Rollback of {environment} on {runtime.kind} to {label}: **{run.outcome}**",
+            "",
+            *([f"**Why:** {run.failure}", ""] if run.failure else []),
+            *([f"**Approval:** {approval_line}", ""] if approval_line else []),
+            "## Plan",
+            "",
+            *([f"- {s.describe()}" for s in steps] or ["No plan was made."]),
+            "",
+            *([replicas_line, ""] if replicas_line else []),
+            *rollout_sections(before=None, records=records, after=after, readiness=readiness),
+            *health_lines(report),
+        ]
+        _publish_release_report(
+            f"rollback-release-{environment}", f"Rollback of {environment}: {run.outcome}", store, body
         )
+
+    # The lock is released before the report is published.
+    with (
+        reports.publishing(reports.RunOutcome(), publish, settings) as run,
+        _release_lock(settings, environment, "rollback-release"),
+    ):
         before = [s for s in list_services(runtime) if s.name in services]
         current = {s.name: s.image for s in before}
         target_images, target, label = _choose_target(store, runtime, current, services, release_id)
@@ -590,7 +616,7 @@ def rollback_release(
             f"Rollback plan to {label}",
         )
         if not any(s.changes for s in steps):
-            outcome = "nothing to do"
+            run.outcome = "nothing to do"
             return {"target": label, "plan": [s.describe() for s in steps], "changes": [], "health": None}
         plan = "\n".join(
             [
@@ -649,7 +675,7 @@ def rollback_release(
             raise CheckFailed(
                 f"rolled back to {label}, but health is not back: {'; '.join(failures)}. Run diagnose."
             )
-        outcome = "succeeded"
+        run.outcome = "succeeded"
         logger.info("rolled back %s to %s", environment, label)
         return {
             "target": label,
@@ -661,30 +687,3 @@ def rollback_release(
             "approval": approval_line,
             "replicas": {s.name: s.desired for s in after},
         }
-    except Exception as exc:
-        problem = str(exc)
-        if isinstance(exc, ApprovalRejected | LockBusy):
-            outcome = approvals.NOT_APPLIED
-        raise
-    finally:
-        lock.close()
-        body = [
-            f"# Rollback of {environment} on {runtime.kind} to {label}: **{outcome}**",
-            "",
-            *([f"**Why:** {problem}", ""] if problem else []),
-            *([f"**Approval:** {approval_line}", ""] if approval_line else []),
-            "## Plan",
-            "",
-            *([f"- {s.describe()}" for s in steps] or ["No plan was made."]),
-            "",
-            *([replicas_line, ""] if replicas_line else []),
-            *rollout_sections(before=None, records=records, after=after, readiness=readiness),
-            *health_lines(report),
-            "",
-            "## Recent releases",
-            "",
-            _release_table(store.all()[-10:]),
-        ]
-        reports.publish_markdown(
-            f"rollback-release-{environment}", "\n".join(body), f"Rollback of {environment}: {outcome}"
-        )

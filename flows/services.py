@@ -84,9 +84,28 @@ def restart_services(
     records: list[ChangeRecord] = []
     report: HealthReport | None = None
     readiness: Readiness | None = None
-    outcome = "failed"
-    problem = ""
-    try:
+
+    def publish(run: reports.RunOutcome) -> None:
+        lines = [
+            f"# Restart of {', '.join(names)} on {runtime.kind}: **{run.outcome}**",
+            "",
+            *([f"**Why:** {run.failure}", ""] if run.failure else []),
+            *rollout_sections(
+                before=before,
+                records=records,
+                after=after,
+                readiness=readiness,
+                nothing_changed="Nothing was restarted.",
+            ),
+            *health_lines(report),
+        ]
+        reports.publish_markdown(
+            f"restart-services-{settings.stack}",
+            "\n".join(lines),
+            f"Restart of {', '.join(names)}: {run.outcome}",
+        )
+
+    with reports.publishing(reports.RunOutcome(), publish, settings) as run:
         before = [s for s in list_services(runtime) if s.name in names]
         records = restart(runtime, names)
         try:
@@ -100,30 +119,8 @@ def restart_services(
                 f"restarted {', '.join(names)}, but the health check after it failed: {'; '.join(failures)}."
                 " Run the diagnose flow."
             )
-        outcome = "succeeded"
+        run.outcome = "succeeded"
         logger.info("restarted %s; health %s", ", ".join(names), report.status.value if report else "?")
-    except Exception as exc:
-        problem = str(exc)
-        raise
-    finally:
-        lines = [
-            f"# Restart of {', '.join(names)} on {runtime.kind}: **{outcome}**",
-            "",
-            *([f"**Why:** {problem}", ""] if problem else []),
-            *rollout_sections(
-                before=before,
-                records=records,
-                after=after,
-                readiness=readiness,
-                nothing_changed="Nothing was restarted.",
-            ),
-            *health_lines(report),
-        ]
-        reports.publish_markdown(
-            f"restart-services-{settings.stack}",
-            "\n".join(lines),
-            f"Restart of {', '.join(names)}: {outcome}",
-        )
     return {
         "services": names,
         "runtime": runtime.kind,

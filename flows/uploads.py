@@ -69,7 +69,9 @@ class CleanupReport:
     removal: RemovalRecord | None = None
     purge: PurgeRecord | None = None
     plans_pruned: int = 0
-    error: str | None = None
+    # Set by reports.publishing when the run fails: "failed" or "not applied: ...", and the error.
+    outcome: str = "started"
+    failure: str | None = None
 
     def counts(self) -> dict[str, int]:
         """The report's numbers, flat (also what the flow's callers assert on)."""
@@ -92,7 +94,7 @@ class CleanupReport:
 def render_markdown(report: CleanupReport) -> str:
     """The cleanup report: what was scanned, kept, planned and done, disk before/after, errors."""
     verb = "quarantined" if report.mode == "quarantine" else "deleted"
-    state = "failed" if report.error else ("dry run" if report.dry_run else verb)
+    state = report.outcome if report.failure else ("dry run" if report.dry_run else verb)
     lines = [
         f"# Uploads cleanup of {report.stack}: **{state}**",
         "",
@@ -100,8 +102,8 @@ def render_markdown(report: CleanupReport) -> str:
         f" {_when(report.cutoff)}), mode `{report.mode}`"
         + (", nothing was changed." if report.dry_run else "."),
     ]
-    if report.error:
-        lines += ["", f"**Error:** {report.error}"]
+    if report.failure:
+        lines += ["", f"**Error:** {report.failure}"]
     if report.root is not None:
         root = report.root
         lines += ["", f"Root `{root.path}`: owner {root.owner}:{root.group}, mode {root.mode}."]
@@ -198,7 +200,7 @@ def table_rows(report: CleanupReport) -> list[dict[str, Any]]:
 @task(name="publish-uploads-report", cache_policy=NO_CACHE)
 def publish_report(report: CleanupReport) -> None:
     """Markdown and table artifacts with stable keys (a versioned series per stack)."""
-    state = "failed" if report.error else ("dry run" if report.dry_run else report.mode)
+    state = report.outcome if report.failure else ("dry run" if report.dry_run else report.mode)
     reports.publish_markdown(
         f"uploads-cleanup-{report.stack}",
         render_markdown(report),
@@ -302,7 +304,7 @@ def cleanup_uploads(
         older_than_days=older_than_days,
         cutoff=cutoff,
     )
-    try:
+    with reports.publishing(report, publish_report, settings):
         root = report.root = uploads.check_root_task(settings.uploads, settings.storage)
         for problem in root.problems:
             logger.warning("uploads root %s: %s", root.path, problem)
@@ -355,11 +357,6 @@ def cleanup_uploads(
             _size(report.removal.acted_bytes),
             counts["errors"],
         )
-    except Exception as exc:
-        report.error = str(exc)
-        raise
-    finally:
-        publish_report(report)
     return report
 
 
@@ -387,8 +384,11 @@ def restore_quarantine(run_id: str, dry_run: bool = False) -> RestoreRecord:
     settings = load_settings()
     logger = run_logger(__name__)
     record: RestoreRecord | None = None
-    error: str | None = None
-    try:
+
+    def publish(run: reports.RunOutcome) -> None:
+        publish_restore_report(settings.stack, run_id, dry_run, record, run.failure)
+
+    with reports.publishing(reports.RunOutcome(), publish, settings):
         root = uploads.check_root_task(settings.uploads, settings.storage)
         quarantine = uploads.quarantine_directory(settings.uploads, root.path)
         with _root_lock(settings, root.path, "restore-uploads"):
@@ -408,11 +408,6 @@ def restore_quarantine(run_id: str, dry_run: bool = False) -> RestoreRecord:
             len(record.conflicts),
             record.errors.count,
         )
-    except Exception as exc:
-        error = str(exc)
-        raise
-    finally:
-        publish_restore_report(settings.stack, run_id, dry_run, record, error)
     return record
 
 

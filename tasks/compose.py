@@ -99,12 +99,7 @@ class ComposeRuntime:
         return self._client
 
     def _env(self) -> dict[str, str]:
-        env = {}
-        if self.config.docker_host:
-            env["DOCKER_HOST"] = self.config.docker_host
-        if self.config.docker_config:
-            env["DOCKER_CONFIG"] = os.fspath(self.config.docker_config)
-        return env
+        return self.config.docker_env()
 
     def compose_argv(self, *args: str) -> list[str]:
         """``docker compose`` with the project name, its files, the image pins and the env file."""

@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -40,6 +40,33 @@ def sqlalchemy_url(dsn: str, *, database: str | None = None) -> str:
 def database_name(dsn: str) -> str:
     """The database a DSN names."""
     return urlsplit(dsn).path.lstrip("/")
+
+
+def tool_connection(
+    dsn: str, connect_timeout_seconds: float, *, database: str | None = None
+) -> tuple[str, dict[str, str], list[str]]:
+    """How a command-line tool (pg_dump, pg_restore, pg_basebackup, pg_receivewal) reaches a server.
+
+    The password is never on the command line (where ``ps`` shows it): it goes in the environment.
+
+    Args:
+        dsn: the server's URL, with or without a driver suffix.
+        connect_timeout_seconds: ``PGCONNECT_TIMEOUT`` (rounded, at least 1).
+        database: another database than the one ``dsn`` names.
+
+    Returns:
+        The ``--dbname`` URL without the password, the environment carrying it, and the secret
+        values to mask in the tool's output.
+    """
+    parts = urlsplit(libpq_dsn(dsn, database=database))
+    env = {"PGCONNECT_TIMEOUT": str(max(1, round(connect_timeout_seconds)))}
+    secret_values: list[str] = []
+    netloc = parts.netloc
+    if parts.password is not None:
+        env["PGPASSWORD"] = unquote(parts.password)
+        secret_values += [parts.password, env["PGPASSWORD"]]
+        netloc = netloc.replace(f":{parts.password}@", "@", 1)
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), env, secret_values
 
 
 def connect(

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from bullmq import Job, Queue
 
+from tasks import redisdb
 from tasks.errors import ParameterError
 from tasks.ops_task import ops_task
 from tasks.settings import QueueSettings, RedisSettings
@@ -57,15 +58,8 @@ def async_client(settings: RedisSettings, *, db: int | None = None) -> aioredis.
 
     bullmq's own default connection retries for minutes when Redis is down; a check must not.
     """
-    kwargs: dict[str, Any] = {
-        "socket_timeout": settings.socket_timeout_seconds,
-        "socket_connect_timeout": settings.socket_timeout_seconds,
-        "retry_on_timeout": False,
-        "decode_responses": True,
-    }
-    if db is not None:
-        kwargs["db"] = db
-    return aioredis.Redis.from_url(settings.url.get_secret_value(), **kwargs)
+    options = redisdb.client_options(settings, db=db)
+    return aioredis.Redis.from_url(settings.url.get_secret_value(), decode_responses=True, **options)
 
 
 @dataclass(frozen=True)

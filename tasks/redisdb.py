@@ -25,16 +25,22 @@ REQUIRED_POLICY = "noeviction"
 NO_PREFIX = "(no prefix)"
 
 
-def client(settings: RedisSettings, *, db: int | None = None) -> redis.Redis:
-    """A synchronous client with connect and socket timeouts and no retries (a check must not hang)."""
-    kwargs: dict[str, object] = {
+def client_options(settings: RedisSettings, *, db: int | None = None) -> dict[str, Any]:
+    """Connect and socket timeouts and no retries (a check must not hang), and ``db`` when given:
+    the options of every Redis client, synchronous or asyncio."""
+    options: dict[str, Any] = {
         "socket_timeout": settings.socket_timeout_seconds,
         "socket_connect_timeout": settings.socket_timeout_seconds,
         "retry_on_timeout": False,
     }
     if db is not None:
-        kwargs["db"] = db
-    return redis.Redis.from_url(settings.url.get_secret_value(), **kwargs)
+        options["db"] = db
+    return options
+
+
+def client(settings: RedisSettings, *, db: int | None = None) -> redis.Redis:
+    """A synchronous client with connect and socket timeouts and no retries (a check must not hang)."""
+    return redis.Redis.from_url(settings.url.get_secret_value(), **client_options(settings, db=db))
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections.abc import Iterator
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import sql
@@ -34,16 +34,9 @@ def _settings_database(settings: OpsSettings) -> str:
 
 def _tool_connection(settings: OpsSettings, database: str) -> tuple[str, dict[str, str], list[str]]:
     """The ``--dbname`` URL without the password, the environment carrying it, and the secrets to mask."""
-    raw = postgres.libpq_dsn(settings.postgres.dsn.get_secret_value(), database=database)
-    parts = urlsplit(raw)
-    env = {"PGCONNECT_TIMEOUT": str(max(1, round(settings.postgres.connect_timeout_seconds)))}
-    secret_values: list[str] = []
-    netloc = parts.netloc
-    if parts.password is not None:
-        env["PGPASSWORD"] = unquote(parts.password)
-        secret_values += [parts.password, env["PGPASSWORD"]]
-        netloc = netloc.replace(f":{parts.password}@", "@", 1)
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), env, secret_values
+    return postgres.tool_connection(
+        settings.postgres.dsn.get_secret_value(), settings.postgres.connect_timeout_seconds, database=database
+    )
 
 
 def _pg_error(exc: BaseException, settings: OpsSettings) -> str:

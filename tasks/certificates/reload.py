@@ -58,13 +58,7 @@ def reload_env(settings: OpsSettings) -> dict[str, str]:
     """Environment for the reload command: the Compose runtime's Docker Engine, when configured."""
     if settings.certificates.reload_method != "compose":
         return {}
-    compose = settings.runtime.compose
-    env = {}
-    if compose.docker_host:
-        env["DOCKER_HOST"] = compose.docker_host
-    if compose.docker_config:
-        env["DOCKER_CONFIG"] = os.fspath(compose.docker_config)
-    return env
+    return settings.runtime.compose.docker_env()
 
 
 def reload_server(settings: OpsSettings) -> ReloadRecord:

@@ -27,7 +27,9 @@ class RunSummary:
     reload_error: str | None = None
     verdicts: list[EndpointVerdict] = field(default_factory=list)
     events_emitted: int = 0
-    error: str | None = None
+    # Set by reports.publishing when the run stops on an error: its outcome and the masked error.
+    outcome: str = "started"
+    failure: str | None = None
 
     def unrenewed_due(self) -> list[str]:
         """Due certificates that this run could not renew (failed dry run or renew, or not renewable)."""
@@ -75,6 +77,6 @@ class RunSummary:
                 for f in self.inventory.findings
                 if f.kind in {"unreachable", "invalid", "uncovered"}
             ]
-        if self.error:
-            out.append(self.error)
+        if self.failure:
+            out.append(self.failure)
         return out

@@ -59,21 +59,11 @@ def build_command(settings: OpsSettings, context: Path, tag: str) -> list[str]:
     return [arg.format_map(values) for arg in template]
 
 
-def _docker_env(settings: OpsSettings) -> dict[str, str]:
-    env: dict[str, str] = {}
-    compose = settings.runtime.compose
-    if compose.docker_host:
-        env["DOCKER_HOST"] = compose.docker_host
-    if compose.docker_config:
-        env["DOCKER_CONFIG"] = str(compose.docker_config)
-    return env
-
-
 def image_id(settings: OpsSettings, ref: str, timeout: float = 60.0) -> str | None:
     """The engine's id of ``ref``, or None when the engine has no such image."""
     result = run_command(
         ["docker", "image", "inspect", "--format", "{{.Id}}", ref],
-        env=_docker_env(settings),
+        env=settings.runtime.compose.docker_env(),
         timeout=timeout,
         check=False,
         log_output=False,
@@ -90,7 +80,7 @@ def build_image(settings: OpsSettings, context: Path, tag: str) -> BuildResult:
     """
     deps = settings.dependencies
     argv = build_command(settings, context, tag)
-    env = {**_docker_env(settings), "IMAGE_NAME": deps.image_name, "IMAGE_TAG": tag}
+    env = {**settings.runtime.compose.docker_env(), "IMAGE_NAME": deps.image_name, "IMAGE_TAG": tag}
     ref = f"{deps.image_name}:{tag}"
     try:
         result = run_command(argv, cwd=context, env=env, timeout=deps.build_timeout_seconds)
@@ -110,7 +100,7 @@ def docker_available(settings: OpsSettings) -> bool:
     try:
         result = run_command(
             ["docker", "version", "--format", "{{.Server.Version}}"],
-            env=_docker_env(settings),
+            env=settings.runtime.compose.docker_env(),
             timeout=20,
             check=False,
             log_output=False,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import os
 import secrets
 import time
 from collections.abc import Sequence
@@ -312,14 +311,9 @@ def restart_for_new_config(
     if not callable(compose_argv):
         return runtime.restart(list(services))
     config = settings.runtime.compose
-    env = {}
-    if config.docker_host:
-        env["DOCKER_HOST"] = config.docker_host
-    if config.docker_config:
-        env["DOCKER_CONFIG"] = os.fspath(config.docker_config)
     result = run_command(
         compose_argv("up", "--detach", "--no-deps", "--force-recreate", *services),
         timeout=config.command_timeout_seconds,
-        env=env,
+        env=config.docker_env(),
     )
     return [ChangeRecord("recreate", s, True, commands=(result.command_line,)) for s in services]

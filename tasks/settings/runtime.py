@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -76,6 +77,16 @@ class ComposeRuntimeSettings(_Section):
     )
 
     _absolute_images_file = field_validator("images_file")(_absolute_state_path)
+
+    def docker_env(self) -> dict[str, str]:
+        """The environment that points ``docker`` and ``docker compose`` at this Docker Engine:
+        ``DOCKER_HOST`` and ``DOCKER_CONFIG`` where set (otherwise the process's own apply)."""
+        env = {}
+        if self.docker_host:
+            env["DOCKER_HOST"] = self.docker_host
+        if self.docker_config:
+            env["DOCKER_CONFIG"] = os.fspath(self.docker_config)
+        return env
 
 
 class KubernetesRuntimeSettings(_Section):

@@ -5,7 +5,7 @@ the slot's state."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg
 
@@ -39,15 +39,7 @@ def replication_url(settings: OpsSettings) -> str:
 def tool_connection(settings: OpsSettings) -> ToolConnection:
     """The ``--dbname`` for pg_receivewal / pg_basebackup (they ignore the database part)."""
     raw = postgres.libpq_dsn(replication_url(settings))
-    parts = urlsplit(raw)
-    env = {"PGCONNECT_TIMEOUT": str(max(1, round(settings.postgres.connect_timeout_seconds)))}
-    secrets: list[str] = []
-    netloc = parts.netloc
-    if parts.password is not None:
-        env["PGPASSWORD"] = unquote(parts.password)
-        secrets += [parts.password, env["PGPASSWORD"]]
-        netloc = netloc.replace(f":{parts.password}@", "@", 1)
-    url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+    url, env, secrets = postgres.tool_connection(raw, settings.postgres.connect_timeout_seconds)
     return ToolConnection(url, env, secrets, mask_url(raw))
 
 
