@@ -17,11 +17,21 @@ ENV LANG=C.UTF-8 \
 
 # Extra CAs (a proxy's root) before anything goes out; empty in the repository.
 COPY deploy/image/extra-ca/ /usr/local/share/ca-certificates/extra/
-# Tools the flows call: PostgreSQL client tools (pg_dump/pg_restore/psql; Debian's wrapper runs the
-# newest installed major, which dumps every older server), git and node/npm for dependency updates,
-# tini as PID 1 so SIGTERM reaches the process and children are reaped.
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates postgresql-client git nodejs npm tini zstd \
+# Extra apt sources (deb822 .sources files with their key inline), e.g. PostgreSQL's own repository for
+# client majors Debian bookworm does not ship; empty in the repository.
+COPY deploy/image/apt/ /tmp/apt-extra/
+# PostgreSQL client tools of every server major the flows serve, side by side in
+# /usr/lib/postgresql/<major>/bin: a backup runs the pg_dump of its server's major (tasks/pgtools.py),
+# so the archive reads with that major's pg_restore anywhere; a server newer than all is refused.
+# Bookworm ships 15; more, e.g. "13 14 15 16 17", need the extra source above.
+ARG POSTGRES_MAJORS=15
+# Also git and node/npm for dependency updates, and tini as PID 1 so SIGTERM reaches the process and
+# children are reaped.
+RUN find /tmp/apt-extra -name '*.sources' -exec cp {} /etc/apt/sources.list.d/ \; \
+ && rm -rf /tmp/apt-extra \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates git nodejs npm tini zstd \
+      $(for major in $POSTGRES_MAJORS; do echo "postgresql-client-$major"; done) \
  && update-ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 

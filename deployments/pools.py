@@ -7,6 +7,9 @@ deployment's own ``job_variables`` (its env) merged over the pool's.
 
     python -m deployments.pools docker --image registry.example.com/swagger2mcp-ops:0.1.0
     prefect deploy --all --prefect-file prefect.docker.yaml
+
+``--job-variables FILE`` (YAML or JSON) merges the host's own job variables over the pool's entry:
+maps (``env``) key by key, anything else replaced (``networks: []`` drops the entry's networks).
 """
 
 from __future__ import annotations
@@ -36,13 +39,20 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def for_pool(document: dict[str, Any], pool: str, image: str | None = None) -> dict[str, Any]:
+def for_pool(
+    document: dict[str, Any],
+    pool: str,
+    image: str | None = None,
+    job_variables: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """prefect.yaml's document with every deployment on ``pool`` (an entry of definitions.work_pools).
 
     Args:
         document: prefect.yaml as loaded (anchors resolved).
         pool: ``process``, ``docker`` or ``kubernetes`` (any key of definitions.work_pools).
         image: the image for container pools; default the one in the pool's entry.
+        job_variables: merged over the entry's job variables (maps merged, other values replaced);
+            each deployment's own (its env) still comes last.
 
     Returns:
         A new document; the input is not changed.
@@ -54,6 +64,8 @@ def for_pool(document: dict[str, Any], pool: str, image: str | None = None) -> d
     if pool not in pools:
         raise UnknownPool(f"no work pool {pool!r} in prefect.yaml definitions.work_pools: {sorted(pools)}")
     entry = copy.deepcopy(pools[pool])
+    if job_variables:
+        entry["job_variables"] = _merge(entry.get("job_variables") or {}, job_variables)
     if image:
         if "image" not in (entry.get("job_variables") or {}):
             raise UnknownPool(f"work pool {pool!r} runs no image; --image applies to docker and kubernetes")
@@ -75,12 +87,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("pool", help="an entry of definitions.work_pools: process, docker, kubernetes")
     parser.add_argument("--image", help="the image for docker/kubernetes pools")
     parser.add_argument(
+        "--job-variables",
+        metavar="FILE",
+        help="YAML/JSON map of job variables merged over the pool's (network_mode, volumes, env...)",
+    )
+    parser.add_argument(
         "--output", "-o", help="default prefect.<pool>.yaml beside prefect.yaml; - for stdout"
     )
     args = parser.parse_args(argv)
     document = yaml.safe_load(PREFECT_YAML.read_text())
+    extra: dict[str, Any] | None = None
+    if args.job_variables:
+        extra = yaml.safe_load(Path(args.job_variables).read_text())
+        if not isinstance(extra, dict):
+            raise SystemExit(f"{args.job_variables}: job variables must be a map (key: value)")
     try:
-        result = for_pool(document, args.pool, args.image)
+        result = for_pool(document, args.pool, args.image, extra)
     except UnknownPool as exc:
         raise SystemExit(str(exc)) from exc
     text = (

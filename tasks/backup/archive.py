@@ -8,9 +8,11 @@ from collections.abc import Generator, Iterable, Iterator
 
 import zstandard
 
+from tasks.backup.database import _archive_major
 from tasks.backup.errors import BackupCorrupt
 from tasks.backup.manifest import BackupManifest, data_key
 from tasks.commands import run_command
+from tasks.pgtools import choose_client
 from tasks.settings import OpsSettings
 from tasks.storage import ObjectNotFound, Storage
 
@@ -132,8 +134,13 @@ def _catalog_listing(settings: OpsSettings, storage: Storage, manifest: BackupMa
         head += decompressor.decompress(chunk)
         if len(head) >= 64 * 1024 * 1024:
             break
+    # No server here: a pg_restore at least as new as the archive's pg_dump reads it.
+    archive = _archive_major(manifest.pg_dump_version)
+    program = settings.backup.pg_restore
+    if archive is not None:
+        program = choose_client("pg_restore", program, archive).path
     result = run_command(
-        [settings.backup.pg_restore, "--list"],
+        [program, "--list"],
         timeout=600,
         input=bytes(head),
         check=False,

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import psycopg
 from psycopg import sql
 
-from tasks import postgres
+from tasks import pgtools, postgres
 from tasks.backup.errors import BackupError, DatabaseNotFound
 from tasks.commands import run_command
 from tasks.secrets import mask_url
@@ -83,6 +83,30 @@ def _require_database(settings: OpsSettings, database: str) -> None:
 def _tool_version(settings: OpsSettings, tool: str) -> str:
     result = run_command([tool, "--version"], timeout=30)
     return result.stdout.strip()
+
+
+def _archive_major(manifest_pg_dump_version: str) -> int | None:
+    """The major of the pg_dump a manifest records (None when it records none)."""
+    try:
+        return pgtools.server_major(manifest_pg_dump_version)
+    except ValueError:
+        return None
+
+
+def _pg_restore_for(settings: OpsSettings, manifest_pg_dump_version: str) -> str:
+    """The pg_restore for a restore into the settings' server of an archive of that pg_dump.
+
+    Raises:
+        ClientTooOld: every installed pg_restore is older than the server or the archive.
+    """
+    with _maintenance(settings) as conn:
+        row = conn.execute("SELECT current_setting('server_version')").fetchone()
+    assert row is not None
+    major = pgtools.server_major(str(row[0]))
+    archive = _archive_major(manifest_pg_dump_version)
+    return pgtools.choose_client(
+        "pg_restore", settings.backup.pg_restore, major, reads_archive_of=archive
+    ).path
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ from tasks.backup.manifest import (
 from tasks.backup.stats import CONTENT_HASH_ALGORITHM, table_stats
 from tasks.backup.verify import verify_backup
 from tasks.commands import stream_command
+from tasks.pgtools import choose_client, server_major
 from tasks.reports import Progress
 from tasks.runlog import run_logger
 from tasks.settings import OpsSettings
@@ -102,7 +103,6 @@ def create_backup(
     started = datetime.now(UTC)
     backup_id = new_backup_id(database, started)
     key = data_key(backup_id)
-    pg_dump_version = _tool_version(settings, cfg.pg_dump)
     dbname, env, secret_values = _tool_connection(settings, database)
     env["PGAPPNAME"] = "swagger2mcp-ops-pg_dump"
     algorithm = CONTENT_HASH_ALGORITHM if content_hashes else None
@@ -111,16 +111,20 @@ def create_backup(
     with _connect(settings, database, purpose="backup-snapshot") as snap:
         exported = _export_snapshot(snap, cfg.dump_timeout_seconds)
         snapshot, server_version, db_size = exported.snapshot, exported.server_version, exported.db_size
+        # The server's own major: its archive is readable by that major's pg_restore anywhere.
+        pg_dump = choose_client("pg_dump", cfg.pg_dump, server_major(server_version))
+        pg_dump_version = _tool_version(settings, pg_dump.path)
         logger.info(
-            "backup %s of %s: snapshot %s at WAL %s, database size %s bytes",
+            "backup %s of %s: snapshot %s at WAL %s, database size %s bytes, %s",
             backup_id,
             database,
             snapshot,
             exported.lsn or "-",
             db_size,
+            pg_dump_version,
         )
         argv = [
-            cfg.pg_dump,
+            pg_dump.path,
             "--format=custom",
             "--compress=0",
             f"--snapshot={snapshot}",

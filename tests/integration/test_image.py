@@ -1,19 +1,18 @@
 """The project's image, built for real from the Dockerfile (tests/fixtures/project_image.py): the flow
-code imports, the tools the flows call are there, it runs as a non-root user, carries no secret in a
-layer, and its worker stops within 10 s on SIGTERM."""
+code imports, the tools the flows call are there (the PostgreSQL client of every major it declares,
+and the choice of one by the server's major), it runs as a non-root user and carries no secret in a
+layer. Its worker serving the docker pool, and stopping on SIGTERM: tests/integration/test_docker_pool.py."""
 
 from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
 
 from tasks.commands import run_command
 from tests.fixtures.docker_engine import DockerEngine
-from tests.fixtures.prefect_server import PrefectServer
 from tests.fixtures.project_image import ProjectImage
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
@@ -77,38 +76,44 @@ def test_no_secret_in_the_image_history(docker_engine: DockerEngine, project_ima
     assert found.strip() == ""
 
 
-def test_the_worker_container_stops_within_10_seconds(
-    docker_engine: DockerEngine, project_image: ProjectImage, prefect_server: PrefectServer
+CHOOSE = """
+import json, sys
+from tasks.pgtools import ClientTooOld, choose_client, installed_majors
+majors = list(installed_majors("pg_dump"))
+out = {"majors": majors, "chosen": {}}
+for major in majors:
+    out["chosen"][major] = [choose_client(t, t, major).path for t in ("pg_dump", "pg_restore")]
+try:
+    choose_client("pg_dump", "pg_dump", max(majors) + 1)
+except ClientTooOld as exc:
+    out["refused"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def test_the_client_of_each_declared_postgres_major_and_the_choice_by_server_major(
+    docker_engine: DockerEngine, project_image: ProjectImage
 ) -> None:
-    name = f"s2m-worker-{int(time.time())}"
-    docker(
+    dockerfile = (Path(__file__).resolve().parents[2] / "Dockerfile").read_text()
+    declared = re.search(r"^ARG POSTGRES_MAJORS=\"?([\d ]+)\"?$", dockerfile, re.M)
+    assert declared
+    majors = [int(m) for m in declared.group(1).split()]
+    found = json.loads(in_image(docker_engine, project_image, "python", "-c", CHOOSE))
+    assert found["majors"] == majors
+    versions = in_image(
         docker_engine,
-        "run",
-        "--detach",
-        "--name",
-        name,
-        "--network",
-        "host",
-        "--env",
-        f"PREFECT_API_URL={prefect_server.api_url}",
-        project_image.tag,
-        "prefect",
-        "worker",
-        "start",
-        "--pool",
-        "image-test-pool",
-        "--type",
-        "process",
+        project_image,
+        "sh",
+        "-c",
+        "for bin in /usr/lib/postgresql/*/bin; do $bin/pg_dump --version; $bin/pg_restore --version; done",
     )
-    try:
-        deadline = time.monotonic() + 120
-        while "Worker" not in (logs := docker(docker_engine, "logs", name)) or "started" not in logs:
-            assert time.monotonic() < deadline, logs
-            time.sleep(0.5)
-        started = time.monotonic()
-        docker(docker_engine, "kill", "--signal", "TERM", name)
-        docker(docker_engine, "wait", name, timeout=30)
-        took = time.monotonic() - started
-        assert took < 10, f"the worker took {took:.1f}s to stop"
-    finally:
-        docker(docker_engine, "rm", "--force", name, check=False)
+    for major in majors:
+        assert f"pg_dump (PostgreSQL) {major}." in versions
+        assert f"pg_restore (PostgreSQL) {major}." in versions
+        assert found["chosen"][str(major)] == [
+            f"/usr/lib/postgresql/{major}/bin/pg_dump",
+            f"/usr/lib/postgresql/{major}/bin/pg_restore",
+        ]
+    newer = max(majors) + 1
+    assert found["refused"].startswith(f"the PostgreSQL {newer} server needs pg_dump {newer} or newer")
+    assert f"postgresql-client-{newer}" in found["refused"]

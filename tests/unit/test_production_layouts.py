@@ -202,6 +202,30 @@ def test_one_deployment_list_for_every_pool() -> None:
     assert yaml.safe_load(PREFECT_YAML.read_text()) == document
 
 
+def test_a_hosts_job_variables_merge_over_the_docker_pool() -> None:
+    document = yaml.safe_load(PREFECT_YAML.read_text())
+    own = {
+        "network_mode": "host",
+        "networks": [],
+        "image_pull_policy": "Never",
+        "env": {"OPS_STORAGE__URL": "file:///var/lib/swagger2mcp-ops/backups"},
+    }
+    result = for_pool(document, "docker", image="swagger2mcp-ops:0.1.0", job_variables=own)
+    for deployment in result["deployments"]:
+        variables = deployment["work_pool"]["job_variables"]
+        assert variables["network_mode"] == "host"
+        assert variables["networks"] == []  # replaced, not appended to
+        assert variables["image_pull_policy"] == "Never"
+        assert variables["image"] == "swagger2mcp-ops:0.1.0"
+        assert (
+            variables["volumes"]
+            == document["definitions"]["work_pools"]["docker"]["job_variables"]["volumes"]
+        )
+        # The host's env and each deployment's own env, both.
+        assert variables["env"]["OPS_STORAGE__URL"] == "file:///var/lib/swagger2mcp-ops/backups"
+        assert variables["env"]["PREFECT_TASKS_DEFAULT_NO_CACHE"] == "true"
+
+
 def test_the_systemd_unit_runs_a_process_worker_that_stops_in_time() -> None:
     unit = (ROOT / "deploy" / "systemd" / "swagger2mcp-ops-worker.service").read_text()
     assert "ExecStart=/opt/swagger2mcp-ops/.venv/bin/prefect worker start --pool swagger2mcp-ops" in unit

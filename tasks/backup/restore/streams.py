@@ -16,7 +16,7 @@ import psycopg
 from psycopg import sql
 
 from tasks.backup.archive import _PIPE_CHUNK, _data_entry, _Reading
-from tasks.backup.database import _connect, _pg_error, _tool_connection
+from tasks.backup.database import _connect, _pg_error, _pg_restore_for, _tool_connection
 from tasks.backup.manifest import BackupManifest
 from tasks.backup.stats import _user_tables
 from tasks.commands import CommandResult, StreamingCommand, run_command, stream_command
@@ -37,12 +37,13 @@ class _PgRestore:
     timeout: float
 
     @classmethod
-    def into(cls, settings: OpsSettings, database: str) -> _PgRestore:
+    def into(cls, settings: OpsSettings, database: str, manifest: BackupManifest) -> _PgRestore:
         cfg = settings.backup
+        program = _pg_restore_for(settings, manifest.pg_dump_version)
         dbname, env, secret_values = _tool_connection(settings, database)
         env["PGAPPNAME"] = "swagger2mcp-ops-pg_restore"
-        base = [cfg.pg_restore, "--exit-on-error", "--no-password", f"--dbname={dbname}"]
-        return cls(cfg.pg_restore, base, env, secret_values, cfg.restore_timeout_seconds)
+        base = [program, "--exit-on-error", "--no-password", f"--dbname={dbname}"]
+        return cls(program, base, env, secret_values, cfg.restore_timeout_seconds)
 
     def run(self, *args: str) -> CommandResult:
         """Run pg_restore with ``args`` to completion; the caller looks at ``ok``."""
