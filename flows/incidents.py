@@ -52,19 +52,13 @@ from tasks.incidents.reports import (
     render_security,
     render_triage,
 )
+from tasks.incidents.steps import approval_timeout
 from tasks.redisdb import FlushRecord, KeyCensus
 from tasks.reports import RunOutcome
 from tasks.runlog import run_logger
 from tasks.runtime import RuntimeUnavailable, ServiceStatus, get_runtime
 from tasks.secrets import configured_secrets, mask_text, safe_error
 from tasks.settings import OpsSettings, load_settings
-
-
-def _timeout(settings: OpsSettings, override: int | None) -> int:
-    if override is not None and override <= 0:
-        raise ParameterError("approval_timeout_seconds must be positive")
-    return override or int(settings.incidents.approval_timeout_seconds)
-
 
 # --- Total Service Outage -------------------------------------------------------------------------
 
@@ -116,7 +110,7 @@ def outage_triage(
     approvals.check_preapproval(settings, approved)
     if window_hours is not None and window_hours <= 0:
         raise ParameterError("window_hours must be positive")
-    timeout = _timeout(settings, approval_timeout_seconds)
+    timeout = approval_timeout(settings, approval_timeout_seconds)
     window = timedelta(hours=window_hours or settings.incidents.release_window_hours)
     logger = run_logger(__name__)
     key = f"outage-triage-{settings.stack}"
@@ -475,7 +469,7 @@ def security_incident(
     """
     settings = load_settings()
     approvals.check_preapproval(settings, approved)
-    timeout = _timeout(settings, approval_timeout_seconds)
+    timeout = approval_timeout(settings, approval_timeout_seconds)
     if isolate_services is not None and not isolate:
         raise ParameterError("isolate_services names what isolate=true cuts off; pass isolate=true too")
     logger = run_logger(__name__)
@@ -768,7 +762,7 @@ def end_isolation(
     """
     settings = load_settings()
     approvals.check_preapproval(settings, approved)
-    timeout = _timeout(settings, approval_timeout_seconds)
+    timeout = approval_timeout(settings, approval_timeout_seconds)
     key = f"end-isolation-{settings.stack}"
     path = incidents.isolation_path(settings)
     end: IsolationEnd | None = None
@@ -886,7 +880,7 @@ def flush_redis(
     """
     settings = load_settings()
     approvals.check_preapproval(settings, approved)
-    timeout = _timeout(settings, approval_timeout_seconds)
+    timeout = approval_timeout(settings, approval_timeout_seconds)
     if depth is not None and not 1 <= depth <= 5:
         raise ParameterError("depth must be between 1 and 5")
     services = restart_services if restart_services is not None else ["worker"]
