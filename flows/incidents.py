@@ -33,13 +33,13 @@ from tasks.incidents import (
     EvidenceBundle,
     EvidenceTampered,
     EvidenceVerification,
-    IsolationEnd,
     IsolationRecord,
     RollbackProposal,
     RotationPlan,
     RotationRecord,
     RotationRefused,
     StepLog,
+    isolation_steps,
     recovery,
 )
 from tasks.incidents.reports import (
@@ -47,7 +47,6 @@ from tasks.incidents.reports import (
     PatchStep,
     _failure_line,
     render_census,
-    render_end_isolation,
     render_flush,
     render_security,
     render_triage,
@@ -761,86 +760,29 @@ def end_isolation(
         CheckFailed: the stack is unhealthy afterwards (the isolation is ended all the same).
     """
     settings = load_settings()
-    approvals.check_preapproval(settings, approved)
-    timeout = approval_timeout(settings, approval_timeout_seconds)
-    key = f"end-isolation-{settings.stack}"
-    path = incidents.isolation_path(settings)
-    end: IsolationEnd | None = None
-    report: HealthReport | None = None
-    approval = ""
+    ending = isolation_steps.start_ending(
+        settings, approved=approved, approval_timeout_seconds=approval_timeout_seconds
+    )
     held = contextlib.ExitStack()
-
-    def render(outcome: str) -> str:
-        return render_end_isolation(settings.stack, outcome, end, report, approval, str(path))
 
     def publish(run: RunOutcome) -> None:
         held.close()
-        reports.publish_markdown(
-            key, render(run.outcome) + "\n".join(_failure_line(run)), f"End of isolation: {run.outcome}"
-        )
+        ending.publish(run)
 
     with reports.publishing(
         RunOutcome(), publish, settings, running=("started", "waiting for approval")
     ) as run:
         runtime = get_runtime(settings)
         if not dry_run:
-            held.enter_context(
-                locks.exclusive(
-                    settings,
-                    locks.isolation_lock_name(settings),
-                    operation="end-isolation",
-                    what=f"an isolation of {settings.stack}",
-                )
-            )
-        end = incidents.end_isolation_task(settings, runtime, confirm=False)
+            held.enter_context(isolation_steps.isolation_lock(settings, "end-isolation"))
+        end = isolation_steps.read_record(ending, runtime)
         if dry_run:
             run.outcome = f"dry run: would put back {len(end.record.plan.undo)} thing(s)"
         else:
-            if not approved:
-                run.outcome = "waiting for approval"
-                reports.publish_markdown(key, render(run.outcome), "End of isolation: waiting for approval")
-            approval = approvals.request_approval(
-                settings,
-                approved=approved,
-                action=f"end the isolation of {settings.stack} and put back what it recorded",
-                plan_markdown=f"{end.record.describe()}\n\nPut back:\n"
-                + "\n".join(f"- {u}" for u in end.record.plan.undo),
-                timeout_seconds=timeout,
-            )[0].describe()
-            end = incidents.end_isolation_task(settings, runtime, confirm=True, approval=approval)
-            run.outcome = "isolation ended"
-            started = [
-                s
-                for s in end.record.plan.stopped_services
-                if s in (end.record.plan.state.get("running") or {})
-            ]
-            if started:
-                scaling.wait_services_ready_task(runtime, started, settings.runtime.ready_timeout_seconds)
-            report = incidents.health_report_task(settings)
-            if report.status is Status.UNHEALTHY:
-                run.outcome = "isolation ended, but unhealthy"
-                raise CheckFailed(
-                    f"{settings.stack} is unhealthy after the isolation ended: "
-                    + ", ".join(report.failed_checks)
-                    + ". Run diagnose"
-                )
-        record = end.record
-        return {
-            "outcome": run.outcome,
-            "record": str(path),
-            "isolated_at": record.isolated_at.isoformat(),
-            "isolated_by": record.approval,
-            "isolated_in_run": record.flow_run,
-            "evidence": record.evidence,
-            "undo": list(record.plan.undo),
-            "changes": [
-                {"target": c.target, "changed": c.changed, "before": c.before, "after": c.after}
-                for c in end.changes
-            ],
-            "archived": None if end.archived is None else str(end.archived),
-            "health": None if report is None else report.status.value,
-            "approval": approval or None,
-        }
+            isolation_steps.approve_ending(ending, run, approved=approved)
+            isolation_steps.put_back(ending, runtime, run)
+            isolation_steps.check_health_after(ending, run)
+        return ending.result(run.outcome)
 
 
 # --- Redis out of memory --------------------------------------------------------------------------
