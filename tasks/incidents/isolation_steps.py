@@ -12,6 +12,7 @@ The isolating and restoring themselves (the record written before anything chang
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,10 @@ from typing import Any
 from tasks import approvals, locks, reports, scaling
 from tasks.errors import CheckFailed
 from tasks.health import HealthReport, Status
-from tasks.incidents.isolation import IsolationEnd, isolation_path
-from tasks.incidents.prefect_tasks import end_isolation_task, health_report_task
+from tasks.incidents.isolation import IsolationEnd, IsolationRecord, isolation_path
+from tasks.incidents.prefect_tasks import end_isolation_task, health_report_task, isolate_systems_task
 from tasks.incidents.reports import _failure_line, render_end_isolation
-from tasks.incidents.steps import approval_timeout
+from tasks.incidents.steps import StepLog, approval_timeout
 from tasks.reports import RunOutcome
 from tasks.runtime import Runtime
 from tasks.settings import OpsSettings
@@ -37,6 +38,63 @@ def isolation_lock(settings: OpsSettings, operation: str) -> contextlib.Abstract
         operation=operation,
         what=f"an isolation of {settings.stack}",
     )
+
+
+# --- security-incident ----------------------------------------------------------------------------
+
+
+def plan_isolation(
+    steps: StepLog, settings: OpsSettings, runtime: Runtime, services: Sequence[str] | None, *, evidence: str
+) -> IsolationRecord:
+    """The step "plan isolation": what isolating would change now, nothing changed or recorded."""
+    with steps.step("plan isolation") as step:
+        # The dry run of the one isolating function: the exact plan, from what runs now.
+        isolation = isolate_systems_task(settings, runtime, services, confirm=False, evidence=evidence)
+        step.detail = f"{len(isolation.plan.actions)} change(s)" + (
+            "; already in force" if isolation.already_in_force else ""
+        )
+    return isolation
+
+
+def isolate(
+    steps: StepLog,
+    settings: OpsSettings,
+    runtime: Runtime,
+    services: Sequence[str] | None,
+    *,
+    approval: str,
+    evidence: str,
+) -> IsolationRecord:
+    """The step "isolate: block external traffic", after the approval: recorded, then applied.
+
+    Raises:
+        IsolationInForce: an isolation is recorded and the runtime no longer matches it.
+        RuntimeOperationFailed: the isolation did not take effect (its record stays: run end-isolation).
+    """
+    with steps.step("isolate: block external traffic") as step:
+        isolation = isolate_systems_task(
+            settings, runtime, services, confirm=True, approval=approval, evidence=evidence
+        )
+        step.detail = (
+            "already in force"
+            if isolation.already_in_force
+            else ", ".join(c.target for c in isolation.changes if c.changed) or "nothing to change"
+        )
+    return isolation
+
+
+def isolation_result(isolation: IsolationRecord | None, settings: OpsSettings) -> dict[str, Any] | None:
+    """The isolation as security-incident returns it."""
+    if isolation is None:
+        return None
+    return {
+        "dry_run": isolation.dry_run,
+        "already_in_force": isolation.already_in_force,
+        "actions": list(isolation.plan.actions),
+        "undo": list(isolation.plan.undo),
+        "changes": [{"target": c.target, "changed": c.changed} for c in isolation.changes],
+        "record": None if isolation.dry_run else str(isolation_path(settings)),
+    }
 
 
 # --- end-isolation --------------------------------------------------------------------------------
