@@ -20,22 +20,21 @@ Everything destructive is a dry run by default; every flow publishes its report 
 from __future__ import annotations
 
 import contextlib
-from datetime import UTC, datetime, timedelta
+import functools
+from datetime import datetime
 from typing import Any
 
 from prefect import State, flow
 
-from tasks import approvals, incidents, locks, redisdb, releases, reports
-from tasks.errors import ApprovalRejected, ParameterError
-from tasks.health import HealthReport, Status
-from tasks.incidents import RollbackProposal, isolation_steps, recovery, security
-from tasks.incidents.reports import _failure_line, render_census, render_flush, render_triage
+from tasks import approvals, incidents, locks, redisdb, reports
+from tasks.errors import ParameterError
+from tasks.incidents import RollbackProposal, isolation_steps, outage, recovery, security
+from tasks.incidents.reports import render_census, render_flush
 from tasks.incidents.steps import approval_timeout
 from tasks.redisdb import FlushRecord, KeyCensus
 from tasks.reports import RunOutcome
 from tasks.runlog import run_logger
-from tasks.runtime import RuntimeUnavailable, ServiceStatus, get_runtime
-from tasks.secrets import safe_error
+from tasks.runtime import RuntimeUnavailable, get_runtime
 from tasks.settings import OpsSettings, load_settings
 
 # --- Total Service Outage -------------------------------------------------------------------------
@@ -85,125 +84,22 @@ def outage_triage(
         ParameterError: a bad parameter, or ``approved`` where pre-approval is not allowed.
     """
     settings = load_settings()
-    approvals.check_preapproval(settings, approved)
-    if window_hours is not None and window_hours <= 0:
-        raise ParameterError("window_hours must be positive")
-    timeout = approval_timeout(settings, approval_timeout_seconds)
-    window = timedelta(hours=window_hours or settings.incidents.release_window_hours)
-    logger = run_logger(__name__)
-    key = f"outage-triage-{settings.stack}"
-    statuses: list[ServiceStatus] = []
-    runtime_error = None
-    report: HealthReport | None = None
-    changes: list[incidents.RecentChange] = []
-    migration = None
-    proposal: RollbackProposal | None = None
-    rollback: Any = None
-    approval = ""
-
-    def publish(run: RunOutcome) -> None:
-        markdown = render_triage(
-            settings.stack,
-            run.outcome,
-            statuses,
-            runtime_error,
-            report,
-            changes,
-            migration,
-            window,
-            proposal,
-            rollback,
-            approval,
-        ) + "\n".join(_failure_line(run))
-        reports.publish_markdown(key, markdown, f"Outage triage of {settings.stack}: {run.outcome}")
-        if changes:
-            reports.publish_table(f"{key}-changes", [c.as_row() for c in changes], "Recent changes")
-
-    with reports.publishing(RunOutcome(), publish, settings) as run:
-        runtime = get_runtime(settings)
-        try:
-            statuses = incidents.service_statuses_task(runtime)
-            histories = incidents.service_histories_task(runtime, [s.name for s in statuses])
-        except Exception as exc:
-            # An unreachable runtime is itself a finding of the triage, not the end of it.
-            runtime_error = safe_error(exc, settings)
-            histories = {}
-        report = incidents.health_report_task(settings)
-        store = releases.ReleaseStore.from_settings(settings)
-        records = store.all()
-        migration = releases.read_migration_revision(settings.postgres, settings.runtime.migration_query)
-        try:
-            runs = incidents.recent_migration_runs(settings, window=window)
-        except Exception as exc:
-            logger.warning("migration runs not read: %s", safe_error(exc, settings))
-            runs = []
-        changes = incidents.recent_changes(records, histories, runs, window=window, now=datetime.now(UTC))
-        healthy = report.status is Status.HEALTHY and all(s.healthy for s in statuses) and not runtime_error
-        current = {s.name: s.image for s in statuses if s.image}
-        proposal = incidents.propose_rollback(
-            changes,
-            healthy=healthy,
-            services=statuses,
-            previous_good=store.previous_good(current) if current else store.latest_good(),
-            propose_when_healthy=propose_when_healthy,
-        )
-        if proposal is None:
-            run.outcome = "healthy" if healthy else "no-recent-release"
+    tri = outage.start(
+        settings,
+        approved=approved,
+        window_hours=window_hours,
+        approval_timeout_seconds=approval_timeout_seconds,
+        propose_when_healthy=propose_when_healthy,
+    )
+    with reports.publishing(RunOutcome(), tri.publish, settings) as run:
+        outage.assess(tri, get_runtime(settings))
+        if outage.review_changes(tri) is None:
+            run.outcome = "healthy" if tri.healthy else "no-recent-release"
         else:
-            run.outcome = "rollback proposed"
-            reports.publish_markdown(
-                key,
-                render_triage(
-                    settings.stack,
-                    "rollback proposed, waiting for approval",
-                    statuses,
-                    runtime_error,
-                    report,
-                    changes,
-                    migration,
-                    window,
-                    proposal,
-                    None,
-                ),
-                "Outage triage: rollback proposed",
+            outage.offer_rollback(
+                tri, run, approved=approved, start_rollback=functools.partial(_start_rollback, settings)
             )
-            try:
-                record, _ = approvals.request_approval(
-                    settings,
-                    approved=approved,
-                    action=f"roll back to release {proposal.target_release}",
-                    plan_markdown=proposal.describe(),
-                    timeout_seconds=timeout,
-                )
-            except ApprovalRejected as exc:
-                # The triage itself is done; only the rollback was not applied.
-                run.outcome = "rollback-declined"
-                approval = str(exc)
-                logger.info("rollback not started: %s", exc)
-            else:
-                approval = record.describe()
-                run.outcome = "rollback failed"  # until the subflow returns
-                rollback = _start_rollback(settings, proposal)
-                run.outcome = "rolled-back"
-        return {
-            "outcome": run.outcome,
-            "health": report.status.value,
-            "services": [
-                {"name": s.name, "image": s.image, "ready": s.ready, "desired": s.desired, "state": s.state}
-                for s in statuses
-            ],
-            "runtime_error": runtime_error,
-            "recent_changes": [c.as_row() for c in changes],
-            "proposal": None
-            if proposal is None
-            else {
-                "reason": proposal.reason,
-                "target_release": proposal.target_release,
-                "target_images": proposal.target_images,
-            },
-            "rollback": rollback if isinstance(rollback, dict | None) else str(rollback),
-            "approval": approval or None,
-        }
+        return tri.result(run.outcome)
 
 
 # --- Data Loss / Corruption -----------------------------------------------------------------------
