@@ -21,50 +21,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from prefect import flow
+from prefect import State, flow
 
-from tasks import approvals, incidents, locks, redisdb, releases, reports, scaling
-from tasks.errors import ApprovalRejected, CheckFailed, ParameterError
-from tasks.health import HealthReport, Status
-from tasks.incidents import (
-    EvidenceBundle,
-    EvidenceTampered,
-    EvidenceVerification,
-    IsolationEnd,
-    IsolationRecord,
-    RollbackProposal,
-    RotationPlan,
-    RotationRecord,
-    RotationRefused,
-    StepLog,
-    recovery,
-)
-from tasks.incidents.reports import (
-    LinkedRun,
-    PatchStep,
-    _failure_line,
-    render_census,
-    render_end_isolation,
-    render_flush,
-    render_security,
-    render_triage,
-)
+from tasks import approvals, incidents, locks, redisdb, reports
+from tasks.errors import ParameterError
+from tasks.incidents import RollbackProposal, isolation_steps, outage, recovery, security
+from tasks.incidents.reports import render_census, render_flush
+from tasks.incidents.steps import approval_timeout
 from tasks.redisdb import FlushRecord, KeyCensus
 from tasks.reports import RunOutcome
 from tasks.runlog import run_logger
-from tasks.runtime import RuntimeUnavailable, ServiceStatus, get_runtime
-from tasks.secrets import configured_secrets, mask_text, safe_error
+from tasks.runtime import RuntimeUnavailable, get_runtime
 from tasks.settings import OpsSettings, load_settings
-
-
-def _timeout(settings: OpsSettings, override: int | None) -> int:
-    if override is not None and override <= 0:
-        raise ParameterError("approval_timeout_seconds must be positive")
-    return override or int(settings.incidents.approval_timeout_seconds)
-
 
 # --- Total Service Outage -------------------------------------------------------------------------
 
@@ -113,125 +84,22 @@ def outage_triage(
         ParameterError: a bad parameter, or ``approved`` where pre-approval is not allowed.
     """
     settings = load_settings()
-    approvals.check_preapproval(settings, approved)
-    if window_hours is not None and window_hours <= 0:
-        raise ParameterError("window_hours must be positive")
-    timeout = _timeout(settings, approval_timeout_seconds)
-    window = timedelta(hours=window_hours or settings.incidents.release_window_hours)
-    logger = run_logger(__name__)
-    key = f"outage-triage-{settings.stack}"
-    statuses: list[ServiceStatus] = []
-    runtime_error = None
-    report: HealthReport | None = None
-    changes: list[incidents.RecentChange] = []
-    migration = None
-    proposal: RollbackProposal | None = None
-    rollback: Any = None
-    approval = ""
-
-    def publish(run: RunOutcome) -> None:
-        markdown = render_triage(
-            settings.stack,
-            run.outcome,
-            statuses,
-            runtime_error,
-            report,
-            changes,
-            migration,
-            window,
-            proposal,
-            rollback,
-            approval,
-        ) + "\n".join(_failure_line(run))
-        reports.publish_markdown(key, markdown, f"Outage triage of {settings.stack}: {run.outcome}")
-        if changes:
-            reports.publish_table(f"{key}-changes", [c.as_row() for c in changes], "Recent changes")
-
-    with reports.publishing(RunOutcome(), publish, settings) as run:
-        runtime = get_runtime(settings)
-        try:
-            statuses = incidents.service_statuses_task(runtime)
-            histories = incidents.service_histories_task(runtime, [s.name for s in statuses])
-        except Exception as exc:
-            # An unreachable runtime is itself a finding of the triage, not the end of it.
-            runtime_error = safe_error(exc, settings)
-            histories = {}
-        report = incidents.health_report_task(settings)
-        store = releases.ReleaseStore.from_settings(settings)
-        records = store.all()
-        migration = releases.read_migration_revision(settings.postgres, settings.runtime.migration_query)
-        try:
-            runs = incidents.recent_migration_runs(settings, window=window)
-        except Exception as exc:
-            logger.warning("migration runs not read: %s", safe_error(exc, settings))
-            runs = []
-        changes = incidents.recent_changes(records, histories, runs, window=window, now=datetime.now(UTC))
-        healthy = report.status is Status.HEALTHY and all(s.healthy for s in statuses) and not runtime_error
-        current = {s.name: s.image for s in statuses if s.image}
-        proposal = incidents.propose_rollback(
-            changes,
-            healthy=healthy,
-            services=statuses,
-            previous_good=store.previous_good(current) if current else store.latest_good(),
-            propose_when_healthy=propose_when_healthy,
-        )
-        if proposal is None:
-            run.outcome = "healthy" if healthy else "no-recent-release"
+    tri = outage.start(
+        settings,
+        approved=approved,
+        window_hours=window_hours,
+        approval_timeout_seconds=approval_timeout_seconds,
+        propose_when_healthy=propose_when_healthy,
+    )
+    with reports.publishing(RunOutcome(), tri.publish, settings) as run:
+        outage.assess(tri, get_runtime(settings))
+        if outage.review_changes(tri) is None:
+            run.outcome = "healthy" if tri.healthy else "no-recent-release"
         else:
-            run.outcome = "rollback proposed"
-            reports.publish_markdown(
-                key,
-                render_triage(
-                    settings.stack,
-                    "rollback proposed, waiting for approval",
-                    statuses,
-                    runtime_error,
-                    report,
-                    changes,
-                    migration,
-                    window,
-                    proposal,
-                    None,
-                ),
-                "Outage triage: rollback proposed",
+            outage.offer_rollback(
+                tri, run, approved=approved, start_rollback=functools.partial(_start_rollback, settings)
             )
-            try:
-                record, _ = approvals.request_approval(
-                    settings,
-                    approved=approved,
-                    action=f"roll back to release {proposal.target_release}",
-                    plan_markdown=proposal.describe(),
-                    timeout_seconds=timeout,
-                )
-            except ApprovalRejected as exc:
-                # The triage itself is done; only the rollback was not applied.
-                run.outcome = "rollback-declined"
-                approval = str(exc)
-                logger.info("rollback not started: %s", exc)
-            else:
-                approval = record.describe()
-                run.outcome = "rollback failed"  # until the subflow returns
-                rollback = _start_rollback(settings, proposal)
-                run.outcome = "rolled-back"
-        return {
-            "outcome": run.outcome,
-            "health": report.status.value,
-            "services": [
-                {"name": s.name, "image": s.image, "ready": s.ready, "desired": s.desired, "state": s.state}
-                for s in statuses
-            ],
-            "runtime_error": runtime_error,
-            "recent_changes": [c.as_row() for c in changes],
-            "proposal": None
-            if proposal is None
-            else {
-                "reason": proposal.reason,
-                "target_release": proposal.target_release,
-                "target_images": proposal.target_images,
-            },
-            "rollback": rollback if isinstance(rollback, dict | None) else str(rollback),
-            "approval": approval or None,
-        }
+        return tri.result(run.outcome)
 
 
 # --- Data Loss / Corruption -----------------------------------------------------------------------
@@ -349,60 +217,16 @@ def recover_data(
 
 # --- Security Incident ----------------------------------------------------------------------------
 
-STAGING = "staging"
 
-
-def _linked_runs(settings: OpsSettings, run_id: Any) -> list[LinkedRun]:
-    """The run ``run_id`` and the runs it started (deploy-release), with their UI links."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-
-    ui = settings.notifications.ui_url.rstrip("/")
-    try:
-        with get_client(sync_client=True) as client:
-            parent = client.read_flow_run(run_id)
-            children = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id]))
-            )
-            flows = {r.flow_id: client.read_flow(r.flow_id).name for r in [parent, *children]}
-    except Exception as exc:
-        # The link is what matters: without the API's details the run id still finds the run.
-        run_logger(__name__).warning("runs of %s not read: %s", run_id, safe_error(exc, settings))
-        return [
-            LinkedRun(
-                "update-dependencies", str(run_id), str(run_id), "see the run", f"{ui}/runs/flow-run/{run_id}"
-            )
-        ]
-    return [
-        LinkedRun(
-            flow=flows[r.flow_id],
-            name=r.name,
-            id=str(r.id),
-            state=(r.state.name if r.state else None) or "unknown",
-            url=f"{ui}/runs/flow-run/{r.id}",
-        )
-        for r in sorted(
-            [parent, *children], key=lambda r: r.expected_start_time or r.created or datetime.now(UTC)
-        )
-    ]
-
-
-def _patch_and_redeploy(settings: OpsSettings, step: PatchStep) -> PatchStep:
+def _update_dependencies(deploy_to_staging: bool) -> State[dict[str, Any]]:
     """Runbook "Security Incident" step 4: update-dependencies with scope ``security`` as a subflow,
     which builds the patched image and deploys it to staging through deploy-release (rolled back
-    there on failure). ``step`` gets the runs (linked) and the summary, or the failure."""
+    there on failure)."""
     from flows.dependencies import update_dependencies
 
-    state = update_dependencies(
-        scope="security", deploy_to_staging=step.deploy_to_staging, build=True, return_state=True
+    return update_dependencies(
+        scope="security", deploy_to_staging=deploy_to_staging, build=True, return_state=True
     )
-    step.planned_only = False
-    step.runs = _linked_runs(settings, state.state_details.flow_run_id)
-    if state.is_completed():
-        step.summary = dict(state.result())
-    else:
-        step.error = mask_text(state.message or state.name or "failed", configured_secrets(settings))
-    return step
 
 
 @flow(name="security-incident", log_prints=True)
@@ -474,262 +298,39 @@ def security_incident(
         CheckFailed: unhealthy after the rotation, or update-dependencies failed (the report links it).
     """
     settings = load_settings()
-    approvals.check_preapproval(settings, approved)
-    timeout = _timeout(settings, approval_timeout_seconds)
-    if isolate_services is not None and not isolate:
-        raise ParameterError("isolate_services names what isolate=true cuts off; pass isolate=true too")
-    logger = run_logger(__name__)
-    key = f"security-incident-{settings.stack}"
-    steps = StepLog(secrets=configured_secrets(settings))
-    bundle: EvidenceBundle | None = None
-    verification: EvidenceVerification | None = None
-    plan: RotationPlan | None = None
-    record: RotationRecord | None = None
-    report: HealthReport | None = None
-    isolation: IsolationRecord | None = None
-    patch: PatchStep | None = None
-    if patch_and_redeploy:
-        points_at_staging = settings.runtime.kind != "none" and settings.runtime.environment == STAGING
-        patch = PatchStep(deploy_to_staging=points_at_staging, planned_only=True)
-    approval = ""
+    inc = security.start(
+        settings,
+        approved=approved,
+        rotate=rotate,
+        restart=restart,
+        approval_timeout_seconds=approval_timeout_seconds,
+        isolate=isolate,
+        isolate_services=isolate_services,
+        patch_and_redeploy=patch_and_redeploy,
+    )
     held = contextlib.ExitStack()
-
-    def render(outcome: str, health: HealthReport | None) -> str:
-        return render_security(
-            settings.stack,
-            outcome,
-            steps,
-            bundle,
-            verification,
-            plan,
-            record,
-            health,
-            approval,
-            isolation=isolation,
-            isolate=isolate,
-            patch=patch,
-        )
 
     def publish(run: RunOutcome) -> None:
         held.close()
-        markdown = render(run.outcome, report) + "\n".join(_failure_line(run))
-        reports.publish_markdown(key, markdown, f"Security incident on {settings.stack}: {run.outcome}")
-        reports.publish_table(f"{key}-steps", steps.rows(), "Each step with its timing")
-        if record is not None and record.secrets:
-            reports.publish_table(
-                f"{key}-secrets", [s.as_row() for s in record.secrets], "Secrets: names and fingerprints only"
-            )
+        inc.publish(run)
 
     with reports.publishing(
         RunOutcome(), publish, settings, running=("started", "waiting for approval")
     ) as run:
         runtime = get_runtime(settings)
-        if isolate:
-            # Read-only, before the evidence: an unknown service or no runtime to isolate on fails here.
-            incidents.plan_isolation_task(runtime, isolate_services)
-        with steps.step("collect evidence") as step:
-            bundle = incidents.collect_evidence_task(settings, runtime)
-            step.detail = f"{bundle.prefix}: {len(bundle.manifest.files)} files"
-        with steps.step("verify evidence bundle") as step:
-            verification = incidents.verify_evidence_task(settings, bundle)
-            step.detail = verification.summary()
-            if not verification.ok:
-                raise EvidenceTampered(verification.summary())
-        if isolate:
-            with steps.step("plan isolation") as step:
-                # The dry run of the one isolating function: the exact plan, from what runs now.
-                isolation = incidents.isolate_systems_task(
-                    settings, runtime, isolate_services, confirm=False, evidence=bundle.prefix
-                )
-                step.detail = f"{len(isolation.plan.actions)} change(s)" + (
-                    "; already in force" if isolation.already_in_force else ""
-                )
-        with steps.step("plan secret rotation") as step:
-            plan = incidents.plan_rotation_task(settings, only=rotate)
-            step.detail = f"{len(plan.targets)} secrets, {len(plan.problems)} problems"
-        rotating = not plan.empty
+        security.collect_evidence(inc, runtime)
+        security.plan(inc, runtime)
         if dry_run:
-            if rotating:
-                record = incidents.rotate_secrets_task(settings, plan, confirm=False)
-            run.outcome = "evidence collected; " + (
-                "rotation dry run" if rotating else "nothing configured to rotate"
-            )
-            if isolate:
-                run.outcome += "; isolation dry run"
-            if patch is not None:
-                run.outcome += "; patch dry run"
-        elif not (rotating or isolate or patch_and_redeploy):
+            security.dry_run(inc, run)
+        elif not inc.acting:
             run.outcome = "evidence collected; nothing configured to rotate"
         else:
-            if isolate:
-                held.enter_context(
-                    locks.exclusive(
-                        settings,
-                        locks.isolation_lock_name(settings),
-                        operation="security-incident",
-                        what=f"an isolation of {settings.stack}",
-                    )
-                )
-            if rotating:
-                held.enter_context(
-                    locks.exclusive(
-                        settings,
-                        locks.rotation_lock_name(settings),
-                        operation="security-incident",
-                        what=f"a secret rotation of {settings.stack}",
-                    )
-                )
-                if plan.problems:
-                    raise RotationRefused(
-                        "rotation refused, nothing was changed: " + "; ".join(plan.problems)
-                    )
-            doing = []
-            plan_lines = []
-            if isolation is not None:
-                doing.append("block external traffic")
-                plan_lines += [
-                    "Isolate (end-isolation puts it back):",
-                    *[f"- {a}" for a in isolation.plan.actions],
-                ]
-            if rotating:
-                doing.append(f"rotate {len(plan.targets)} secret(s)")
-                plan_lines += ["Rotate:", *[f"- {t.describe()}" for t in plan.targets]]
-            if patch is not None:
-                doing.append("run update-dependencies (security) and its staging deploy")
-                plan_lines += ["Patch and redeploy:", *patch.lines()]
-            ask = functools.partial(
-                approvals.request_approval,
-                settings,
-                approved=approved,
-                action=" and ".join(doing) + f" on {settings.stack} (the evidence bundle is kept either way)",
-                plan_markdown="\n".join(plan_lines),
-                timeout_seconds=timeout,
-            )
-            if approved:
-                approval = ask()[0].describe()
-            else:
-                run.outcome = "waiting for approval"
-                reports.publish_markdown(
-                    key, render(run.outcome, None), "Security incident: waiting for approval"
-                )
-                with steps.step("approval"):
-                    approval = ask()[0].describe()
-            done: list[str] = []
-            if isolate:
-                with steps.step("isolate: block external traffic") as step:
-                    isolation = incidents.isolate_systems_task(
-                        settings,
-                        runtime,
-                        isolate_services,
-                        confirm=True,
-                        approval=approval,
-                        evidence=bundle.prefix,
-                    )
-                    step.detail = (
-                        "already in force"
-                        if isolation.already_in_force
-                        else ", ".join(c.target for c in isolation.changes if c.changed)
-                        or "nothing to change"
-                    )
-                done.append("isolation already in force" if isolation.already_in_force else "isolated")
-                run.outcome = "; ".join(done)
-            if rotating:
-                with steps.step("rotate secrets") as step:
-                    record = incidents.rotate_secrets_task(settings, plan, confirm=True)
-                    step.detail = ", ".join(f"{s.name} {s.new_fingerprint}" for s in record.secrets)
-                done.append("secrets rotated")
-                run.outcome = "; ".join(done)
-                services = settings.incidents.restart_services or settings.runtime.services
-                stopped = isolation.plan.stopped_services if isolation is not None else ()
-                # A service the isolation stopped stays stopped: restarting it would let traffic in again.
-                services = [s for s in services if s not in stopped]
-                if not restart:
-                    steps.skip(
-                        "rolling restart", "restart=false: services keep the old secrets until restarted"
-                    )
-                elif not services:
-                    steps.skip("rolling restart", "every service to restart is stopped by the isolation")
-                else:
-                    try:
-                        with steps.step("rolling restart") as step:
-                            changes = incidents.restart_for_new_config_task(settings, runtime, services)
-                            scaling.wait_services_ready_task(
-                                runtime, services, settings.runtime.ready_timeout_seconds
-                            )
-                            step.detail = ", ".join(c.target for c in changes)
-                    except RuntimeUnavailable as exc:
-                        steps.steps[-1].outcome = "skipped"
-                        logger.warning("no restart: %s", exc)
-                with steps.step("health check") as step:
-                    report = incidents.health_report_task(settings)
-                    step.detail = report.status.value
-                if report.status is Status.UNHEALTHY:
-                    run.outcome += ", but unhealthy"
-                    raise CheckFailed(
-                        f"{settings.stack} is unhealthy after the rotation: "
-                        + ", ".join(report.failed_checks)
-                        + ". A service may still use an old secret: check its configuration and logs"
-                        + (
-                            "; checks that go through the isolated entry fail until end-isolation"
-                            if isolation is not None
-                            else ""
-                        )
-                    )
-            if patch is not None:
-                with steps.step("patch and redeploy: update-dependencies (security)") as step:
-                    _patch_and_redeploy(settings, patch)
-                    step.detail = ", ".join(f"{r.flow} {r.state}" for r in patch.runs)
-                    if patch.error:
-                        done.append("patch and redeploy failed")
-                        run.outcome = "; ".join(done)
-                        raise CheckFailed(
-                            f"update-dependencies (security) did not finish: {patch.error}. What was done"
-                            " before it stays done; see its run, linked in the report"
-                        )
-                done.append(
-                    "patched and deployed to staging" if patch.deploy_to_staging else "patched image built"
-                )
-                run.outcome = "; ".join(done)
-        return {
-            "outcome": run.outcome,
-            "approval": approval or None,
-            "evidence": {
-                "location": bundle.location,
-                "prefix": bundle.prefix,
-                "bundle_id": bundle.manifest.bundle_id,
-                "manifest_sha256": bundle.manifest_sha256,
-                "files": [f.path for f in bundle.manifest.files],
-                "errors": bundle.manifest.errors,
-                "verified": verification.ok,
-            },
-            "isolation": None
-            if isolation is None
-            else {
-                "dry_run": isolation.dry_run,
-                "already_in_force": isolation.already_in_force,
-                "actions": list(isolation.plan.actions),
-                "undo": list(isolation.plan.undo),
-                "changes": [{"target": c.target, "changed": c.changed} for c in isolation.changes],
-                "record": None if isolation.dry_run else str(incidents.isolation_path(settings)),
-            },
-            "rotation": None
-            if record is None
-            else {
-                "dry_run": record.dry_run,
-                "secrets": [s.as_row() for s in record.secrets],
-            },
-            "problems": list(plan.problems),
-            "health": None if report is None else report.status.value,
-            "patch": None
-            if patch is None
-            else {
-                "planned_only": patch.planned_only,
-                "deploy_to_staging": patch.deploy_to_staging,
-                "runs": [{"flow": r.flow, "id": r.id, "state": r.state, "url": r.url} for r in patch.runs],
-                "summary": patch.summary,
-            },
-            "steps": steps.rows(),
-        }
+            security.hold_locks(inc, held)
+            security.approve(inc, run, approved=approved)
+            security.isolate(inc, runtime, run)
+            security.rotate_and_restart(inc, runtime, run)
+            security.patch_and_redeploy(inc, run, _update_dependencies)
+        return inc.result(run.outcome)
 
 
 @flow(name="end-isolation", log_prints=True)
@@ -767,86 +368,29 @@ def end_isolation(
         CheckFailed: the stack is unhealthy afterwards (the isolation is ended all the same).
     """
     settings = load_settings()
-    approvals.check_preapproval(settings, approved)
-    timeout = _timeout(settings, approval_timeout_seconds)
-    key = f"end-isolation-{settings.stack}"
-    path = incidents.isolation_path(settings)
-    end: IsolationEnd | None = None
-    report: HealthReport | None = None
-    approval = ""
+    ending = isolation_steps.start_ending(
+        settings, approved=approved, approval_timeout_seconds=approval_timeout_seconds
+    )
     held = contextlib.ExitStack()
-
-    def render(outcome: str) -> str:
-        return render_end_isolation(settings.stack, outcome, end, report, approval, str(path))
 
     def publish(run: RunOutcome) -> None:
         held.close()
-        reports.publish_markdown(
-            key, render(run.outcome) + "\n".join(_failure_line(run)), f"End of isolation: {run.outcome}"
-        )
+        ending.publish(run)
 
     with reports.publishing(
         RunOutcome(), publish, settings, running=("started", "waiting for approval")
     ) as run:
         runtime = get_runtime(settings)
         if not dry_run:
-            held.enter_context(
-                locks.exclusive(
-                    settings,
-                    locks.isolation_lock_name(settings),
-                    operation="end-isolation",
-                    what=f"an isolation of {settings.stack}",
-                )
-            )
-        end = incidents.end_isolation_task(settings, runtime, confirm=False)
+            held.enter_context(isolation_steps.isolation_lock(settings, "end-isolation"))
+        end = isolation_steps.read_record(ending, runtime)
         if dry_run:
             run.outcome = f"dry run: would put back {len(end.record.plan.undo)} thing(s)"
         else:
-            if not approved:
-                run.outcome = "waiting for approval"
-                reports.publish_markdown(key, render(run.outcome), "End of isolation: waiting for approval")
-            approval = approvals.request_approval(
-                settings,
-                approved=approved,
-                action=f"end the isolation of {settings.stack} and put back what it recorded",
-                plan_markdown=f"{end.record.describe()}\n\nPut back:\n"
-                + "\n".join(f"- {u}" for u in end.record.plan.undo),
-                timeout_seconds=timeout,
-            )[0].describe()
-            end = incidents.end_isolation_task(settings, runtime, confirm=True, approval=approval)
-            run.outcome = "isolation ended"
-            started = [
-                s
-                for s in end.record.plan.stopped_services
-                if s in (end.record.plan.state.get("running") or {})
-            ]
-            if started:
-                scaling.wait_services_ready_task(runtime, started, settings.runtime.ready_timeout_seconds)
-            report = incidents.health_report_task(settings)
-            if report.status is Status.UNHEALTHY:
-                run.outcome = "isolation ended, but unhealthy"
-                raise CheckFailed(
-                    f"{settings.stack} is unhealthy after the isolation ended: "
-                    + ", ".join(report.failed_checks)
-                    + ". Run diagnose"
-                )
-        record = end.record
-        return {
-            "outcome": run.outcome,
-            "record": str(path),
-            "isolated_at": record.isolated_at.isoformat(),
-            "isolated_by": record.approval,
-            "isolated_in_run": record.flow_run,
-            "evidence": record.evidence,
-            "undo": list(record.plan.undo),
-            "changes": [
-                {"target": c.target, "changed": c.changed, "before": c.before, "after": c.after}
-                for c in end.changes
-            ],
-            "archived": None if end.archived is None else str(end.archived),
-            "health": None if report is None else report.status.value,
-            "approval": approval or None,
-        }
+            isolation_steps.approve_ending(ending, run, approved=approved)
+            isolation_steps.put_back(ending, runtime, run)
+            isolation_steps.check_health_after(ending, run)
+        return ending.result(run.outcome)
 
 
 # --- Redis out of memory --------------------------------------------------------------------------
@@ -886,7 +430,7 @@ def flush_redis(
     """
     settings = load_settings()
     approvals.check_preapproval(settings, approved)
-    timeout = _timeout(settings, approval_timeout_seconds)
+    timeout = approval_timeout(settings, approval_timeout_seconds)
     if depth is not None and not 1 <= depth <= 5:
         raise ParameterError("depth must be between 1 and 5")
     services = restart_services if restart_services is not None else ["worker"]

@@ -13,7 +13,10 @@
 - :mod:`~tasks.incidents.validation`: validation queries after a data recovery;
 - :mod:`~tasks.incidents.recovery`: the steps of recover-data (imported by the flow, not re-exported
   here: it builds on the reports and the backup and WAL packages);
-- :mod:`~tasks.incidents.steps`: the step timings the incident reports show;
+- :mod:`~tasks.incidents.outage`: the steps of outage-triage; :mod:`~tasks.incidents.security`: the
+  steps of security-incident, and :mod:`~tasks.incidents.isolation_steps`: its isolation steps and
+  those of end-isolation (all imported by the flows, not re-exported here, as recovery);
+- :mod:`~tasks.incidents.steps`: the step timings the incident reports show, the approval timeout;
 - :mod:`~tasks.incidents.prefect_tasks`: every Prefect task of the incident flows.
 
 The Redis key census and ``FLUSHDB`` are in :mod:`tasks.redisdb`; replica counts and scaling to zero

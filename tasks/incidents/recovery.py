@@ -25,7 +25,7 @@ from tasks.errors import CheckFailed, ParameterError
 from tasks.health import HealthReport, Status
 from tasks.incidents.prefect_tasks import health_report_task, validation_queries_task
 from tasks.incidents.reports import _backup_rows, _failure_line, _validation_next_steps, render_recovery
-from tasks.incidents.steps import StepLog
+from tasks.incidents.steps import StepLog, approval_timeout
 from tasks.incidents.validation import ValidationResult, require_settings
 from tasks.reports import RunOutcome
 from tasks.runlog import run_logger
@@ -168,8 +168,7 @@ def start(
     """
     approvals.check_preapproval(settings, approved)
     require_settings(settings)
-    if approval_timeout_seconds is not None and approval_timeout_seconds <= 0:
-        raise ParameterError("approval_timeout_seconds must be positive")
+    timeout = approval_timeout(settings, approval_timeout_seconds)
     if candidates < 1:
         raise ParameterError("candidates must be at least 1")
     point.refuse_backup_and_target(source.backup_id, source.tables, source.is_point)
@@ -191,7 +190,7 @@ def start(
         queries_source="incidents.validation_queries"
         if validation_queries is None
         else "the run's validation_queries",
-        timeout=approval_timeout_seconds or int(settings.incidents.approval_timeout_seconds),
+        timeout=timeout,
         candidates=candidates,
         steps=StepLog(secrets=configured_secrets(settings)),
     )

@@ -1,4 +1,5 @@
-"""Step timings of the incident flows: when each step started, how long it took, how it ended."""
+"""Step timings of the incident flows: when each step started, how long it took, how it ended; and the
+approval timeout they share."""
 
 from __future__ import annotations
 
@@ -9,7 +10,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from tasks.errors import ParameterError
 from tasks.secrets import safe_error
+from tasks.settings import OpsSettings
+
+
+def approval_timeout(settings: OpsSettings, override: int | None) -> int:
+    """How long an incident flow's approval form waits: ``override``, else
+    ``incidents.approval_timeout_seconds``.
+
+    Raises:
+        ParameterError: ``override`` is not positive.
+    """
+    if override is not None and override <= 0:
+        raise ParameterError("approval_timeout_seconds must be positive")
+    return override or int(settings.incidents.approval_timeout_seconds)
 
 
 @dataclass
