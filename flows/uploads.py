@@ -213,7 +213,6 @@ def publish_report(report: CleanupReport) -> None:
         )
 
 
-@task(name="prune-uploads-plans", cache_policy=NO_CACHE)
 def _root_lock(
     settings: OpsSettings, root: Path, operation: str
 ) -> contextlib.AbstractContextManager[object]:
@@ -226,6 +225,7 @@ def _root_lock(
     )
 
 
+@task(name="prune-uploads-plans", cache_policy=NO_CACHE)
 def prune_plans(plan_dir: Path, keep_days: int) -> int:
     """Remove this flow's own plan files older than ``keep_days`` (never anything else)."""
     if not plan_dir.is_dir():

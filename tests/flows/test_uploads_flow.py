@@ -12,7 +12,12 @@ from typing import Any
 import psycopg
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from prefect.states import State
 
 from flows.uploads import cleanup_uploads, restore_quarantine
@@ -44,6 +49,14 @@ def artifacts(state: State[Any]) -> dict[str, Any]:
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
         )
     return {a.key: a for a in found}
+
+
+def task_names(state: State[Any]) -> list[str]:
+    """The names of the task runs of a flow run (its steps as the UI lists them)."""
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    return [r.name.rsplit("-", 1)[0] for r in runs]
 
 
 @pytest.fixture
@@ -117,11 +130,17 @@ def test_quarantine_then_restore(uploads_env: dict[str, Any]) -> None:
     assert f"run_id={report.run_id}" in markdown
     assert "## Disk space" in markdown
 
+    # The plan pruning is a step of its own in the UI; taking the root's lock is not a task.
+    names = task_names(state)
+    assert "prune-uploads-plans" in names
+    assert not any("lock" in name for name in names)
+
     restored = restore_quarantine(run_id=report.run_id, return_state=True)
 
     assert restored.is_completed()
     assert restored.result().restored == 2
     assert tree(root) == before
+    assert "prune-uploads-plans" not in task_names(restored)  # a restore prunes no plans
     assert "restored" in artifacts(restored)["uploads-restore-teststack"].data
 
 
