@@ -15,7 +15,6 @@ always carries the complete container list, and the result is the same on every 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -23,8 +22,8 @@ from typing import Any
 
 from tasks.kubernetes import isolation
 from tasks.kubernetes.api import MERGE_PATCH, POD_TEMPLATE_HASH, RESTARTED_AT_ANNOTATION, REVISION_ANNOTATION
+from tasks.kubernetes.exec import exec_in_pod
 from tasks.runtime import (
-    EXIT_NOT_FOUND,
     ChangeRecord,
     ExecResult,
     IsolationPlan,
@@ -40,8 +39,6 @@ from tasks.settings import OpsSettings
 
 _FAILED_REASONS = {"ProgressDeadlineExceeded"}
 _PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CrashLoopBackOff"}
-# What an exec may print that is kept (diagnostic probes print a line or two).
-EXEC_OUTPUT_LIMIT = 64 * 1024
 
 
 def _quantity_bytes(value: str) -> int:
@@ -517,67 +514,7 @@ class KubernetesRuntime:
         Raises:
             RuntimeOperationFailed: the Deployment does not exist or has no running pod.
         """
-        from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
-        from kubernetes.stream import stream
-        from kubernetes.stream.ws_client import ERROR_CHANNEL, STDERR_CHANNEL, STDOUT_CHANNEL
-
-        running = sorted(
-            (
-                p
-                for p in self._pods(self._deployment(service))
-                if p.status is not None
-                and p.status.phase == "Running"
-                and p.metadata.deletion_timestamp is None
-            ),
-            key=lambda p: p.metadata.name,
-        )
-        if not running:
-            raise RuntimeOperationFailed(
-                f"no running pod of {service} in namespace {self.namespace} to run a command in;"
-                " see the Deployment's status (diagnose services)"
-            )
-        pod = running[0]
-        container = self._main_container(service, pod).name
-        # stream() swaps the API client's transport while it connects: an ApiClient of its own keeps
-        # other calls of this runtime (other threads) on plain HTTP.
-        core = client.CoreV1Api(client.ApiClient(self.api_client.configuration))
-        try:
-            connection = stream(
-                core.connect_get_namespaced_pod_exec,
-                pod.metadata.name,
-                self.namespace,
-                container=container,
-                command=list(argv),
-                stdin=False,
-                stdout=True,
-                stderr=True,
-                tty=False,
-                _preload_content=False,
-                _request_timeout=timeout,
-            )
-        except ApiException as exc:
-            raise self._unavailable(exc) from None
-        try:
-            connection.run_forever(timeout=timeout)
-            finished = not connection.is_open()
-            stdout = str(connection.read_channel(STDOUT_CHANNEL, 0))[:EXEC_OUTPUT_LIMIT]
-            stderr = str(connection.read_channel(STDERR_CHANNEL, 0))[:EXEC_OUTPUT_LIMIT]
-            status = str(connection.read_channel(ERROR_CHANNEL, 0))
-        except Exception as exc:  # the websocket broke (protocol error, connection reset)
-            raise RuntimeUnavailable(
-                f"exec in pod {pod.metadata.name} through the Kubernetes API failed:"
-                f" {type(exc).__name__}: {exc}"
-            ) from None
-        finally:
-            connection.close()
-        name, command = pod.metadata.name, tuple(argv)
-        if not finished:
-            return ExecResult(service, name, command, None, stdout, f"no end within {timeout:g} s")
-        code, message = exec_status(status)
-        if message and code != 0 and not stderr.strip():
-            stderr = message
-        return ExecResult(service, name, command, code, stdout, stderr)
+        return exec_in_pod(self, service, argv, timeout)
 
     # -- isolation (security incident): a NetworkPolicy, and the ones in its way put back after -------
 
@@ -599,28 +536,3 @@ class KubernetesRuntime:
         """Delete the isolation policies and put each limited policy back as recorded (created again
         when it was deleted meanwhile); read back and compared with the record."""
         return isolation.end_isolation(self, plan)
-
-
-def exec_status(status: str) -> tuple[int, str]:
-    """The exit code and message of an exec from its status channel (a ``v1.Status`` in JSON).
-
-    ``Success`` is 0; a ``NonZeroExitCode`` carries the code in its ``ExitCode`` cause; a command the
-    container runtime could not start (``executable file not found``) is :data:`EXIT_NOT_FOUND`;
-    any other failure 126 (could not run), with the API's message.
-    """
-    if not status.strip():
-        return 126, "the exec ended without a status"
-    try:
-        document = json.loads(status)
-    except ValueError:
-        return 126, status.strip()[:400]
-    if document.get("status") == "Success":
-        return 0, ""
-    message = str(document.get("message") or "")
-    for cause in (document.get("details") or {}).get("causes") or []:
-        if cause.get("reason") == "ExitCode":
-            with contextlib.suppress(TypeError, ValueError):
-                return int(cause.get("message")), message
-    if "executable file not found" in message or "no such file or directory" in message:
-        return EXIT_NOT_FOUND, message
-    return 126, message
