@@ -6,7 +6,9 @@
 - history and undo: the Deployment's ReplicaSets and their ``deployment.kubernetes.io/revision``
   (``kubectl rollout history / undo``): undo copies the chosen ReplicaSet's pod template back;
 - readiness: the Deployment's status, the way ``kubectl rollout status`` reads it;
-- logs from the pods; resource usage from the metrics API (``metrics.k8s.io``) when it is installed.
+- logs from the pods; resource usage from the metrics API (``metrics.k8s.io``) when it is installed;
+- exec and isolation: the methods of the protocol, their bodies in :mod:`tasks.kubernetes.exec` and
+  :mod:`tasks.kubernetes.isolation`.
 
 Every patch is ``application/merge-patch+json`` (RFC 7386): lists are replaced whole, so the patch
 always carries the complete container list, and the result is the same on every API server.
