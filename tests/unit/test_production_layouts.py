@@ -24,7 +24,10 @@ from deployments.serve import PREFECT_YAML
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
 # The code whose API calls the flow runs' Role must allow (KubernetesRuntime, the secret store).
-RBAC_SOURCES = [ROOT / "tasks" / "kubernetes.py", *sorted((ROOT / "tasks" / "incidents").glob("*.py"))]
+RBAC_SOURCES = [
+    *sorted((ROOT / "tasks" / "kubernetes").glob("*.py")),
+    *sorted((ROOT / "tasks" / "incidents").glob("*.py")),
+]
 API_GROUPS = {
     "deployments": "apps",
     "replicasets": "apps",

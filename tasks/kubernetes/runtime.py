@@ -6,7 +6,9 @@
 - history and undo: the Deployment's ReplicaSets and their ``deployment.kubernetes.io/revision``
   (``kubectl rollout history / undo``): undo copies the chosen ReplicaSet's pod template back;
 - readiness: the Deployment's status, the way ``kubectl rollout status`` reads it;
-- logs from the pods; resource usage from the metrics API (``metrics.k8s.io``) when it is installed.
+- logs from the pods; resource usage from the metrics API (``metrics.k8s.io``) when it is installed;
+- exec and isolation: the methods of the protocol, their bodies in :mod:`tasks.kubernetes.exec` and
+  :mod:`tasks.kubernetes.isolation`.
 
 Every patch is ``application/merge-patch+json`` (RFC 7386): lists are replaced whole, so the patch
 always carries the complete container list, and the result is the same on every API server.
@@ -15,14 +17,15 @@ always carries the complete container list, and the result is the same on every 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from tasks.kubernetes import isolation
+from tasks.kubernetes.api import MERGE_PATCH, POD_TEMPLATE_HASH, RESTARTED_AT_ANNOTATION, REVISION_ANNOTATION
+from tasks.kubernetes.exec import exec_in_pod
 from tasks.runtime import (
-    EXIT_NOT_FOUND,
     ChangeRecord,
     ExecResult,
     IsolationPlan,
@@ -36,14 +39,8 @@ from tasks.runtime import (
 )
 from tasks.settings import OpsSettings
 
-REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
-RESTARTED_AT_ANNOTATION = "kubectl.kubernetes.io/restartedAt"
-POD_TEMPLATE_HASH = "pod-template-hash"
-MERGE_PATCH = "application/merge-patch+json"
 _FAILED_REASONS = {"ProgressDeadlineExceeded"}
 _PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CrashLoopBackOff"}
-# What an exec may print that is kept (diagnostic probes print a line or two).
-EXEC_OUTPUT_LIMIT = 64 * 1024
 
 
 def _quantity_bytes(value: str) -> int:
@@ -125,6 +122,12 @@ class KubernetesRuntime:
         from kubernetes import client
 
         return client.CoreV1Api(self.api_client)
+
+    @property
+    def networking(self) -> Any:
+        from kubernetes import client
+
+        return client.NetworkingV1Api(self.api_client)
 
     @property
     def _timeout(self) -> float:
@@ -513,420 +516,25 @@ class KubernetesRuntime:
         Raises:
             RuntimeOperationFailed: the Deployment does not exist or has no running pod.
         """
-        from kubernetes import client
-        from kubernetes.client.exceptions import ApiException
-        from kubernetes.stream import stream
-        from kubernetes.stream.ws_client import ERROR_CHANNEL, STDERR_CHANNEL, STDOUT_CHANNEL
-
-        running = sorted(
-            (
-                p
-                for p in self._pods(self._deployment(service))
-                if p.status is not None
-                and p.status.phase == "Running"
-                and p.metadata.deletion_timestamp is None
-            ),
-            key=lambda p: p.metadata.name,
-        )
-        if not running:
-            raise RuntimeOperationFailed(
-                f"no running pod of {service} in namespace {self.namespace} to run a command in;"
-                " see the Deployment's status (diagnose services)"
-            )
-        pod = running[0]
-        container = self._main_container(service, pod).name
-        # stream() swaps the API client's transport while it connects: an ApiClient of its own keeps
-        # other calls of this runtime (other threads) on plain HTTP.
-        core = client.CoreV1Api(client.ApiClient(self.api_client.configuration))
-        try:
-            connection = stream(
-                core.connect_get_namespaced_pod_exec,
-                pod.metadata.name,
-                self.namespace,
-                container=container,
-                command=list(argv),
-                stdin=False,
-                stdout=True,
-                stderr=True,
-                tty=False,
-                _preload_content=False,
-                _request_timeout=timeout,
-            )
-        except ApiException as exc:
-            raise self._unavailable(exc) from None
-        try:
-            connection.run_forever(timeout=timeout)
-            finished = not connection.is_open()
-            stdout = str(connection.read_channel(STDOUT_CHANNEL, 0))[:EXEC_OUTPUT_LIMIT]
-            stderr = str(connection.read_channel(STDERR_CHANNEL, 0))[:EXEC_OUTPUT_LIMIT]
-            status = str(connection.read_channel(ERROR_CHANNEL, 0))
-        except Exception as exc:  # the websocket broke (protocol error, connection reset)
-            raise RuntimeUnavailable(
-                f"exec in pod {pod.metadata.name} through the Kubernetes API failed:"
-                f" {type(exc).__name__}: {exc}"
-            ) from None
-        finally:
-            connection.close()
-        name, command = pod.metadata.name, tuple(argv)
-        if not finished:
-            return ExecResult(service, name, command, None, stdout, f"no end within {timeout:g} s")
-        code, message = exec_status(status)
-        if message and code != 0 and not stderr.strip():
-            stderr = message
-        return ExecResult(service, name, command, code, stdout, stderr)
+        return exec_in_pod(self, service, argv, timeout)
 
     # -- isolation (security incident): a NetworkPolicy, and the ones in its way put back after -------
 
-    @property
-    def networking(self) -> Any:
-        from kubernetes import client
-
-        return client.NetworkingV1Api(self.api_client)
-
-    def _network_policies(self) -> dict[str, dict[str, Any]]:
-        """Every NetworkPolicy of the namespace as a plain manifest, by name."""
-        try:
-            items = self.networking.list_namespaced_network_policy(
-                self.namespace, _request_timeout=self._timeout
-            ).items
-        except Exception as exc:
-            raise self._unavailable(exc) from None
-        return {
-            p.metadata.name: _policy_manifest(self.api_client.sanitize_for_serialization(p)) for p in items
-        }
-
     def plan_isolation(self, services: Sequence[str] | None = None) -> IsolationPlan:
-        """A NetworkPolicy that admits ingress to the pods only from the namespace's own pods.
-
-        One policy for every pod of the namespace (``services`` None), or one per named Deployment
-        selecting its pods. NetworkPolicies add up (a pod takes what any of them allows), so a policy
-        already there that lets traffic from outside reach those pods would keep it coming: such a
-        policy is recorded whole and its ingress limited to the namespace's pods for the isolation.
+        """A NetworkPolicy that admits ingress to the pods only from the namespace's own pods (see
+        :func:`tasks.kubernetes.isolation.plan_isolation`).
 
         Raises:
             RuntimeOperationFailed: a named Deployment does not exist, or a NetworkPolicy of the name
                 this tool uses exists and was not made by it.
         """
-        if services:
-            deployments = {s: self._deployment(s) for s in services}
-            selectors = {
-                f"{ISOLATION_POLICY}-{s}": self.api_client.sanitize_for_serialization(d.spec.selector) or {}
-                for s, d in deployments.items()
-            }
-            pod_labels = [dict(d.spec.template.metadata.labels or {}) for d in deployments.values()]
-        else:
-            selectors = {ISOLATION_POLICY: {}}
-            pod_labels = []
-        existing = self._network_policies()
-        actions: list[str] = []
-        undo: list[str] = []
-        notes: list[str] = []
-        apply: list[dict[str, Any]] = []
-        for name, selector in selectors.items():
-            wanted = _isolation_policy(name, self.namespace, selector)
-            found = existing.get(name)
-            if found is not None and (found["metadata"].get("labels") or {}).get(ISOLATION_LABEL) != "true":
-                raise RuntimeOperationFailed(
-                    f"NetworkPolicy {name!r} exists in {self.namespace!r} and was not made by this tool;"
-                    " rename or remove it. Nothing was changed."
-                )
-            if found is None or found["spec"] != wanted["spec"]:
-                what = "every pod of the namespace" if not selector else f"pods {_selector_text(selector)}"
-                actions.append(
-                    f"{'create' if found is None else 'update'} NetworkPolicy {name}: ingress to {what} only"
-                    " from pods of this namespace"
-                )
-            else:
-                notes.append(f"NetworkPolicy {name} is already in place")
-            apply.append(wanted)
-            undo.append(f"delete NetworkPolicy {name}")
-        restricted: dict[str, dict[str, Any]] = {}
-        for name, policy in sorted(existing.items()):
-            if name in selectors or (policy["metadata"].get("labels") or {}).get(ISOLATION_LABEL) == "true":
-                continue
-            selected = not pod_labels or any(
-                _selects(policy["spec"].get("podSelector") or {}, labels) for labels in pod_labels
-            )
-            if selected and _admits_outside(policy["spec"]):
-                restricted[name] = policy
-                actions.append(
-                    f"limit NetworkPolicy {name} to ingress from pods of this namespace (it lets traffic from"
-                    " outside reach them)"
-                )
-                undo.append(f"restore NetworkPolicy {name} as recorded")
-        return IsolationPlan(
-            runtime=self.kind,
-            services=tuple(services or ()),
-            actions=tuple(actions),
-            undo=tuple(undo),
-            state={"apply": apply, "restricted": restricted},
-            notes=tuple(notes),
-        )
+        return isolation.plan_isolation(self, services)
 
     def isolate(self, plan: IsolationPlan) -> list[ChangeRecord]:
         """Create (or correct) the isolation policies and limit the recorded ones; each is read back."""
-        from kubernetes.client.exceptions import ApiException
-
-        records = []
-        existing = self._network_policies()
-        try:
-            for wanted in plan.state.get("apply") or []:
-                name = wanted["metadata"]["name"]
-                found = existing.get(name)
-                if found is not None and found["spec"] == wanted["spec"]:
-                    records.append(ChangeRecord("isolate", f"NetworkPolicy/{name}", False))
-                    continue
-                if found is None:
-                    self.networking.create_namespaced_network_policy(
-                        self.namespace, wanted, _request_timeout=self._timeout
-                    )
-                else:
-                    self._patch_policy(name, {"spec": _merge_to(found["spec"], wanted["spec"])})
-                records.append(
-                    ChangeRecord(
-                        "isolate",
-                        f"NetworkPolicy/{name}",
-                        True,
-                        before={"exists": str(found is not None)},
-                        after={"spec": _compact(wanted["spec"])},
-                        commands=(f"kubectl apply -n {self.namespace} -f - (NetworkPolicy {name})",),
-                    )
-                )
-            for name, recorded in (plan.state.get("restricted") or {}).items():
-                limited = {"ingress": _INSIDE_ONLY}
-                self._patch_policy(name, {"spec": limited})
-                records.append(
-                    ChangeRecord(
-                        "isolate",
-                        f"NetworkPolicy/{name}",
-                        True,
-                        before={"ingress": _compact(recorded["spec"].get("ingress"))},
-                        after={"ingress": _compact(_INSIDE_ONLY)},
-                        commands=(
-                            f"kubectl patch networkpolicy {name} -n {self.namespace} --type merge"
-                            f" -p '{_compact(limited)}'",
-                        ),
-                    )
-                )
-        except ApiException as exc:
-            raise RuntimeOperationFailed(
-                f"Kubernetes refused a NetworkPolicy change (HTTP {exc.status}: {exc.reason}); the isolation"
-                " is partly applied: run end-isolation to put back what was recorded"
-            ) from None
-        now = self._network_policies()
-        wrong = [
-            w["metadata"]["name"]
-            for w in plan.state.get("apply") or []
-            if (now.get(w["metadata"]["name"]) or {}).get("spec") != w["spec"]
-        ]
-        wrong += [
-            n for n in plan.state.get("restricted") or {} if n in now and _admits_outside(now[n]["spec"])
-        ]
-        if wrong:
-            raise RuntimeOperationFailed(
-                f"NetworkPolicies not as applied when read back: {', '.join(wrong)}; external traffic may"
-                " still reach the pods. Run end-isolation, then isolate again"
-            )
-        return records
+        return isolation.isolate(self, plan)
 
     def end_isolation(self, plan: IsolationPlan) -> list[ChangeRecord]:
         """Delete the isolation policies and put each limited policy back as recorded (created again
         when it was deleted meanwhile); read back and compared with the record."""
-        from kubernetes.client.exceptions import ApiException
-
-        records = []
-        existing = self._network_policies()
-        try:
-            for wanted in plan.state.get("apply") or []:
-                name = wanted["metadata"]["name"]
-                if name in existing:
-                    self.networking.delete_namespaced_network_policy(
-                        name, self.namespace, _request_timeout=self._timeout
-                    )
-                records.append(
-                    ChangeRecord(
-                        "end-isolation",
-                        f"NetworkPolicy/{name}",
-                        name in existing,
-                        before={"exists": str(name in existing)},
-                        after={"exists": "False"},
-                        commands=(f"kubectl delete networkpolicy {name} -n {self.namespace}",),
-                    )
-                )
-            for name, recorded in (plan.state.get("restricted") or {}).items():
-                found = existing.get(name)
-                if found is None:
-                    self.networking.create_namespaced_network_policy(
-                        self.namespace, recorded, _request_timeout=self._timeout
-                    )
-                    command = f"kubectl apply -n {self.namespace} -f - (NetworkPolicy {name}, as recorded)"
-                else:
-                    self._patch_policy(name, _restore_patch(found, recorded))
-                    command = (
-                        f"kubectl patch networkpolicy {name} -n {self.namespace} --type merge (as recorded)"
-                    )
-                records.append(
-                    ChangeRecord(
-                        "end-isolation",
-                        f"NetworkPolicy/{name}",
-                        found is None or found["spec"] != recorded["spec"],
-                        before={"ingress": _compact((found or {}).get("spec", {}).get("ingress"))},
-                        after={"ingress": _compact(recorded["spec"].get("ingress"))},
-                        commands=(command,),
-                    )
-                )
-        except ApiException as exc:
-            raise RuntimeOperationFailed(
-                f"Kubernetes refused a NetworkPolicy change (HTTP {exc.status}: {exc.reason}); the isolation"
-                " is partly ended: run end-isolation again"
-            ) from None
-        now = self._network_policies()
-        left = [w["metadata"]["name"] for w in plan.state.get("apply") or [] if w["metadata"]["name"] in now]
-        differ = [
-            n
-            for n, recorded in (plan.state.get("restricted") or {}).items()
-            if n not in now or now[n]["spec"] != recorded["spec"]
-        ]
-        if left or differ:
-            raise RuntimeOperationFailed(
-                "NetworkPolicies not as recorded when read back:"
-                + (f" still there: {', '.join(left)};" if left else "")
-                + (f" differing from the record: {', '.join(differ)};" if differ else "")
-                + " run end-isolation again"
-            )
-        return records
-
-    def _patch_policy(self, name: str, body: dict[str, Any]) -> None:
-        self.networking.patch_namespaced_network_policy(
-            name, self.namespace, body, _content_type=MERGE_PATCH, _request_timeout=self._timeout
-        )
-
-
-# -- NetworkPolicy helpers (plain data: the manifests as the API returns them, sanitised) ------------
-
-
-def exec_status(status: str) -> tuple[int, str]:
-    """The exit code and message of an exec from its status channel (a ``v1.Status`` in JSON).
-
-    ``Success`` is 0; a ``NonZeroExitCode`` carries the code in its ``ExitCode`` cause; a command the
-    container runtime could not start (``executable file not found``) is :data:`EXIT_NOT_FOUND`;
-    any other failure 126 (could not run), with the API's message.
-    """
-    if not status.strip():
-        return 126, "the exec ended without a status"
-    try:
-        document = json.loads(status)
-    except ValueError:
-        return 126, status.strip()[:400]
-    if document.get("status") == "Success":
-        return 0, ""
-    message = str(document.get("message") or "")
-    for cause in (document.get("details") or {}).get("causes") or []:
-        if cause.get("reason") == "ExitCode":
-            with contextlib.suppress(TypeError, ValueError):
-                return int(cause.get("message")), message
-    if "executable file not found" in message or "no such file or directory" in message:
-        return EXIT_NOT_FOUND, message
-    return 126, message
-
-
-ISOLATION_POLICY = "swagger2mcp-ops-isolation"
-ISOLATION_LABEL = "swagger2mcp-ops/isolation"
-# Ingress from any pod of the policy's own namespace, and nothing else.
-_INSIDE_ONLY: list[dict[str, Any]] = [{"from": [{"podSelector": {}}]}]
-
-
-def _policy_manifest(raw: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a NetworkPolicy that make it what it is (no uid, resourceVersion, status...)."""
-    metadata = raw.get("metadata") or {}
-    kept = {k: metadata[k] for k in ("name", "namespace", "labels", "annotations") if metadata.get(k)}
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": kept,
-        "spec": raw.get("spec") or {},
-    }
-
-
-def _isolation_policy(name: str, namespace: str, selector: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {"app.kubernetes.io/managed-by": "swagger2mcp-ops", ISOLATION_LABEL: "true"},
-            "annotations": {
-                "swagger2mcp-ops/purpose": "security-incident isolation: ingress only from this namespace's"
-                " pods; end-isolation removes it"
-            },
-        },
-        "spec": {"podSelector": selector, "policyTypes": ["Ingress"], "ingress": _INSIDE_ONLY},
-    }
-
-
-def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    """Whether a label selector (matchLabels and matchExpressions) selects ``labels``; {} selects all."""
-    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
-        return False
-    for expression in selector.get("matchExpressions") or []:
-        key, operator, values = (
-            expression.get("key"),
-            expression.get("operator"),
-            expression.get("values") or [],
-        )
-        present = key in labels
-        if operator == "In" and not (present and labels[key] in values):
-            return False
-        if operator == "NotIn" and present and labels[key] in values:
-            return False
-        if operator == "Exists" and not present:
-            return False
-        if operator == "DoesNotExist" and present:
-            return False
-    return True
-
-
-def _admits_outside(spec: dict[str, Any]) -> bool:
-    """Whether a policy lets ingress come from beyond the namespace's own pods: a rule with no
-    ``from`` (everyone), an ``ipBlock`` or a ``namespaceSelector`` peer."""
-    types = spec.get("policyTypes") or ["Ingress"]
-    if "Ingress" not in types:
-        return False
-    for rule in spec.get("ingress") or []:
-        peers = rule.get("from") or []
-        if not peers or any("ipBlock" in p or "namespaceSelector" in p for p in peers):
-            return True
-    return False
-
-
-def _merge_to(current: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
-    """A merge patch turning ``current`` into ``wanted`` at the top level (absent keys set to null)."""
-    return {**{k: None for k in current if k not in wanted}, **wanted}
-
-
-def _restore_patch(current: dict[str, Any], recorded: dict[str, Any]) -> dict[str, Any]:
-    """The merge patch that puts a policy's labels, annotations and spec back as recorded."""
-    meta_now = current.get("metadata") or {}
-    meta_then = recorded.get("metadata") or {}
-    metadata = {
-        key: _merge_to(meta_now.get(key) or {}, meta_then.get(key) or {}) or None
-        for key in ("labels", "annotations")
-        if (meta_now.get(key) or {}) != (meta_then.get(key) or {})
-    }
-    patch: dict[str, Any] = {"spec": _merge_to(current.get("spec") or {}, recorded.get("spec") or {})}
-    if metadata:
-        patch["metadata"] = metadata
-    return patch
-
-
-def _selector_text(selector: dict[str, Any]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted((selector.get("matchLabels") or {}).items())) or _compact(
-        selector
-    )
-
-
-def _compact(value: Any) -> str:
-    import json
-
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+        return isolation.end_isolation(self, plan)
