@@ -2,7 +2,8 @@
 archiver streams the primary, a base backup and rows go in, a standby (``pg_basebackup -R``) takes
 over on timeline 2 and the archiver is pointed at it (its slot created there), more rows go in and
 then a damaging DELETE. The archive holds ``00000002.history``, the status shows both timelines and
-no gap, and a restore to a time after the promotion brings back the rows of both timelines."""
+no gap, a transaction of timeline 2 is found for a target, and a restore to a time after the
+promotion brings back the rows of both timelines."""
 
 from __future__ import annotations
 
@@ -87,6 +88,10 @@ def test_restore_after_a_promotion_brings_back_both_timelines(
         writer.write(30)
         standby_of.switch_wal()
         writer.write(10)
+        standby_of.execute("CREATE TABLE marks (v int)")
+        xid = standby_of.execute(
+            "WITH m AS (INSERT INTO marks VALUES (1) RETURNING v) SELECT pg_current_xact_id()::text FROM m"
+        )[0][0]
         time.sleep(0.3)
         target = datetime.now(UTC)
         time.sleep(0.3)
@@ -109,6 +114,11 @@ def test_restore_after_a_promotion_brings_back_both_timelines(
         assert plan.base.id == manifest.id
         assert plan.segments[0].startswith("00000001")
         assert plan.segments[-1].startswith("00000002")
+        # A transaction of timeline 2 is found in its WAL (pg_waldump reads one timeline per run).
+        by_xid = recover.plan_point_restore(on_standby, target_xid=str(xid))  # type: ignore[arg-type]
+        assert f"just before transaction {xid}" in by_xid.target
+        assert by_xid.segments[0].startswith("00000001")
+        assert by_xid.segments[-1].startswith("00000002")
         result = recover.restore_to_point(on_standby, plan=plan)  # type: ignore[arg-type]
 
     assert result.comparison.matches, result.comparison.summary()
