@@ -2,7 +2,8 @@
 logical backups' proven path onto the app's server.
 
 1. plan (reads only): pick the newest base backup finished before the target, list every WAL
-   segment from its start to the target, and check each is archived and matches its checksums: a
+   segment from its start to the target (across timeline switches, along the newest timeline:
+   :mod:`tasks.wal.timelines`), and check each is archived and matches its checksums: a
    missing or corrupt segment is named here, before anything is unpacked or started;
 2. unpack the base backup into a scratch data directory (sha256 checked), write ``recovery.signal``
    and a configuration of our own (``restore_command`` = ``python -m tasks.wal.fetch``, the
