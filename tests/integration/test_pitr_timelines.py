@@ -102,6 +102,12 @@ def test_restore_after_a_promotion_brings_back_both_timelines(
 
         listing = archive.list_archive(storage)
         assert "00000002.history" in listing.histories
+        # The old timeline's last (never finished) segment does not stay in the spool.
+        wait_for(
+            lambda: not list(spool.glob("00000001*.partial")),
+            timeout=10,
+            what="old timeline's partial retired",
+        )
         state = status.archive_status(on_standby, storage=storage)  # type: ignore[arg-type]
         assert state.timelines == [1, 2]
         assert state.gaps == []
