@@ -239,7 +239,8 @@ def render_status(status: ArchiveStatus) -> str:
         f" active={slot.active if slot else '-'} lag={slot.lag_bytes if slot else '-'} bytes",
         f"- restorable window: {status.window_start or '-'} ({status.window_start_backup or '-'}) .."
         f" {status.window_end or '-'} ({status.window_end_wal or '-'})",
-        f"- timelines: {', '.join(str(t) for t in status.timelines) or '-'}",
+        f"- timelines: {', '.join(str(t) for t in status.timelines) or '-'}"
+        + (f" (replay reads {status.timeline_path})" if status.timeline_path else ""),
     ]
     if status.problems:
         lines += ["", "## Problems", "", *[f"- {p}" for p in status.problems]]

@@ -161,7 +161,7 @@ class Archiver:
 
     def ship_ready(self) -> list[str]:
         """Ship every finished segment and history file in the spool, oldest first, then remove it."""
-        shipped = []
+        shipped = self.retire_old_partials()
         names = sorted(p.name for p in self.spool.iterdir()) if self.spool.is_dir() else []
         for name in names:
             path = self.spool / name
@@ -184,6 +184,29 @@ class Archiver:
         if shipped:
             self.write_status()
         return shipped
+
+    def retire_old_partials(self) -> list[str]:
+        """Ship one last time, then remove, the growing segment of a timeline that ended.
+
+        After a promotion pg_receivewal streams the old timeline up to the switch, leaves its last
+        segment as ``.partial`` (it is never finished) and goes on with the new timeline's partial;
+        once that exists the old one is closed for good and would lie in the spool forever.
+        """
+        partials = sorted(self.spool.glob("*" + PARTIAL_SUFFIX)) if self.spool.is_dir() else []
+        if not partials:
+            return []
+        newest = partials[-1].name[:8]
+        retired = []
+        for path in partials[:-1]:
+            if path.name[:8] >= newest:
+                continue
+            archive.ship_file(self.storage, path, level=self.cfg.zstd_level)
+            path.unlink()
+            retired.append(path.name)
+            logger.info(
+                "timeline of %s ended: shipped it a last time and removed it from the spool", path.name
+            )
+        return retired
 
     def _note_segment(self, name: str, segment_size: int) -> None:
         seg = parse_segment(name, segment_size)

@@ -2,7 +2,8 @@
 logical backups' proven path onto the app's server.
 
 1. plan (reads only): pick the newest base backup finished before the target, list every WAL
-   segment from its start to the target, and check each is archived and matches its checksums: a
+   segment from its start to the target (across timeline switches, along the newest timeline:
+   :mod:`tasks.wal.timelines`), and check each is archived and matches its checksums: a
    missing or corrupt segment is named here, before anything is unpacked or started;
 2. unpack the base backup into a scratch data directory (sha256 checked), write ``recovery.signal``
    and a configuration of our own (``restore_command`` = ``python -m tasks.wal.fetch``, the
@@ -44,10 +45,10 @@ from tasks.errors import CommandError, OpsError, ParameterError
 from tasks.runlog import run_logger
 from tasks.settings import OpsSettings
 from tasks.storage import Storage, open_storage
-from tasks.wal import archive, targets
+from tasks.wal import archive, targets, timelines
 from tasks.wal import tables as side_tables
 from tasks.wal.base import BaseBackupManifest, extract_base_backup, list_base_backups
-from tasks.wal.names import WalNameError, format_lsn, parse_lsn, parse_segment, segment_of, segments_between
+from tasks.wal.names import WalNameError, format_lsn, parse_lsn, parse_segment
 
 ROOT = Path(__file__).resolve().parents[2]
 _STOP_RE = re.compile(r"recovery stopping (?:before|after) .*")
@@ -75,13 +76,16 @@ class PointPlan:
     tables: tuple[tuple[str, str], ...] = ()
     # False: stop just before the first WAL record at the target LSN (a dump's snapshot position).
     inclusive: bool = True
+    # The timelines the replay follows ("timeline 1 until 0/5000120, then timeline 2").
+    timelines: str = ""
 
     def steps(self) -> list[str]:
         replay = [
             f"unpack base backup {self.base.id} (finished {self.base.finished_at:%Y-%m-%d %H:%M:%S} UTC,"
             f" WAL from {self.base.start_lsn}) into a scratch data directory",
             f"replay {len(self.segments)} archived WAL segments ({self.segments[0]}..{self.segments[-1]})"
-            f" to {self.target} in a scratch PostgreSQL",
+            f" to {self.target} in a scratch PostgreSQL"
+            + (f", along {self.timelines}" if ", then " in self.timelines else ""),
         ]
         if self.tables:
             names = ", ".join(f"{s}.{t}" for s, t in self.tables)
@@ -163,7 +167,8 @@ def plan_point_restore(
     database = database or postgres.database_name(settings.postgres.dsn.get_secret_value())
     bases = list_base_backups(settings, storage=storage)
     listing = archive.list_archive(storage)
-    window = targets.restorable_window(bases, listing)
+    paths, path_problems = timelines.archive_paths(storage, listing)
+    window = targets.restorable_window(bases, listing, timelines.newest_path(paths))
     ended: targets.XidRecord | None = None
     if target_time is not None:
         targets.check_time(target_time, window, now=now)
@@ -187,31 +192,42 @@ def plan_point_restore(
     base = usable[0]
     size = base.wal_segment_size
     first = parse_segment(base.start_wal, size)
+    # The replay follows the newest timeline through the base backup's start (recovery_target_timeline
+    # = 'latest'): segments before a switch come from the old timeline, from its segment on the new.
+    path = timelines.latest_path(paths, base.timeline, parse_lsn(base.start_lsn))
     if lsn is not None:
-        last = segment_of(lsn, base.timeline, size)
+        last_number = lsn // size
     else:
         assert target_time is not None
         # The first segment shipped after the target holds it (or the first commit after it).
-        later = sorted(
-            n for n, info in listing.segments.items() if n >= base.start_wal and info.modified >= target_time
-        )
-        partial = [n for n, info in listing.partials.items() if info.modified >= target_time]
+        on_path = [
+            n
+            for n in timelines.path_names(path, listing, size, partials=False)
+            if parse_segment(n, size).number >= first.number
+        ]
+        later = [n for n in on_path if listing.segments[n].modified >= target_time]
+        partial = [
+            n
+            for n in timelines.path_names(path, listing, size)
+            if n in listing.partials and listing.partials[n].modified >= target_time
+        ]
         if later:
-            last = parse_segment(later[0], size)
+            last_number = parse_segment(later[0], size).number
         elif partial:
-            last = parse_segment(max(partial), size)
+            last_number = parse_segment(partial[-1], size).number
         else:
             raise PointRestoreError(
                 f"{target} is past the newest archived WAL; {window.describe()}. Pick an earlier time or"
                 " check the archiver. Nothing was touched"
             )
-    last = max(last, parse_segment(base.stop_wal, size))
-    names = [s.name for s in segments_between(first, last)]
+    last_number = max(last_number, parse_lsn(base.stop_lsn) // size)
+    names = [s.name for s in path.segments(first.number, last_number, size)]
     check = archive.check_segments(storage, names)
     if not check.ok:
         raise archive.WalArchiveError(
             f"restore to {target} from base backup {base.id} is not possible: {check.summary()}."
             " Nothing was touched; pick a target before the first missing segment, or a later base backup"
+            + "".join(f". {problem}" for problem in path_problems)
         )
     return PointPlan(
         target,
@@ -224,6 +240,7 @@ def plan_point_restore(
         target_xid=None if xid is None else str(xid),
         window=window.describe(),
         tables=wanted,
+        timelines=path.describe(),
     )
 
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from tasks.settings import OpsSettings
 from tasks.storage import ObjectNotFound, Storage, WriteConflict, open_storage
-from tasks.wal import archive
+from tasks.wal import archive, timelines
 from tasks.wal.server import WalServerError, connect
 
 RPO_EXCEEDED_EVENT = "swagger2mcp-ops.wal.rpo-exceeded"
@@ -48,6 +48,8 @@ class ArchiveStatus(BaseModel):
     window_start_backup: str | None = None
     window_end_wal: str | None = None
     timelines: list[int] = []
+    # The newest timeline's WAL as a replay reads it ("timeline 1 until 0/5000120, then timeline 2").
+    timeline_path: str | None = None
     base_backups: int = 0
     problems: list[str] = []
 
@@ -135,8 +137,18 @@ def archive_status(
     else:
         problems.append("the WAL archive is empty: start the archiver (python -m tasks.wal.archiver)")
     size = archive.segment_size(storage, listing)
+    paths, path_problems = timelines.archive_paths(storage, listing)
+    problems += path_problems
+    newest_path = timelines.newest_path(paths)
+    if newest_path is not None:
+        status.timeline_path = newest_path.describe()
     if size is not None:
-        status.gaps = archive.gaps(listing, size)
+        # Each timeline over its own range, and the newest timeline's path across its switches (a new
+        # timeline archived from later than its switch leaves a hole no single timeline shows).
+        found = set(archive.gaps(listing, size))
+        if newest_path is not None:
+            found.update(timelines.path_gaps(newest_path, listing, size))
+        status.gaps = sorted(found, key=lambda name: (int(name[8:], 16), name[:8]))
         if status.gaps:
             problems.append(
                 f"{len(status.gaps)} WAL segments are missing inside the archive"
@@ -162,9 +174,7 @@ def archive_status(
                 f"slot {cfg.slot} holds {status.slot.lag_bytes} bytes of WAL on the server (over"
                 f" {cfg.slot_lag_warn_bytes}): the archiver is behind or down and the server's disk fills"
             )
-    status.timelines = sorted(
-        {int(name[:8], 16) for name in [*listing.segments, *listing.partials, *listing.histories]}
-    )
+    status.timelines = timelines.archive_timelines(listing)
     bases = list_base_backups(settings, storage=storage)
     status.base_backups = len(bases)
     if bases and status.last_wal_at is not None:

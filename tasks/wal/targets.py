@@ -28,7 +28,8 @@ from tasks.settings import OpsSettings
 from tasks.storage import Storage
 from tasks.wal import archive
 from tasks.wal.base import BaseBackupManifest
-from tasks.wal.names import PARTIAL_SUFFIX, parse_lsn, parse_segment, segments_between
+from tasks.wal.names import PARTIAL_SUFFIX, parse_lsn, parse_segment
+from tasks.wal.timelines import TimelinePath, archive_paths, latest_path
 
 # Segments handed to one pg_waldump run; the last one is carried into the next run so that a record
 # crossing the boundary is read whole.
@@ -52,6 +53,8 @@ class RestorableWindow:
     start_backup: str | None
     end_time: datetime | None
     end_wal: str | None
+    # The timelines the window's WAL runs along ("timeline 1 until 0/5000120, then timeline 2").
+    timelines: str = ""
 
     def describe(self) -> str:
         if self.start_time is None:
@@ -62,19 +65,38 @@ class RestorableWindow:
             f"the restorable window is {self.start_time.astimezone(UTC):%Y-%m-%dT%H:%M:%S}Z (LSN"
             f" {self.start_lsn}, end of base backup {self.start_backup}) .. "
             f"{self.end_time.astimezone(UTC):%Y-%m-%dT%H:%M:%S}Z (newest archived WAL {self.end_wal})"
+            + (f", along {self.timelines}" if ", then " in self.timelines else "")
         )
 
 
-def restorable_window(bases: list[BaseBackupManifest], listing: archive.ArchiveListing) -> RestorableWindow:
-    """The window the archive serves now (``bases`` in any order)."""
+def restorable_window(
+    bases: list[BaseBackupManifest],
+    listing: archive.ArchiveListing,
+    path: TimelinePath | None = None,
+) -> RestorableWindow:
+    """The window the archive serves now (``bases`` in any order).
+
+    With ``path`` (the newest timeline's, :func:`tasks.wal.timelines.newest_path`) the window ends at
+    the newest WAL a replay along it reads: WAL an old timeline wrote after its switch is not in it.
+    """
     oldest = min(bases, key=lambda b: b.finished_at, default=None)
     newest = listing.newest()
+    if path is not None and oldest is not None:
+        size = oldest.wal_segment_size
+        on_path = [
+            (name, info.modified)
+            for group in (listing.segments, listing.partials)
+            for name, info in group.items()
+            if path.on_path(name, size)
+        ]
+        newest = max(on_path, key=lambda item: (item[1], item[0]), default=newest)
     return RestorableWindow(
         start_time=oldest.finished_at if oldest else None,
         start_lsn=oldest.stop_lsn if oldest else None,
         start_backup=oldest.id if oldest else None,
         end_time=newest[1] if newest else None,
         end_wal=newest[0] if newest else None,
+        timelines=path.describe() if path is not None else "",
     )
 
 
@@ -120,8 +142,9 @@ def check_lsn(lsn: int, window: RestorableWindow, listing: archive.ArchiveListin
         raise _refuse(f"{shown} cannot be restored", window)
     if lsn < parse_lsn(window.start_lsn):
         raise _refuse(f"{shown} is before the oldest base backup's end", window)
-    newest = max([*listing.segments, *listing.partials])
-    if lsn // segment_size > parse_segment(newest, segment_size).number:
+    # Segment numbers count WAL positions on every timeline alike.
+    newest = max(parse_segment(n, segment_size).number for n in [*listing.segments, *listing.partials])
+    if lsn // segment_size > newest:
         raise _refuse(f"{shown} is past the newest archived WAL", window)
 
 
@@ -183,12 +206,24 @@ def _scan(
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ops-waldump-", dir=parent))
     try:
+        # pg_waldump reads one timeline per run: a batch ends where the timeline changes.
+        batches: list[list[str]] = []
+        for name in names:
+            if batches and len(batches[-1]) < _BATCH and batches[-1][-1][:8] == name[:8]:
+                batches[-1].append(name)
+            else:
+                batches.append([name])
         carried: str | None = None
-        for start in range(0, len(names), _BATCH):
-            batch = names[start : start + _BATCH]
+        for batch in batches:
             for name in batch:
                 stored = name + PARTIAL_SUFFIX if name in partials else name
                 (work / name).write_bytes(archive.fetch(storage, stored))
+            if carried is not None and carried[:8] != batch[0][:8]:
+                # The old timeline's last segment, named for the new one: a record that crosses into
+                # the switch segment is read whole (its pages keep their own timeline ids).
+                renamed = batch[0][:8] + carried[8:]
+                (work / carried).rename(work / renamed)
+                carried = renamed
             found = _waldump(settings, work, carried or batch[0], batch[-1], xid)
             if found is not None:
                 return found
@@ -221,12 +256,14 @@ def locate_xid(
     size = newest_first[0].wal_segment_size
     newest = parse_segment(window.end_wal, size)
     archived = set(listing.segments) | set(listing.partials)
+    paths, _ = archive_paths(storage, listing)
     end = newest
     for position, base in enumerate(newest_first):
         first = parse_segment(base.start_wal, size)
         if position > 0 and first.number > end.number:
             continue
-        names = [s.name for s in segments_between(first, end) if s.name in archived]
+        path = latest_path(paths, base.timeline, parse_lsn(base.start_lsn))
+        names = [s.name for s in path.segments(first.number, end.number, size) if s.name in archived]
         found = _scan(settings, storage, names, set(listing.partials) - set(listing.segments), xid)
         if found is not None:
             usable = [b for b in newest_first if parse_lsn(b.stop_lsn) <= parse_lsn(found.lsn)]
