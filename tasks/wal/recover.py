@@ -37,9 +37,10 @@ import psycopg
 
 from tasks import backup, postgres
 from tasks.backup import CONTENT_HASH_ALGORITHM, TableComparison, compare_stats, table_stats
-from tasks.backup.database import _maintenance, _scratch_database, _tool_connection
+from tasks.backup.database import _maintenance, _scratch_database
+from tasks.backup.restore.streams import _Alongside, _PgRestore
 from tasks.backup.restore.swap import _database_owner, _swap
-from tasks.commands import stream_command
+from tasks.commands import run_command, stream_command
 from tasks.errors import CommandError, OpsError, ParameterError
 from tasks.runlog import run_logger
 from tasks.settings import OpsSettings
@@ -56,6 +57,26 @@ _PIPE = 1 << 20
 
 class PointRestoreError(OpsError):
     """The restore to a point could not be done; the app's database was not touched."""
+
+
+@dataclass
+class Phases:
+    """How long each phase of a restore to a point took, in the order they ran (seconds); the report
+    shows them, so a slow restore says where its time went."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Add the time the block takes to phase ``name`` (also when it raises)."""
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.monotonic() - started, 3)
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.seconds.items()) or "-"
 
 
 @dataclass(frozen=True)
@@ -112,6 +133,7 @@ class PointRestoreResult:
     duration_seconds: float = 0.0
     # A per-table restore: the side schema and what it holds (old_database is None then).
     side: side_tables.TablesRestored | None = None
+    phases: Phases = field(default_factory=Phases)
 
 
 def _storage(settings: OpsSettings) -> Storage:
@@ -333,9 +355,12 @@ class ScratchServer:
 
 
 @contextlib.contextmanager
-def scratch_server(settings: OpsSettings, storage: Storage, plan: PointPlan) -> Iterator[ScratchServer]:
+def scratch_server(
+    settings: OpsSettings, storage: Storage, plan: PointPlan, phases: Phases | None = None
+) -> Iterator[ScratchServer]:
     """Unpack, configure and start the scratch PostgreSQL; yield once it has promoted; remove it all."""
     logger = run_logger(__name__)
+    phases = phases or Phases()
     cfg = settings.wal
     parent = cfg.scratch_dir or Path(tempfile.gettempdir())
     parent.mkdir(parents=True, exist_ok=True)
@@ -343,7 +368,8 @@ def scratch_server(settings: OpsSettings, storage: Storage, plan: PointPlan) -> 
     proc: subprocess.Popen[bytes] | None = None
     try:
         data = scratch / "data"
-        extract_base_backup(storage, plan.base, data)
+        with phases.timed("unpack base backup"):
+            extract_base_backup(storage, plan.base, data)
         with contextlib.suppress(FileNotFoundError):  # ALTER SYSTEM of production must not win over ours
             (data / "postgresql.auto.conf").rename(scratch / "postgresql.auto.conf.from-backup")
         (data / "recovery.signal").touch()
@@ -360,7 +386,8 @@ def scratch_server(settings: OpsSettings, storage: Storage, plan: PointPlan) -> 
             logger.info(
                 "%s cannot run %s: staging the checked WAL for recovery", cfg.server_os_user, sys.executable
             )
-            _stage_wal(storage, plan, staged)
+            with phases.timed("stage WAL"):
+                _stage_wal(storage, plan, staged)
         (scratch / "recovery.conf").write_text(_recovery_conf(plan, port, sockets, scratch, staged))
         data.chmod(0o700)
         if as_root:
@@ -378,23 +405,25 @@ def scratch_server(settings: OpsSettings, storage: Storage, plan: PointPlan) -> 
         env = {**os.environ, **_storage_env(settings), "PYTHONPATH": str(ROOT)}
         log_path = scratch / "server.log"
         logger.info("starting the scratch PostgreSQL on port %s to replay to %s", port, plan.target)
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(  # a server for the length of the restore: not run_command
-                argv, cwd=scratch, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
         server = ScratchServer(port, sockets, user, log_path)
-        _wait_promoted(server, proc, cfg.recovery_timeout_seconds)
+        with phases.timed("start and replay WAL"):
+            with log_path.open("wb") as log:
+                proc = subprocess.Popen(  # a server for the length of the restore: not run_command
+                    argv, cwd=scratch, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            _wait_promoted(server, proc, cfg.recovery_timeout_seconds)
         logger.info("scratch PostgreSQL recovered: %s", server.reached())
         yield server
     finally:
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)  # fast shutdown; nothing of it is kept
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        shutil.rmtree(scratch, ignore_errors=True)
+        with phases.timed("remove scratch instance"):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGINT)  # fast shutdown; nothing of it is kept
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=10)
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def urlsplit_user(settings: OpsSettings) -> str:
@@ -430,33 +459,113 @@ def _wait_promoted(server: ScratchServer, proc: subprocess.Popen[bytes], timeout
 # --- copy, compare, swap --------------------------------------------------------------------------
 
 
-def _copy(settings: OpsSettings, server: ScratchServer, source_db: str, dest_db: str) -> list[str]:
-    """``pg_dump`` from the scratch instance piped into ``pg_restore`` on the app's server."""
+@dataclass(frozen=True)
+class CopyResult:
+    """The copy of the recovered database and both sides' per-table counts and content hashes."""
+
+    commands: list[str]
+    expected: dict[str, backup.TableStats]
+    actual: dict[str, backup.TableStats]
+
+
+def _copy_and_read(
+    settings: OpsSettings,
+    server: ScratchServer,
+    source_db: str,
+    dest_db: str,
+    *,
+    workdir: Path,
+    phases: Phases | None = None,
+) -> CopyResult:
+    """Copy ``source_db`` of the scratch instance into the empty ``dest_db`` on the app's server, by
+    sections, and count and hash the tables of both.
+
+    1. the schema (pre- and post-data sections, no rows) is dumped to a small file in ``workdir``,
+       and its pre-data section (tables, types, functions, large objects) restored;
+    2. the rows stream ``pg_dump --section=data | pg_restore`` with no file and no compression; the
+       recovered instance's tables are read at the same time (nothing else writes to it);
+    3. indexes, constraints and triggers are built from the schema file with ``backup.restore_jobs``
+       jobs, while the copy's tables are read one statement each (their rows are all in; a table is
+       locked only while it is read). A schema with row security is read after, as its policies
+       change what a role sees.
+
+    Raises:
+        CommandError: pg_dump or pg_restore failed.
+    """
     cfg = settings.backup
-    dbname, env, secrets = _tool_connection(settings, dest_db)
-    dump = [
-        cfg.pg_dump,
-        "--format=custom",
-        "--compress=0",
-        "--no-password",
-        f"--dbname={server.conninfo(source_db)}",
-    ]
-    load = [cfg.pg_restore, "--exit-on-error", "--no-password", f"--dbname={dbname}"]
-    with (
-        stream_command(dump, timeout=cfg.restore_timeout_seconds) as source,
-        stream_command(
-            load, timeout=cfg.restore_timeout_seconds, mode="write", env=env, secrets=secrets
-        ) as sink,
-    ):
-        while chunk := source.pipe.read(_PIPE):
-            sink.pipe.write(chunk)
-    return [" ".join(source.argv), " ".join(sink.argv)]
+    phases = phases or Phases()
+    restore = _PgRestore.into(settings, dest_db)
+    schema = workdir / "schema.dump"
+    source = [cfg.pg_dump, "--no-password", f"--dbname={server.conninfo(source_db)}"]
+    timeout = cfg.restore_timeout_seconds
+    copy_dsn = postgres.libpq_dsn(settings.postgres.dsn.get_secret_value(), database=dest_db)
+    commands: list[str] = []
+    box: dict[str, dict[str, backup.TableStats]] = {}
+
+    def _read_source() -> None:
+        box["expected"] = _stats(server.conninfo(source_db))
+
+    def _read_copy() -> None:
+        box["actual"] = _stats(copy_dsn, snapshot=False)
+
+    with phases.timed("copy schema"):
+        dumped = run_command(
+            [*source, "--format=custom", "--section=pre-data", "--section=post-data", f"--file={schema}"],
+            timeout=timeout,
+        )
+        commands.append(dumped.command_line)
+        pre = restore.run("--section=pre-data", str(schema))
+        commands.append(pre.command_line)
+        if not pre.ok:
+            raise CommandError(
+                f"pg_restore exited {pre.returncode}: {pre.command_line}\n{pre.stderr[-4000:]}"
+            )
+        catalog = restore.catalog(str(schema))
+        secured = " ROW SECURITY " in catalog or " POLICY " in catalog
+    reading_source = _Alongside(_read_source)
+    reading_copy = _Alongside(None)
+    try:
+        with (
+            phases.timed("copy rows"),
+            stream_command(
+                [*source, "--format=custom", "--compress=0", "--section=data"], timeout=timeout
+            ) as out,
+            restore.stream("--section=data") as into,
+        ):
+            while chunk := out.pipe.read(_PIPE):
+                into.pipe.write(chunk)
+        commands += [" ".join(out.argv), " ".join(into.argv)]
+        if not secured:
+            reading_copy = _Alongside(_read_copy)
+        with phases.timed("build indexes and constraints"):
+            post = restore.run("--section=post-data", f"--jobs={max(1, cfg.restore_jobs)}", str(schema))
+            commands.append(post.command_line)
+            if not post.ok:
+                raise CommandError(
+                    f"pg_restore exited {post.returncode}: {post.command_line}\n{post.stderr[-4000:]}"
+                )
+    except BaseException:
+        reading_source.join(raise_error=False)
+        reading_copy.join(raise_error=False)
+        raise
+    # What is left of the reading once the copy is done.
+    with phases.timed("compare tables"):
+        reading_source.join()
+        reading_copy.join()
+        if secured:
+            _read_copy()
+    return CopyResult(commands, box["expected"], box["actual"])
 
 
-def _stats(conninfo: str) -> dict[str, backup.TableStats]:
-    with psycopg.connect(conninfo, autocommit=True) as conn, conn.transaction():
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        return table_stats(conn, algorithm=CONTENT_HASH_ALGORITHM)
+def _stats(conninfo: str, *, snapshot: bool = True) -> dict[str, backup.TableStats]:
+    """Counts and content hashes of every table: in one snapshot, or (``snapshot=False``, for a copy
+    nothing but the restore writes to) one statement per table, so that no table stays locked."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        if not snapshot:
+            return table_stats(conn, algorithm=CONTENT_HASH_ALGORITHM)
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            return table_stats(conn, algorithm=CONTENT_HASH_ALGORITHM)
 
 
 def restore_to_point(
@@ -489,32 +598,36 @@ def restore_to_point(
     started = time.monotonic()
     logger = run_logger(__name__)
     storage = _storage(settings)
-    plan = plan or plan_point_restore(
-        settings,
-        target_time=target_time,
-        target_lsn=target_lsn,
-        target_xid=target_xid,
-        database=database,
-        tables=tables,
-        storage=storage,
-    )
+    phases = Phases()
+    if plan is None:
+        with phases.timed("plan and check the archive"):
+            plan = plan_point_restore(
+                settings,
+                target_time=target_time,
+                target_lsn=target_lsn,
+                target_xid=target_xid,
+                database=database,
+                tables=tables,
+                storage=storage,
+            )
     target = plan.database
     commands: list[str] = []
-    with scratch_server(settings, storage, plan) as server:
+    with scratch_server(settings, storage, plan, phases) as server:
         with psycopg.connect(server.conninfo("postgres"), autocommit=True) as conn:
             if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target,)).fetchone() is None:
                 raise PointRestoreError(
                     f"database {target!r} did not exist at {plan.target}; nothing was touched"
                 )
         if plan.tables:
-            side = side_tables.copy_tables(
-                settings,
-                server.conninfo(target),
-                target,
-                plan.tables,
-                label=f"{plan.base.id} at {plan.target}",
-                database_lock_held=database_lock_held,
-            )
+            with phases.timed("copy and compare tables"):
+                side = side_tables.copy_tables(
+                    settings,
+                    server.conninfo(target),
+                    target,
+                    plan.tables,
+                    label=f"{plan.base.id} at {plan.target}",
+                    database_lock_held=database_lock_held,
+                )
             return PointRestoreResult(
                 plan=plan,
                 reached=server.reached(),
@@ -524,21 +637,23 @@ def restore_to_point(
                 commands=side.commands,
                 duration_seconds=round(time.monotonic() - started, 3),
                 side=side,
+                phases=phases,
             )
         copy_name = backup.scratch_name(target, "pitr")
         with _maintenance(settings) as lock_conn:
             owner = _database_owner(lock_conn, target)
         with _scratch_database(settings, copy_name, owner=owner) as copy:
             try:
-                commands += _copy(settings, server, target, copy)
+                copied = _copy_and_read(
+                    settings, server, target, copy, workdir=server.sockets.parent, phases=phases
+                )
             except CommandError as exc:
                 raise PointRestoreError(
                     f"copying the recovered {target} failed; {target} was not touched: {exc}"
                 ) from None
-            expected = _stats(server.conninfo(target))
-            actual = _stats(postgres.libpq_dsn(settings.postgres.dsn.get_secret_value(), database=copy))
+            commands += copied.commands
             comparison = compare_stats(
-                expected, actual, database=copy, backup_id=f"{plan.base.id} at {plan.target}"
+                copied.expected, copied.actual, database=copy, backup_id=f"{plan.base.id} at {plan.target}"
             )
             if not comparison.matches:
                 raise PointRestoreError(
@@ -558,7 +673,8 @@ def restore_to_point(
                 if backup.database_exists(settings, target):
                     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
                     old = target[: 63 - len(stamp) - 6] + f"__old_{stamp}"
-                _swap(settings, target, copy, old)
+                with phases.timed("swap"):
+                    _swap(settings, target, copy, old)
             commands.append(
                 f"ALTER DATABASE {target} RENAME TO {old}; ALTER DATABASE {copy} RENAME TO {target}"
                 if old
@@ -573,6 +689,7 @@ def restore_to_point(
         comparison=comparison,
         commands=commands,
         duration_seconds=round(time.monotonic() - started, 3),
+        phases=phases,
     )
 
 
