@@ -362,7 +362,7 @@ def main() -> int:
             " reads\n  only when an object was last stored, not what it holds, and grows on an idle server"
             " although nothing is at risk."
         )
-        print(f"\n== archive cost of this load (pgbench {results['pgbench_tps']} tps + probes)")
+        print(f"\n== archive cost of this load (pgbench {results['pgbench_tps'] or 0:.0f} tps + probes)")
         print(
             f"  raw WAL {raw / 1e6:.1f} MB, stored {stored / 1e6:.2f} MB"
             f" (zstd; {raw / max(stored, 1):.1f}x smaller)"
