@@ -356,7 +356,7 @@ class ScratchServer:
 
 @contextlib.contextmanager
 def scratch_server(
-    settings: OpsSettings, storage: Storage, plan: PointPlan, phases: Phases | None = None
+    settings: OpsSettings, storage: Storage, plan: PointPlan, *, phases: Phases | None = None
 ) -> Iterator[ScratchServer]:
     """Unpack, configure and start the scratch PostgreSQL; yield once it has promoted; remove it all."""
     logger = run_logger(__name__)
@@ -612,7 +612,7 @@ def restore_to_point(
             )
     target = plan.database
     commands: list[str] = []
-    with scratch_server(settings, storage, plan, phases) as server:
+    with scratch_server(settings, storage, plan, phases=phases) as server:
         with psycopg.connect(server.conninfo("postgres"), autocommit=True) as conn:
             if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target,)).fetchone() is None:
                 raise PointRestoreError(
