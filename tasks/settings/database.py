@@ -243,9 +243,10 @@ class WalSettings(_Section):
         default=0.5, gt=0, le=60, description="how often the archiver looks for finished segments, seconds"
     )
     partial_ship_seconds: float = Field(
-        default=5.0,
+        default=2.0,
         ge=0,
-        description="ship the growing (.partial) segment this often when changed, seconds; 0: on exit only",
+        description="ship the growing (.partial) segment this often when changed, seconds (the RPO is about"
+        " half of it plus the ship; each ship is two storage writes); 0: on exit only",
     )
     status_interval_seconds: int = Field(
         default=5, ge=1, le=3600, description="pg_receivewal's status packets to the server, seconds"

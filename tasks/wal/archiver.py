@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,6 +68,19 @@ class ArchiverStatus:
     heartbeat_at: str | None = None
 
 
+def pass_wait(now: float, partial_shipped_at: float, partial_interval: float, poll: float) -> float:
+    """How long the archiver sleeps between passes.
+
+    ``poll`` seconds, but no later than the moment the partial segment is due again
+    (``partial_shipped_at + partial_interval``), so that its cadence is the interval and not the
+    interval rounded up to the next poll. Once due (the partial had not changed), ``poll`` again.
+    """
+    if partial_interval <= 0:
+        return poll
+    until_due = partial_shipped_at + partial_interval - now
+    return min(poll, until_due) if until_due > 0 else poll
+
+
 def _die_with_parent() -> None:
     """In the child before exec: receive SIGTERM when the archiver dies, even by SIGKILL."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -83,6 +97,8 @@ class Archiver:
         self.spool = Path(self.cfg.spool_dir)
         self.proc: subprocess.Popen[bytes] | None = None
         self.stop = threading.Event()
+        # The archiver's clock (monotonic seconds); tests give a fake one.
+        self.clock: Callable[[], float] = time.monotonic
         self._partial_state: tuple[str, int, int] | None = None
         self._partial_shipped_at = 0.0
         self._last_by_timeline: dict[int, int] = {}
@@ -229,9 +245,10 @@ class Archiver:
         except FileNotFoundError:  # pg_receivewal renamed it just now: the next pass ships the segment
             return None
         state = (path.name, stat.st_mtime_ns, stat.st_size)
+        begun = self.clock()
         due = force or (
             self.cfg.partial_ship_seconds > 0
-            and time.monotonic() - self._partial_shipped_at >= self.cfg.partial_ship_seconds
+            and begun - self._partial_shipped_at >= self.cfg.partial_ship_seconds
         )
         if state == self._partial_state or not due:
             return None
@@ -240,11 +257,19 @@ class Archiver:
         except FileNotFoundError:
             return None
         self._partial_state = state
-        self._partial_shipped_at = time.monotonic()
+        # Counted from the start of the ship: the interval is the cadence, the ship's own time (compress,
+        # checksum, upload; long on a busy host) does not stretch it.
+        self._partial_shipped_at = begun
         self.status.partial_segment = path.name
         self.status.partial_at = record.shipped_at.isoformat()
         self.write_status()
         return path.name
+
+    def next_wait(self) -> float:
+        """Seconds until the next pass: ``poll_seconds``, shortened to wake when the partial is due."""
+        return pass_wait(
+            self.clock(), self._partial_shipped_at, self.cfg.partial_ship_seconds, self.cfg.poll_seconds
+        )
 
     def write_status(self) -> None:
         self.status.heartbeat_at = datetime.now(UTC).isoformat()
@@ -285,7 +310,7 @@ class Archiver:
                     logger.error("shipping failed, will retry: %s", exc)
                 if time.monotonic() - self._status_written > _HEARTBEAT_SECONDS:
                     self.write_status()  # liveness probes watch the file's age, also on an idle server
-                self.stop.wait(self.cfg.poll_seconds)
+                self.stop.wait(self.next_wait())
         finally:
             self.stop_receiver()
             self.ship_ready()

@@ -312,7 +312,8 @@ class _ChunkReader(io.RawIOBase):
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
-        self._buffer = b""
+        # A view: taking a read off the front copies nothing (decompressed chunks run to megabytes).
+        self._buffer = memoryview(b"")
 
     def readable(self) -> bool:
         return True
@@ -320,7 +321,7 @@ class _ChunkReader(io.RawIOBase):
     def readinto(self, target: bytearray | memoryview) -> int:  # type: ignore[override]
         while not self._buffer:
             try:
-                self._buffer = next(self._chunks)
+                self._buffer = memoryview(next(self._chunks))
             except StopIteration:
                 return 0
         n = min(len(target), len(self._buffer))

@@ -85,7 +85,7 @@ def render_point_done(result: PointRestoreResult) -> list[str]:
             "```",
         ]
     lines += [
-        f"- took {result.duration_seconds:.1f} s",
+        f"- took {result.duration_seconds:.1f} s ({result.phases.describe()})",
         "",
         "Commands:",
         *[f"- `{c}`" for c in result.commands],

@@ -64,7 +64,7 @@ def restore_into(
         BackupCorrupt: the object does not match its manifest.
         CommandError: pg_restore failed.
     """
-    restore = _PgRestore.into(settings, database, manifest)
+    restore = _PgRestore.into(settings, database, manifest.pg_dump_version)
     if settings.backup.restore_jobs <= 1:
         return _restore_in_one_stream(restore, _Reading(storage, manifest), alongside_post_data)
     spool_root = settings.backup.spool_dir or Path(tempfile.gettempdir())

@@ -37,9 +37,11 @@ class _PgRestore:
     timeout: float
 
     @classmethod
-    def into(cls, settings: OpsSettings, database: str, manifest: BackupManifest) -> _PgRestore:
+    def into(cls, settings: OpsSettings, database: str, pg_dump_version: str) -> _PgRestore:
+        """pg_restore into ``database`` of the settings' server, for an archive written by the pg_dump
+        whose ``--version`` line is ``pg_dump_version`` (the one a manifest records)."""
         cfg = settings.backup
-        program = _pg_restore_for(settings, manifest.pg_dump_version)
+        program = _pg_restore_for(settings, pg_dump_version)
         dbname, env, secret_values = _tool_connection(settings, database)
         env["PGAPPNAME"] = "swagger2mcp-ops-pg_restore"
         base = [program, "--exit-on-error", "--no-password", f"--dbname={dbname}"]
