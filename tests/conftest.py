@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
+
 _TEST_HOME = Path(tempfile.mkdtemp(prefix="swagger2mcp-ops-prefect-"))
 for _name in list(os.environ):
     if (_name.startswith("OPS_") and not _name.startswith("OPS_TEST_")) or _name in {
@@ -39,6 +41,12 @@ pytest_plugins = [f"tests.fixtures.{name}" for name in _FIRST] + sorted(
     for path in (Path(__file__).parent / "fixtures").glob("*.py")
     if path.stem not in {"__init__", *_FIRST}
 )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules marked ``long`` first (the order is otherwise kept): the suite runs in several processes
+    a test file at a time, and a module of minutes started last would run alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
 def pytest_unconfigure() -> None:

@@ -17,7 +17,7 @@ import pytest
 from tests.fixtures.kube import NEVER_READY_IMAGE
 from tests.fixtures.prefect_server import PrefectServer, child_env, free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 ROOT = Path(__file__).resolve().parents[2]
 CI_DEPLOY = str(ROOT / "scripts" / "ci-deploy.sh")

@@ -28,7 +28,7 @@ from tests.fixtures.docker_engine import DockerEngine
 from tests.fixtures.prefect_server import PREFECT, PrefectServer
 from tests.fixtures.project_image import ProjectImage
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.integration, pytest.mark.long, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[2]
 POOL = "swagger2mcp-ops-docker"  # prefect.yaml's definitions.work_pools.docker

@@ -15,7 +15,7 @@ from tasks.commands import run_command
 from tests.fixtures.docker_engine import DockerEngine
 from tests.fixtures.project_image import ProjectImage
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.integration, pytest.mark.long, pytest.mark.timeout(1800)]
 
 SECRET_LIKE = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|AUTH_STRING|API_KEY|PRIVATE)[A-Z_]*=", re.I)
 

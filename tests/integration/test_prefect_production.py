@@ -32,7 +32,7 @@ from tests.fixtures.kube import IMAGE_REPO
 from tests.fixtures.prefect_production import FINAL_STATES, POOL, ROOT, LayoutServer, stop_process
 from tests.fixtures.prefect_server import PREFECT
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.long, pytest.mark.timeout(900)]
 
 PROBE_DEPLOYMENT = """\
 name: swagger2mcp-ops-probe

@@ -22,7 +22,7 @@ import pytest
 from deployments.serve import descendants
 from tests.fixtures.prefect_server import PrefectServer, child_env, free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 ROOT = Path(__file__).resolve().parents[2]
 STOP_WITHIN_SECONDS = 10.0
@@ -61,6 +61,18 @@ def kill_leftovers(pids: set[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def wait_started(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    """Wait for the entry point's "ready" line; when it never comes, stop its whole process group (the
+    Prefect server and serve below it too), so a slow start fails the test without leaving them."""
+    try:
+        wait_for_output(proc, log, "SIGINT or SIGTERM stops within", timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        raise
+
+
 def start_serve(server: PrefectServer, tmp_path: Path, *flows: str) -> tuple[subprocess.Popen[bytes], Path]:
     log = tmp_path / "serve.log"
     env = server.client_env(tmp_path / "home", PREFECT_LOGGING_LEVEL="INFO")
@@ -73,7 +85,7 @@ def start_serve(server: PrefectServer, tmp_path: Path, *flows: str) -> tuple[sub
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    wait_for_output(proc, log, "SIGINT or SIGTERM stops within", timeout=120)
+    wait_started(proc, log, timeout=120)
     return proc, log
 
 
@@ -137,7 +149,7 @@ def start_make_run(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    wait_for_output(proc, log, "SIGINT or SIGTERM stops within", timeout=180)
+    wait_started(proc, log, timeout=180)
     return proc, log
 
 
