@@ -13,10 +13,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 
 from deployments.serve import descendants
@@ -153,8 +154,27 @@ def start_make_run(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
     return proc, log
 
 
+EMBEDDED_DATABASE = "swagger2mcp"  # what make run creates on the local PostgreSQL when it is missing
+
+
+@pytest.fixture
+def embedded_database_as_found() -> Iterator[None]:
+    """make run creates the embedded default stack's database on the shared PostgreSQL when it is
+    missing: drop it again afterwards in that case, so the server is left as it was found."""
+    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        existed = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (EMBEDDED_DATABASE,)
+        ).fetchone()
+    yield
+    if not existed:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{EMBEDDED_DATABASE}" WITH (FORCE)')
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+@pytest.mark.usefixtures("embedded_database_as_found")
 def test_make_run_stops_within_10_seconds(tmp_path: Path, how: str) -> None:
     proc, log = start_make_run(tmp_path)
     below = set(descendants(proc.pid))
