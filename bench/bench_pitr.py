@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from bench import harness
-from bench.cluster import PG_BIN, BenchCluster, shared_dir
+from bench.cluster import PG_BIN, BenchCluster, shared_dir, stop_process
 
 if TYPE_CHECKING:
     from tasks.settings import OpsSettings
@@ -237,13 +237,7 @@ def prepared(size_mb: int, wal_mb: int, parent: Path | None = None) -> Iterator[
         cluster.execute("CHECKPOINT")
         yield Prepared(cluster, work, settings, target, dump, expected, results)
     finally:
-        if archiver is not None and archiver.poll() is None:
-            archiver.send_signal(signal.SIGTERM)
-            try:
-                archiver.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                archiver.kill()
-                archiver.wait(timeout=10)
+        stop_process(archiver)
         cluster.close()
         shutil.rmtree(work, ignore_errors=True)
 

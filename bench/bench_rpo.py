@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from pathlib import Path
 import psycopg
 
 from bench import harness
-from bench.cluster import BenchCluster, shared_dir
+from bench.cluster import BenchCluster, shared_dir, stop_process
 from tasks.storage import LocalStorage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -386,13 +385,7 @@ def main() -> int:
         if pgbench is not None and pgbench.poll() is None:
             pgbench.kill()
             pgbench.wait(timeout=30)
-        if archiver is not None and archiver.poll() is None:
-            archiver.send_signal(signal.SIGTERM)
-            try:
-                archiver.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                archiver.kill()
-                archiver.wait(timeout=10)
+        stop_process(archiver)
         cluster.close()
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -136,3 +136,15 @@ def shared_dir(prefix: str, parent: Path | None = None) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     path.chmod(0o777)
     return path
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """Stop a helper process the benchmark started (the archiver): SIGTERM, SIGKILL after 60 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)

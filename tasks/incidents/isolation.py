@@ -15,10 +15,7 @@ record to ``isolation/ended/`` with who ended it and when.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -26,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import OpsError
+from tasks.incidents.stores import write_file_atomically
 from tasks.runtime import ChangeRecord, IsolationPlan, Runtime
 from tasks.settings import OpsSettings
 
@@ -132,20 +130,9 @@ class IsolationEnd:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``path`` in one rename, fsynced: a reader sees the old record or the new one, never half."""
+    """Write the record in one rename, fsynced: a reader sees the old record or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(data, out, indent=2, sort_keys=True)
-            out.write("\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    write_file_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def read_isolation(settings: OpsSettings) -> IsolationRecord | None:

@@ -66,16 +66,21 @@ def update_env_text(text: str, updates: Mapping[str, str]) -> str:
 
 
 def write_file_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` in one rename, keeping its mode and owner; fsynced."""
-    stat = path.stat()
+    """Replace (or create) ``path`` with ``text`` in one rename, fsynced: a reader sees the old content or
+    the new, never half. An existing file keeps its mode and owner; a new one is private (0600)."""
+    try:
+        stat: os.stat_result | None = path.stat()
+    except FileNotFoundError:
+        stat = None
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
             out.flush()
-            os.fchmod(out.fileno(), stat.st_mode & 0o7777)
-            with contextlib.suppress(PermissionError):
-                os.fchown(out.fileno(), stat.st_uid, stat.st_gid)
+            if stat is not None:
+                os.fchmod(out.fileno(), stat.st_mode & 0o7777)
+                with contextlib.suppress(PermissionError):
+                    os.fchown(out.fileno(), stat.st_uid, stat.st_gid)
             os.fsync(out.fileno())
         os.replace(temporary, path)
     except BaseException:
