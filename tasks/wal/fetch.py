@@ -1,4 +1,5 @@
-"""The ``restore_command`` of a recovery: ``python -m tasks.wal.fetch %f %p``.
+"""A ``restore_command`` for a recovery run by hand: ``python -m tasks.wal.fetch %f %p``; and the
+fetch of one WAL file the restore's own staging uses (:func:`fetch_to`).
 
 Fetches WAL file ``%f`` from the archive, checks the stored object's sha256 and the unpacked content
 against the segment's record, and writes it to ``%p`` (through a temporary name, so PostgreSQL never
@@ -7,7 +8,7 @@ its valid records replay and recovery ends where it ends. Exit 0 on success, 1 w
 archived (PostgreSQL asks for files that do not exist, e.g. the next timeline's history) or does not
 match its checksums (the reason is printed to stderr, which lands in the server log).
 
-Settings come from the environment (``OPS_STORAGE__*``), which the recovery sets for the scratch server.
+Settings come from the environment (``OPS_STORAGE__*``).
 """
 
 from __future__ import annotations
