@@ -3,6 +3,7 @@ hashed."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +13,11 @@ from tasks import backup, postgres
 from tasks.backup import CONTENT_HASH_ALGORITHM, table_stats
 from tasks.backup.database import _tool_version
 from tasks.backup.restore.streams import _Alongside, _PgRestore
-from tasks.commands import run_command, stream_command
+from tasks.commands import run_command
 from tasks.errors import CommandError
 from tasks.settings import OpsSettings
+from tasks.wal.rows import STREAM_MIN_BYTES, copy_rows
 from tasks.wal.scratch import Phases, ScratchServer
-
-_PIPE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -37,14 +37,18 @@ def _copy_and_read(
     *,
     workdir: Path,
     phases: Phases | None = None,
+    release_source: Callable[[], None] | None = None,
+    stream_min_bytes: int = STREAM_MIN_BYTES,
 ) -> CopyResult:
     """Copy ``source_db`` of the scratch instance into the empty ``dest_db`` on the app's server, by
     sections, and count and hash the tables of both.
 
     1. the schema (pre- and post-data sections, no rows) is dumped to a small file in ``workdir``,
        and its pre-data section (tables, types, functions, large objects) restored;
-    2. the rows stream ``pg_dump --section=data | pg_restore`` with no file and no compression; the
-       recovered instance's tables are read at the same time (nothing else writes to it);
+    2. the rows: each table of some size in its own binary ``COPY`` stream, several at once, the rest
+       through ``pg_dump --section=data | pg_restore`` (:mod:`tasks.wal.rows`); the recovered instance's
+       tables are read at the same time (nothing else writes to it), and once they are,
+       ``release_source`` is called on a thread (the scratch instance is no longer needed);
     3. indexes, constraints and triggers are built from the schema file with ``backup.restore_jobs``
        jobs, while the copy's tables are read one statement each (their rows are all in; a table is
        locked only while it is read). A schema with row security is read after, as its policies
@@ -87,16 +91,23 @@ def _copy_and_read(
     reading_source = _Alongside(_read_source)
     reading_copy = _Alongside(None)
     try:
-        with (
-            phases.timed("copy rows"),
-            stream_command(
-                [*source, "--format=custom", "--compress=0", "--section=data"], timeout=timeout
-            ) as out,
-            restore.stream("--section=data") as into,
-        ):
-            while chunk := out.pipe.read(_PIPE):
-                into.pipe.write(chunk)
-        commands += [" ".join(out.argv), " ".join(into.argv)]
+        with phases.timed("copy rows"):
+            rows = copy_rows(
+                settings,
+                server.conninfo(source_db),
+                dest_db,
+                restore,
+                source,
+                stream_min_bytes=stream_min_bytes,
+            )
+        commands += rows.commands
+        if release_source is not None:
+            # The scratch instance is done with once its tables are read: stopped and removed meanwhile.
+            def _release() -> None:
+                reading_source.join(raise_error=False)
+                release_source()
+
+            _Alongside(_release)
         if not secured:
             reading_copy = _Alongside(_read_copy)
         with phases.timed("build indexes and constraints"):

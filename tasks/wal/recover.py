@@ -5,13 +5,15 @@ logical backups' proven path onto the app's server.
    segment from its start to the target (across timeline switches, along the newest timeline:
    :mod:`tasks.wal.timelines`), and check each is archived and matches its checksums: a
    missing or corrupt segment is named here, before anything is unpacked or started;
-2. unpack the base backup into a scratch data directory (sha256 checked), write ``recovery.signal``
-   and a configuration of our own (``restore_command`` = ``python -m tasks.wal.fetch``, the
-   target, ``recovery_target_action = promote``, a private port and socket directory), start
-   ``postgres`` (same major) as ``wal.server_os_user`` and wait until it has promoted;
-3. copy the database logically (``pg_dump | pg_restore``) into a new database on the app's server,
-   compare every table's row count and content hash with the scratch instance, then swap the two by
-   rename under the database's advisory lock (``tasks.backup``); the replaced database is kept.
+2. unpack the base backup into a scratch data directory (sha256 checked) while the planned WAL is
+   fetched and checked into it on a thread, write ``recovery.signal`` and a configuration of our own
+   (a ``restore_command`` taking the staged files, the target, ``recovery_target_action = promote``,
+   a private port and socket directory), start ``postgres`` (same major) as ``wal.server_os_user``
+   and wait until it has promoted (:mod:`tasks.wal.scratch`);
+3. copy the database logically into a new database on the app's server (:mod:`tasks.wal.copy`, the
+   rows by :mod:`tasks.wal.rows`), compare every table's row count and content hash with the scratch
+   instance, then swap the two by rename under the database's advisory lock (``tasks.backup``); the
+   replaced database is kept.
 
 The scratch instance and directory are removed at the end, also on failure.
 """
@@ -19,9 +21,11 @@ The scratch instance and directory are removed at the end, also on failure.
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import psycopg
 
@@ -313,9 +317,20 @@ def restore_to_point(
             owner = _database_owner(lock_conn, target)
         with _scratch_database(settings, copy_name, owner=owner) as copy:
             try:
-                copied = _copy_and_read(
-                    settings, server, target, copy, workdir=server.sockets.parent, phases=phases
-                )
+                # Not in the scratch directory: that goes once the recovered tables are read, while
+                # the copy's indexes are still built from the schema file.
+                with tempfile.TemporaryDirectory(
+                    prefix="ops-pitr-schema-", dir=settings.wal.scratch_dir
+                ) as work:
+                    copied = _copy_and_read(
+                        settings,
+                        server,
+                        target,
+                        copy,
+                        workdir=Path(work),
+                        phases=phases,
+                        release_source=server.release,
+                    )
             except CommandError as exc:
                 raise PointRestoreError(
                     f"copying the recovered {target} failed; {target} was not touched: {exc}"

@@ -32,6 +32,8 @@ class _PgRestore:
 
     program: str
     base: list[str]
+    # The database's libpq URL without the password (``env`` carries it), for other client programs.
+    dbname: str
     env: dict[str, str]
     secrets: list[str]
     timeout: float
@@ -45,7 +47,7 @@ class _PgRestore:
         dbname, env, secret_values = _tool_connection(settings, database)
         env["PGAPPNAME"] = "swagger2mcp-ops-pg_restore"
         base = [program, "--exit-on-error", "--no-password", f"--dbname={dbname}"]
-        return cls(program, base, env, secret_values, cfg.restore_timeout_seconds)
+        return cls(program, base, dbname, env, secret_values, cfg.restore_timeout_seconds)
 
     def run(self, *args: str) -> CommandResult:
         """Run pg_restore with ``args`` to completion; the caller looks at ``ok``."""
