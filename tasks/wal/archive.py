@@ -252,18 +252,27 @@ def gaps(listing: ArchiveListing, segment_size: int) -> list[str]:
 
 def delete_before(storage: Storage, first_kept: str, *, confirm: bool = False) -> list[str]:
     """Remove the finished segments (record first, then data) older than ``first_kept`` on its
-    timeline and on earlier timelines. Without ``confirm`` only returns what would go.
+    timeline and on earlier timelines, with their partials and the partials of segments that were
+    never finished (named ``<segment>.partial`` in the result). Without ``confirm`` only returns what
+    would go. History files stay: they are a few bytes each, and the plan reads the timelines' switch
+    points from them.
 
     The one deleting function of the archive; retention computes ``first_kept`` from the oldest kept
     base backup, so WAL that backup needs is never selected.
     """
     if not is_segment_name(first_kept):
         raise WalNameError(f"{first_kept!r} is not a WAL segment name")
-    # Fixed-width hex: on one timeline the names sort in WAL order, whatever the segment size.
-    doomed = [
-        name
-        for name in sorted(list_archive(storage).segments)
-        if name[:8] < first_kept[:8] or (name[:8] == first_kept[:8] and name[8:] < first_kept[8:])
+    listing = list_archive(storage)
+
+    def older(name: str) -> bool:
+        # Fixed-width hex: on one timeline the names sort in WAL order, whatever the segment size.
+        return name[:8] < first_kept[:8] or (name[:8] == first_kept[:8] and name[8:] < first_kept[8:])
+
+    doomed = [name for name in sorted(listing.segments) if older(name)]
+    # A partial whose segment was never finished: where a timeline ended (a promotion switched to the
+    # next one in that segment), or the archiver's last one before it stopped for good.
+    orphans = [
+        name + PARTIAL_SUFFIX for name in sorted(listing.partials) if older(name) and name not in doomed
     ]
     if confirm:
         for name in doomed:
@@ -271,4 +280,7 @@ def delete_before(storage: Storage, first_kept: str, *, confirm: bool = False) -
             storage.delete(data_key(name))
             storage.delete(record_key(name + PARTIAL_SUFFIX))
             storage.delete(data_key(name + PARTIAL_SUFFIX))
-    return doomed
+        for name in orphans:
+            storage.delete(record_key(name))
+            storage.delete(data_key(name))
+    return sorted(doomed + orphans)
