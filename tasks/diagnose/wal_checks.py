@@ -15,7 +15,7 @@ from tasks.reports import elapsed_ms
 from tasks.secrets import safe_error
 from tasks.settings import OpsSettings
 from tasks.storage import open_storage
-from tasks.wal.status import ArchiveStatus, archive_in_use, archive_status
+from tasks.wal.status import UNREPLAYABLE, ArchiveStatus, archive_in_use, archive_status
 
 CHECK = "wal-archive"
 TITLE = "WAL archive (point-in-time recovery)"
@@ -42,7 +42,8 @@ class WalArchiveEvidence:
                 "value": "-"
                 if slot is None
                 else f"{slot.name}: exists={slot.exists} active={slot.active}"
-                f" retained={slot.lag_bytes} bytes (restart_lsn {slot.restart_lsn})",
+                f" retained={slot.lag_bytes} bytes (restart_lsn {slot.restart_lsn})"
+                f" wal_status={slot.wal_status or '-'} safe_wal_size={slot.safe_wal_size}",
             },
             {"item": "gaps", "value": ", ".join(s.gaps) or "none"},
             {"item": "timelines", "value": ", ".join(str(t) for t in s.timelines) or "-"},
@@ -56,19 +57,26 @@ class WalArchiveEvidence:
 
 
 def wal_archive_findings(status: ArchiveStatus) -> list[Finding]:
-    """One finding per problem of the archive (a pure function of the status): a gap is critical (no
-    restore can replay across it), the rest warnings."""
+    """One finding per problem of the archive (a pure function of the status): a gap or a lost slot
+    is critical (no restore can replay across it), the rest warnings."""
     findings = []
+    slot_lost = status.slot is not None and status.slot.lost
     for problem in status.problems:
         if "no base backup" in problem:
             resolution, flow = "Take a base backup; the window starts at its end", FLOW_BACKUP_BASE
+        elif slot_lost and "is lost" in problem:
+            resolution = (
+                "Start or restart the archiver (python -m tasks.wal.archiver): it re-creates the slot and"
+                " records the gap; then run backup-base, so that restores to a point after the gap work"
+            )
+            flow = FLOW_BACKUP_BASE
         else:
             resolution = (
                 "Check the archiver service (python -m tasks.wal.archiver --status, its log); the slot keeps"
                 " the WAL on the server meanwhile, so its disk fills while the archiver is down"
             )
             flow = FLOW_CHECK_ARCHIVE
-        severity = Severity.CRITICAL if "missing inside the archive" in problem else Severity.WARNING
+        severity = Severity.CRITICAL if UNREPLAYABLE in problem else Severity.WARNING
         findings.append(Finding(CHECK, severity, problem, RB_PITR, resolution, flow))
     return findings
 

@@ -16,6 +16,17 @@ one timeline is logged as a gap and kept in the status file (``<spool>/archiver-
 
 pg_receivewal runs as a child that dies with the archiver (``PR_SET_PDEATHSIG``), and is restarted
 after ``wal.restart_delay_seconds`` when it exits (server restart, network).
+
+Before each start the archiver looks at the slot and the spool:
+
+- a slot the server invalidated (``wal_status = 'lost'``: the archiver was down past
+  ``max_slot_wal_keep_size``) cannot be streamed from again: the archiver retires the spool, drops and
+  re-creates the slot, logs an error and records the gap (the archive needs a new base backup);
+- with an empty spool (a new primary, a re-created slot, a lost spool volume) pg_receivewal would
+  start at the slot's position, which can be past the archive's end: while the server still has the
+  WAL from the archive's end on, the spool is seeded with that segment as ``.partial`` (its archived
+  partial content, else zeros; pg_receivewal resumes from the newest file in its directory and
+  rewrites it from the segment's start); otherwise the gap is recorded and streaming starts at the slot.
 """
 
 from __future__ import annotations
@@ -35,18 +46,63 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
+
 from tasks.commands import run_command
 from tasks.errors import OpsError
 from tasks.settings import OpsSettings, load_settings
 from tasks.storage import Storage, open_storage
 from tasks.wal import archive
-from tasks.wal.names import PARTIAL_SUFFIX, Segment, is_history_name, is_segment_name, parse_segment
-from tasks.wal.server import tool_connection
+from tasks.wal.names import (
+    PARTIAL_SUFFIX,
+    Segment,
+    WalNameError,
+    is_history_name,
+    is_segment_name,
+    parse_lsn,
+    parse_segment,
+    segment_of,
+)
+from tasks.wal.server import connect, tool_connection
+from tasks.wal.status import SlotState, read_slot
 
 logger = logging.getLogger("tasks.wal.archiver")
 STATUS_FILE = "archiver-status.json"
 _PR_SET_PDEATHSIG = 1
 _HEARTBEAT_SECONDS = 30.0
+# pg_receivewal's (the server's) words when the WAL it asked for is no longer in pg_wal.
+_WAL_REMOVED = "has already been removed"
+
+
+@dataclass(frozen=True)
+class ServerPosition:
+    """Where the server is and what the archiver's slot holds, as read before pg_receivewal starts."""
+
+    current: Segment
+    slot: SlotState
+
+    @property
+    def slot_start(self) -> Segment:
+        """The segment pg_receivewal starts at with an empty spool: the slot's restart position
+        (PostgreSQL 15 reads it with READ_REPLICATION_SLOT), else the server's current one."""
+        if self.slot.restart_lsn is None:
+            return self.current
+        return segment_of(parse_lsn(self.slot.restart_lsn), self.current.timeline, self.current.segment_size)
+
+
+def resume_segment(listing: archive.ArchiveListing, timeline: int, segment_size: int) -> Segment | None:
+    """The first segment of ``timeline`` the archive does not hold whole: the one after its newest
+    finished segment, or its newest partial one (None: nothing archived on that timeline)."""
+    candidates = []
+    for name in listing.segments:
+        seg = parse_segment(name, segment_size)
+        if seg.timeline == timeline:
+            candidates.append(seg.next())
+    for name in listing.partials:
+        seg = parse_segment(name, segment_size)
+        if seg.timeline == timeline:
+            candidates.append(seg)
+    return max(candidates, default=None)
 
 
 @dataclass
@@ -103,6 +159,11 @@ class Archiver:
         self._partial_shipped_at = 0.0
         self._last_by_timeline: dict[int, int] = {}
         self._status_written = 0.0
+        self._stderr_thread: threading.Thread | None = None
+        # The running pg_receivewal said the WAL it asked for is gone (reset at each start).
+        self._receiver_wal_removed = False
+        # Segments the server said it no longer has: never seeded again by this process.
+        self._unavailable: set[str] = set()
         self.status = ArchiverStatus(
             started_at=datetime.now(UTC).isoformat(), slot=self.cfg.slot, storage=self.storage.location
         )
@@ -147,7 +208,11 @@ class Archiver:
             stderr=subprocess.PIPE,
             preexec_fn=_die_with_parent,
         )
-        threading.Thread(target=self._log_stderr, args=(self.proc, conn.secrets), daemon=True).start()
+        self._receiver_wal_removed = False
+        self._stderr_thread = threading.Thread(
+            target=self._log_stderr, args=(self.proc, conn.secrets), daemon=True
+        )
+        self._stderr_thread.start()
         self.status.receiver_running = True
 
     def _log_stderr(self, proc: subprocess.Popen[bytes], secrets: list[str]) -> None:
@@ -159,6 +224,8 @@ class Archiver:
             logger.info("[pg_receivewal] %s", line)
             if "error" in line.lower():
                 self.status.last_error = line
+                # Not the last line: "disconnected" follows the server's reason.
+                self._receiver_wal_removed |= _WAL_REMOVED in line
 
     def stop_receiver(self, timeout: float = 15) -> None:
         """SIGINT lets pg_receivewal flush and close its partial file; SIGKILL after ``timeout``."""
@@ -172,6 +239,172 @@ class Archiver:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=timeout)
+
+    # --- the slot and where streaming starts ------------------------------------------------------
+
+    def drop_slot(self) -> None:
+        """Drop the slot (to re-create an invalidated one)."""
+        conn = tool_connection(self.settings)
+        run_command(
+            [
+                self.cfg.pg_receivewal,
+                "--drop-slot",
+                f"--slot={self.cfg.slot}",
+                "--no-password",
+                f"--dbname={conn.url}",
+            ],
+            timeout=60,
+            env=conn.env,
+            secrets=conn.secrets,
+        )
+
+    def server_position(self) -> ServerPosition:
+        """The server's current segment (timeline, segment size) and the slot.
+
+        Raises:
+            WalServerError: the server cannot be reached (psycopg.Error: it refused the query).
+        """
+        with connect(self.settings, purpose="wal-archiver") as conn:
+            row = conn.execute(
+                "SELECT pg_walfile_name(pg_current_wal_lsn()), setting::bigint"
+                " FROM pg_settings WHERE name = 'wal_segment_size'"
+            ).fetchone()
+            assert row is not None
+            current = parse_segment(str(row[0]), int(row[1]))
+            return ServerPosition(current, read_slot(conn, self.cfg.slot))
+
+    def server_has(self, segment: Segment) -> bool | None:
+        """Whether the server's pg_wal still holds ``segment`` (None: the role may not list pg_wal,
+        which needs pg_monitor; then pg_receivewal's start tells)."""
+        try:
+            with connect(self.settings, purpose="wal-archiver") as conn:
+                row = conn.execute("SELECT count(*) FROM pg_ls_waldir() WHERE name = %s", (segment.name,))
+                found = row.fetchone()
+        except psycopg.errors.InsufficientPrivilege:
+            return None
+        return bool(found and found[0])
+
+    def spool_wal(self) -> list[Path]:
+        """The WAL files in the spool that pg_receivewal would resume from (segments and partials)."""
+        if not self.spool.is_dir():
+            return []
+        return [p for p in self.spool.iterdir() if is_segment_name(p.name.removesuffix(PARTIAL_SUFFIX))]
+
+    def retire_spool(self, reason: str) -> None:
+        """Ship what the spool holds, then remove its partial segments: pg_receivewal cannot continue
+        them (the server no longer has their WAL), so it starts afresh from the slot."""
+        self.ship_ready()
+        self.ship_partial(force=True)
+        for path in self.spool.glob("*" + PARTIAL_SUFFIX):
+            path.unlink(missing_ok=True)
+            logger.warning("removed %s from the spool: %s", path.name, reason)
+        self._partial_state = None
+
+    def recover_lost_slot(self) -> None:
+        """Re-create an invalidated slot, after shipping what the spool holds."""
+        logger.error(
+            "replication slot %s is lost: the server removed WAL the archiver had not received (archiver"
+            " down or behind past max_slot_wal_keep_size). Re-creating the slot and streaming from the"
+            " server's current position; the archive has a gap from here: take a new base backup",
+            self.cfg.slot,
+        )
+        self.status.last_error = f"replication slot {self.cfg.slot} was lost and re-created"
+        self.retire_spool("the slot was lost")
+        self.drop_slot()
+        self.ensure_slot()
+
+    def record_gap(self, first: Segment, start: Segment, reason: str) -> None:
+        """Note that segments ``first`` up to (not including) ``start`` will never be received."""
+        count = start.number - first.number
+        gap = f"{first.name}..{start.name} (before {start.name}: {count} segments; {reason})"
+        logger.error("WAL gap: segments %s were never received; the archive cannot replay across it", gap)
+        self.status.gaps.append(gap)
+        # The first segment received is the gap's end: not counted a second time when it is shipped.
+        last = self._last_by_timeline.get(start.timeline, -1)
+        self._last_by_timeline[start.timeline] = max(last, start.number - 1)
+        self.write_status()
+
+    def seed_spool(self, segment: Segment) -> None:
+        """Make ``segment`` the spool's newest file, as ``.partial``, so pg_receivewal streams from its
+        start. Its archived partial content when there is one, else zeros: until pg_receivewal rewrites
+        it, shipping it changes nothing in the archive."""
+        name = segment.name + PARTIAL_SUFFIX
+        content = bytes(segment.segment_size)
+        try:
+            stored = archive.fetch(self.storage, name)
+            if len(stored) == segment.segment_size:
+                content = stored
+        except OpsError:
+            pass  # no archived partial of it (or an unreadable one): zeros, as pg_receivewal pads
+        path = self.spool / name
+        temp = path.with_suffix(".seed")
+        temp.write_bytes(content)
+        os.replace(temp, path)
+        stat = path.stat()
+        # Already what the archive has (or nothing worth shipping): not shipped before it changes.
+        self._partial_state = (name, stat.st_mtime_ns, stat.st_size)
+        logger.info("seeded the spool with %s: streaming continues where the archive ends", name)
+
+    def prepare_start(self) -> None:
+        """Before pg_receivewal (re)starts: re-create a lost slot; with an empty spool, continue from
+        where the archive ends when the server still has that WAL, else record the gap."""
+        reason = "the server no longer had this WAL when the archiver started"
+        try:
+            position = self.server_position()
+            if position.slot.lost:
+                self.recover_lost_slot()
+                reason = f"slot {self.cfg.slot} was lost: the server removed this WAL before it was received"
+                position = self.server_position()
+            elif not position.slot.exists:
+                self.ensure_slot()
+                position = self.server_position()
+            if self.spool_wal():
+                return
+            listing = archive.list_archive(self.storage)
+            current = position.current
+            resume = resume_segment(listing, current.timeline, current.segment_size)
+            start = position.slot_start
+            if resume is None or resume.number >= start.number or resume.number > current.number:
+                return  # the slot starts where the archive ends (or the archive has no WAL of it)
+            if resume.name not in self._unavailable and self.server_has(resume) is not False:
+                self.seed_spool(resume)
+                return
+            self.record_gap(resume, start, reason)
+        except (OpsError, psycopg.Error, WalNameError) as exc:
+            # The server or the storage is down (pg_receivewal will say so, and be restarted), or the
+            # role may not run the queries: start as before, from the spool or the slot.
+            logger.warning("could not check the slot and the spool before streaming: %s", exc)
+
+    def after_exit(self) -> None:
+        """pg_receivewal exited: when it was because the WAL it started from is gone from the server,
+        let the next start begin afresh (:meth:`prepare_start` then records the gap).
+
+        pg_receivewal confirms its start position to the server before the server reads the WAL, and
+        a physical slot takes that position as its own, even an older one: after such a start the
+        slot points at removed WAL, so it is re-created (at the server's current position)."""
+        if self._stderr_thread is not None:
+            self._stderr_thread.join(timeout=5)  # its last lines say why it exited
+        if not self._receiver_wal_removed:
+            return
+        partials = sorted(self.spool.glob("*" + PARTIAL_SUFFIX))
+        failed = partials[-1].name.removesuffix(PARTIAL_SUFFIX) if partials else None
+        if failed is not None:
+            self._unavailable.add(failed)
+        self.retire_spool("the server no longer has the WAL it would continue from")
+        try:
+            position = self.server_position()
+            start = position.slot_start
+            size = position.current.segment_size
+            if position.slot.exists and (
+                failed is None or start.number <= parse_segment(failed, size).number
+            ):
+                logger.warning(
+                    "slot %s points at WAL the server removed (%s): re-creating it", self.cfg.slot, start.name
+                )
+                self.drop_slot()
+                self.ensure_slot()
+        except (OpsError, psycopg.Error, WalNameError) as exc:
+            logger.warning("could not check slot %s after pg_receivewal exited: %s", self.cfg.slot, exc)
 
     # --- shipping ---------------------------------------------------------------------------------
 
@@ -298,8 +531,10 @@ class Archiver:
                             self.cfg.restart_delay_seconds,
                         )
                         self.proc = None
+                        self.after_exit()
                         if self.stop.wait(self.cfg.restart_delay_seconds):
                             break
+                    self.prepare_start()
                     self.start_receiver()
                     self.write_status()
                 try:

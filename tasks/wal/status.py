@@ -19,6 +19,8 @@ from tasks.wal.server import WalServerError, connect
 RPO_EXCEEDED_EVENT = "swagger2mcp-ops.wal.rpo-exceeded"
 # While the RPO stays past its threshold, the event is emitted again this often (a daily reminder).
 RPO_REMIND = timedelta(hours=24)
+# In every problem that means a hole in the archive (diagnose makes those critical).
+UNREPLAYABLE = "no restore can replay across"
 
 
 class SlotState(BaseModel):
@@ -29,6 +31,17 @@ class SlotState(BaseModel):
     active: bool = False
     restart_lsn: str | None = None
     lag_bytes: int | None = None
+    # pg_replication_slots.wal_status (PostgreSQL 13+): reserved / extended (kept), unreserved (past
+    # max_slot_wal_keep_size: the next checkpoint removes it), lost (removed: the slot is invalidated).
+    wal_status: str | None = None
+    # Bytes the server may still write before the slot's WAL is no longer kept (None: no limit set or
+    # lost; negative: already past it).
+    safe_wal_size: int | None = None
+
+    @property
+    def lost(self) -> bool:
+        """The server removed WAL the slot needed (invalidated by ``max_slot_wal_keep_size``)."""
+        return self.exists and self.wal_status == "lost"
 
 
 class ArchiveStatus(BaseModel):
@@ -100,13 +113,17 @@ def slot_state(settings: OpsSettings) -> SlotState:
     Raises:
         WalServerError: the server cannot be reached.
     """
-    name = settings.wal.slot
     with connect(settings, purpose="wal-status") as conn:
-        row = conn.execute(
-            "SELECT active, restart_lsn::text, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint"
-            " FROM pg_replication_slots WHERE slot_name = %s",
-            (name,),
-        ).fetchone()
+        return read_slot(conn, settings.wal.slot)
+
+
+def read_slot(conn: psycopg.Connection, name: str) -> SlotState:
+    """The slot ``name`` as ``conn``'s server sees it (see :func:`slot_state`)."""
+    row = conn.execute(
+        "SELECT active, restart_lsn::text, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint,"
+        " wal_status, safe_wal_size FROM pg_replication_slots WHERE slot_name = %s",
+        (name,),
+    ).fetchone()
     if row is None:
         return SlotState(name=name, exists=False)
     return SlotState(
@@ -115,6 +132,20 @@ def slot_state(settings: OpsSettings) -> SlotState:
         active=bool(row[0]),
         restart_lsn=row[1],
         lag_bytes=int(row[2]) if row[2] is not None else None,
+        wal_status=row[3],
+        safe_wal_size=int(row[4]) if row[4] is not None else None,
+    )
+
+
+def slot_lost_problem(slot: str, last_wal: str | None) -> str:
+    """What an invalidated slot means for the archive, and what to do about it."""
+    after = f" after {last_wal}" if last_wal else ""
+    return (
+        f"replication slot {slot} is lost: the archiver was down or behind past max_slot_wal_keep_size and"
+        f" the server removed WAL it had not received, so the archive has a gap{after} that {UNREPLAYABLE}."
+        " Start (or restart) the archiver: it drops and re-creates the slot, records the"
+        " gap and streams from the server's current position; then take a new base backup (backup-base),"
+        " restores to a point before the gap only reach up to it"
     )
 
 
@@ -152,7 +183,7 @@ def archive_status(
         if status.gaps:
             problems.append(
                 f"{len(status.gaps)} WAL segments are missing inside the archive"
-                f" ({', '.join(status.gaps[:5])}): no restore can replay across them; take a new base backup"
+                f" ({', '.join(status.gaps[:5])}): {UNREPLAYABLE} them; take a new base backup"
             )
     try:
         status.slot = slot_state(settings)
@@ -169,6 +200,15 @@ def archive_status(
     if status.slot is not None:
         if not status.slot.exists:
             problems.append(f"replication slot {cfg.slot} does not exist: start the archiver, it creates it")
+        elif status.slot.lost:
+            problems.append(slot_lost_problem(cfg.slot, status.last_wal))
+        elif status.slot.wal_status == "unreserved":
+            problems.append(
+                f"slot {cfg.slot} is unreserved: it holds more WAL than max_slot_wal_keep_size allows"
+                f" ({-(status.slot.safe_wal_size or 0)} bytes over), so the server's next checkpoint removes"
+                " WAL the archiver has not received and the slot is lost: start the archiver (or see why it"
+                " is behind) now"
+            )
         elif (status.slot.lag_bytes or 0) > cfg.slot_lag_warn_bytes:
             problems.append(
                 f"slot {cfg.slot} holds {status.slot.lag_bytes} bytes of WAL on the server (over"
