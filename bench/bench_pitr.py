@@ -278,7 +278,12 @@ def measure(ready: Prepared, repeats: int) -> dict[str, object]:
     size_mb = int(results["database_bytes"]) // 1_000_000  # type: ignore[call-overload]
 
     def settle() -> None:
-        # Each side starts with the other's writes on disk, not being written back under it.
+        # Each side starts from a quiet cluster: the other side's restored tables vacuumed and analyzed
+        # (else autovacuum does it during the next measurement, which then pays for it) and its
+        # writes on disk, not being written back under it.
+        databases = cluster.execute("SELECT datname FROM pg_database WHERE datallowconn")
+        for (database,) in databases:
+            cluster.execute("VACUUM (ANALYZE)", str(database))
         cluster.execute("CHECKPOINT")
         os.sync()
 

@@ -1,4 +1,4 @@
-"""Per-table restore to a point (tasks/wal/tables.py) of partitioned tables and of tables whose columns
+"""Per-table restore to a point (tasks/wal/tables) of partitioned tables and of tables whose columns
 changed since the target, against one private PostgreSQL 15 cluster (wal_level replica) whose history
 is made once for the module:
 
