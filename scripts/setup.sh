@@ -48,6 +48,8 @@ if [ "$want_system" = 1 ]; then
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   command -v git >/dev/null 2>&1 || missing+=(git)
   command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
+  # The tests build the project's image from a base made by mmdebstrap (no registry here).
+  command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
   if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
       echo "setup: need root to install ${missing[*]} (apt-get); install them and run again" >&2
