@@ -170,14 +170,12 @@ class Archiver:
 
     # --- pg_receivewal ----------------------------------------------------------------------------
 
-    def ensure_slot(self) -> None:
-        """Create the physical slot if it does not exist (idempotent)."""
+    def _slot_command(self, *action: str) -> None:
         conn = tool_connection(self.settings)
         run_command(
             [
                 self.cfg.pg_receivewal,
-                "--create-slot",
-                "--if-not-exists",
+                *action,
                 f"--slot={self.cfg.slot}",
                 "--no-password",
                 f"--dbname={conn.url}",
@@ -186,6 +184,10 @@ class Archiver:
             env=conn.env,
             secrets=conn.secrets,
         )
+
+    def ensure_slot(self) -> None:
+        """Create the physical slot if it does not exist (idempotent)."""
+        self._slot_command("--create-slot", "--if-not-exists")
 
     def start_receiver(self) -> None:
         conn = tool_connection(self.settings)
@@ -242,21 +244,10 @@ class Archiver:
 
     # --- the slot and where streaming starts ------------------------------------------------------
 
-    def drop_slot(self) -> None:
-        """Drop the slot (to re-create an invalidated one)."""
-        conn = tool_connection(self.settings)
-        run_command(
-            [
-                self.cfg.pg_receivewal,
-                "--drop-slot",
-                f"--slot={self.cfg.slot}",
-                "--no-password",
-                f"--dbname={conn.url}",
-            ],
-            timeout=60,
-            env=conn.env,
-            secrets=conn.secrets,
-        )
+    def recreate_slot(self) -> None:
+        """Drop the slot and create it again, at the server's current position."""
+        self._slot_command("--drop-slot")
+        self.ensure_slot()
 
     def server_position(self) -> ServerPosition:
         """The server's current segment (timeline, segment size) and the slot.
@@ -310,8 +301,7 @@ class Archiver:
         )
         self.status.last_error = f"replication slot {self.cfg.slot} was lost and re-created"
         self.retire_spool("the slot was lost")
-        self.drop_slot()
-        self.ensure_slot()
+        self.recreate_slot()
 
     def record_gap(self, first: Segment, start: Segment, reason: str) -> None:
         """Note that segments ``first`` up to (not including) ``start`` will never be received."""
@@ -401,8 +391,7 @@ class Archiver:
                 logger.warning(
                     "slot %s points at WAL the server removed (%s): re-creating it", self.cfg.slot, start.name
                 )
-                self.drop_slot()
-                self.ensure_slot()
+                self.recreate_slot()
         except (OpsError, psycopg.Error, WalNameError) as exc:
             logger.warning("could not check slot %s after pg_receivewal exited: %s", self.cfg.slot, exc)
 

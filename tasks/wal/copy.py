@@ -92,7 +92,7 @@ def _copy_and_read(
     reading_copy = _Alongside(None)
     try:
         with phases.timed("copy rows"):
-            rows = copy_rows(
+            commands += copy_rows(
                 settings,
                 server.conninfo(source_db),
                 dest_db,
@@ -100,7 +100,6 @@ def _copy_and_read(
                 source,
                 stream_min_bytes=stream_min_bytes,
             )
-        commands += rows.commands
         if release_source is not None:
             # The scratch instance is done with once its tables are read: stopped and removed meanwhile.
             def _release() -> None:

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import psycopg
@@ -100,14 +102,13 @@ ORDER BY pg_relation_size(c.oid) DESC, 1, 2
 """
 
 
-def streamed_tables(conninfo: str, min_bytes: int = STREAM_MIN_BYTES) -> list[StreamedTable]:
-    """The tables of the database at ``conninfo`` that get a stream of their own, largest first.
+def streamed_tables(conn: psycopg.Connection, min_bytes: int = STREAM_MIN_BYTES) -> list[StreamedTable]:
+    """The tables of ``conn``'s database that get a stream of their own, largest first.
 
     Extension members stay with pg_dump (it dumps an extension's configuration tables with the
     extension's own filter); a table with no column but generated ones too.
     """
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        rows = conn.execute(_STREAMED_TABLES, (min_bytes,)).fetchall()
+    rows = conn.execute(_STREAMED_TABLES, (min_bytes,)).fetchall()
     return [
         StreamedTable(str(s), str(t), tuple(columns), bool(binary), int(size))
         for s, t, size, columns, binary in rows
@@ -115,27 +116,8 @@ def streamed_tables(conninfo: str, min_bytes: int = STREAM_MIN_BYTES) -> list[St
     ]
 
 
-def _psql_for(conninfo: str) -> tuple[str, str]:
-    """psql for the server at ``conninfo`` (its major, or the oldest newer one installed, as for
-    pg_dump and pg_restore), and the encoding of the database there."""
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT current_setting('server_version'), current_setting('server_encoding')"
-        ).fetchone()
-    assert row is not None
-    return pgtools.choose_client("psql", "psql", pgtools.server_major(str(row[0]))).path, str(row[1])
-
-
 class _Cancelled(Exception):
     """Another job failed: this one stops."""
-
-
-@dataclass
-class RowCopy:
-    """What :func:`copy_rows` ran."""
-
-    commands: list[str]
-    streamed: list[StreamedTable]
 
 
 def copy_rows(
@@ -145,34 +127,40 @@ def copy_rows(
     restore: _PgRestore,
     pg_dump: list[str],
     *,
-    on_table_loaded: Callable[[str], None] | None = None,
     stream_min_bytes: int = STREAM_MIN_BYTES,
-) -> RowCopy:
+) -> list[str]:
     """Copy the data section of the database at ``source`` (a libpq conninfo of the scratch instance)
     into ``database`` on the app's server, which holds the schema before the data and nothing else.
 
     Args:
         restore: pg_restore into ``database`` (its connection and environment serve the streams too).
         pg_dump: the pg_dump command reading the source, without format and section arguments.
-        on_table_loaded: called with ``schema.table`` once a streamed table's rows are committed.
         stream_min_bytes: the size from which a table gets its own stream.
 
     Both sides' client encoding is the source database's, so the app's server converts text only
-    where its database's encoding differs. ``backup.restore_jobs`` streams run at once, each command
-    within ``backup.restore_timeout_seconds``.
+    where its database's encoding differs; psql is the source server's major (or the oldest newer one
+    installed, as for pg_dump and pg_restore). ``backup.restore_jobs`` streams run at once, each
+    command within ``backup.restore_timeout_seconds``.
+
+    Returns:
+        The commands run (masked), the streams summed up in one line.
 
     Raises:
         CommandError: a stream or the pg_dump | pg_restore of the rest failed (the others are stopped).
     """
     jobs = max(1, settings.backup.restore_jobs)
     timeout = settings.backup.restore_timeout_seconds
-    tables = streamed_tables(source, stream_min_bytes)
-    psql, encoding = _psql_for(source)
+    with psycopg.connect(source, autocommit=True) as conn:
+        tables = streamed_tables(conn, stream_min_bytes)
+        row = conn.execute(
+            "SELECT current_setting('server_version'), current_setting('server_encoding')"
+        ).fetchone()
+    assert row is not None
+    psql = pgtools.choose_client("psql", "psql", pgtools.server_major(str(row[0]))).path
+    encoding = str(row[1])
     privileged = _truncatable(settings, database, tables)
     commands: list[str] = []
-    lock = threading.Lock()
     failed = threading.Event()
-    errors: list[BaseException] = []
 
     def rest() -> None:
         excluded = [f"--exclude-table-data={t.exclude_pattern()}" for t in tables]
@@ -183,91 +171,76 @@ def copy_rows(
             restore.stream("--section=data") as into,
         ):
             _relay(out.pipe.read, into.pipe.write, failed)
-        with lock:
-            commands.extend([" ".join(out.argv), " ".join(into.argv)])
+        commands.extend([" ".join(out.argv), " ".join(into.argv)])
 
-    def stream(table: StreamedTable) -> Callable[[], None]:
-        def run() -> None:
-            fmt = "binary" if table.binary else "text"
-            reading = sql.SQL("COPY {} ({}) TO STDOUT (FORMAT {})").format(
-                table.ident(), table.column_list(), sql.SQL(fmt)
-            )
-            freeze = table.name in privileged
-            loading = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT {}{})").format(
-                table.ident(), table.column_list(), sql.SQL(fmt), sql.SQL(", FREEZE" if freeze else "")
-            )
-            load = [reading.as_string(), loading.as_string()]
-            # row_security=off: a policy that would hide rows makes the COPY fail instead (as pg_dump).
-            source_env = {"PGCLIENTENCODING": encoding, "PGOPTIONS": f"-c row_security=off {_TEXT_SESSION}"}
-            into_env = {
-                **restore.env,
-                "PGCLIENTENCODING": encoding,
-                "PGOPTIONS": f"{_LOAD_SESSION} {_TEXT_SESSION}",
-                "PGAPPNAME": "swagger2mcp-ops-pitr-copy",
-            }
-            steps = [
-                "BEGIN",
-                sql.SQL("TRUNCATE ONLY {}").format(table.ident()).as_string(),
-                load[1],
-                "COMMIT",
-            ]
-            if not freeze:
-                steps = [load[1]]
-            # The loading side is entered first so that it exits last: a reading that failed raises
-            # into it, and its psql is killed before the COMMIT of a partial table.
-            with (
-                stream_command(
-                    [psql, *_PSQL_FLAGS, f"--dbname={restore.dbname}", *[f"--command={s}" for s in steps]],
-                    timeout=timeout,
-                    mode="write",
-                    env=into_env,
-                    secrets=restore.secrets,
-                ) as into,
-                stream_command(
-                    [psql, *_PSQL_FLAGS, f"--dbname={source}", f"--command={load[0]}"],
-                    timeout=timeout,
-                    env=source_env,
-                ) as out,
-            ):
-                _relay(out.pipe.read, into.pipe.write, failed)
-            if on_table_loaded is not None:
-                on_table_loaded(table.name)
+    def stream(table: StreamedTable) -> None:
+        fmt = sql.SQL("binary" if table.binary else "text")
+        freeze = table.name in privileged
+        reading = sql.SQL("COPY {} ({}) TO STDOUT (FORMAT {})").format(
+            table.ident(), table.column_list(), fmt
+        )
+        loading = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT {}{})").format(
+            table.ident(), table.column_list(), fmt, sql.SQL(", FREEZE" if freeze else "")
+        )
+        # FREEZE needs the table emptied in the same transaction.
+        emptying = sql.SQL("TRUNCATE ONLY {}").format(table.ident()).as_string()
+        steps = ["BEGIN", emptying, loading.as_string(), "COMMIT"] if freeze else [loading.as_string()]
+        # row_security=off: a policy that would hide rows makes the COPY fail instead (as pg_dump).
+        source_env = {"PGCLIENTENCODING": encoding, "PGOPTIONS": f"-c row_security=off {_TEXT_SESSION}"}
+        into_env = {
+            **restore.env,
+            "PGCLIENTENCODING": encoding,
+            "PGOPTIONS": f"{_LOAD_SESSION} {_TEXT_SESSION}",
+            "PGAPPNAME": "swagger2mcp-ops-pitr-copy",
+        }
+        # The loading side is entered first so that it exits last: a reading that failed raises
+        # into it, and its psql is killed before the COMMIT of a partial table.
+        with (
+            stream_command(
+                [psql, *_PSQL_FLAGS, f"--dbname={restore.dbname}", *[f"--command={s}" for s in steps]],
+                timeout=timeout,
+                mode="write",
+                env=into_env,
+                secrets=restore.secrets,
+            ) as into,
+            stream_command(
+                [psql, *_PSQL_FLAGS, f"--dbname={source}", f"--command={reading.as_string()}"],
+                timeout=timeout,
+                env=source_env,
+            ) as out,
+        ):
+            _relay(out.pipe.read, into.pipe.write, failed)
 
-        return run
+    def run(job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException:
+            failed.set()  # the other jobs stop at their next chunk; those not started are cancelled
+            raise
 
-    queue: list[Callable[[], None]] = [rest, *(stream(t) for t in tables)]
-
-    def worker() -> None:
-        while not failed.is_set():
-            with lock:
-                if not queue:
-                    return
-                job = queue.pop(0)
-            try:
-                job()
-            except BaseException as exc:
-                with lock:
-                    errors.append(exc)
-                failed.set()
-
-    workers = [
-        threading.Thread(target=worker, name=f"pitr-copy-{i}", daemon=True) for i in range(max(1, jobs))
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="pitr-copy") as pool:
+        futures = [pool.submit(run, rest), *(pool.submit(run, partial(stream, t)) for t in tables)]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        if failed.is_set():
+            for future in futures:
+                future.cancel()
+    errors = [
+        error
+        for future in futures
+        if not future.cancelled()
+        and (error := future.exception()) is not None
+        and not isinstance(error, _Cancelled)
     ]
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        thread.join()
-    real = [e for e in errors if not isinstance(e, _Cancelled)]
-    if real:
-        raise real[0]
+    if errors:
+        raise errors[0]
     if tables:
         shown = ", ".join(f"{t.name} ({'binary' if t.binary else 'text'})" for t in tables[:10])
         more = f" and {len(tables) - 10} more" if len(tables) > 10 else ""
         commands.append(
             f"{Path(psql).name} COPY TO STDOUT | {Path(psql).name} COPY FROM STDIN (FREEZE where allowed),"
-            f" {max(1, jobs)} at once: {shown}{more}"
+            f" {jobs} at once: {shown}{more}"
         )
-    return RowCopy(commands, tables)
+    return commands
 
 
 _PSQL_FLAGS = ("--no-psqlrc", "--quiet", "--no-password", "--set=ON_ERROR_STOP=1")

@@ -178,8 +178,9 @@ class _WalStager:
                 staged.append(name)
         except BaseException as exc:  # re-raised by the restore, which sees recovery stop
             self.error = exc
-            (self.directory / ".histories").touch()
         finally:
+            # Whatever is not staged by now is "not archived" to the restore_command.
+            (self.directory / ".histories").touch()
             (self.directory / ".done").touch()
 
 

@@ -29,8 +29,7 @@ from flows.pitr import restore_to_point
 from tasks.errors import ParameterError
 from tasks.storage import open_storage
 from tasks.wal import recover, tables, targets
-from tests.fixtures.pg_cluster import PrivateCluster
-from tests.fixtures.pitr import PG_BIN, WalCluster, Writer, pitr_settings, running_archiver
+from tests.fixtures.pitr import PG_BIN, WalCluster, Writer, open_wal_cluster, pitr_settings, running_archiver
 from tests.integration.test_pitr_restore import _archived_up_to_now, _gap_target
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
@@ -77,24 +76,10 @@ class History:
 
 @pytest.fixture(scope="module")
 def history() -> Iterator[History]:
-    cluster = PrivateCluster(
-        "ops-pitr-target-pg-",
-        "--wal-segsize=1",
-        settings={
-            "wal_level": "replica",
-            "max_wal_senders": "10",
-            "max_replication_slots": "10",
-            "shared_buffers": "32MB",
-            "log_timezone": "UTC",
-        },
-    )
-    shared = cluster.dir / "shared"  # owned by root, readable by the postgres user (restore_command)
-    shared.mkdir()
-    shared.chmod(0o777)
-    try:
-        cluster.start()
-        wal = WalCluster(cluster)
-        wal.execute("CREATE DATABASE app", "postgres")
+    with open_wal_cluster() as wal:
+        shared = wal.dir / "shared"  # readable by the postgres user (restore_command)
+        shared.mkdir()
+        shared.chmod(0o777)
         settings = pitr_settings(wal, f"file://{shared / 'store'}", shared / "spool")
         storage = open_storage(settings.storage)  # type: ignore[attr-defined]
         writer = Writer(wal.dsn("app"))
@@ -130,8 +115,6 @@ def history() -> Iterator[History]:
         yield History(
             wal, shared / "store", shared / "spool", writer, before, damage_at, int(str(row[0])), settings
         )
-    finally:
-        cluster.close()
 
 
 @pytest.fixture

@@ -27,8 +27,7 @@ import pytest
 from tasks.storage import open_storage
 from tasks.wal import base, recover
 from tasks.wal.tables import TablesRestored
-from tests.fixtures.pg_cluster import PrivateCluster
-from tests.fixtures.pitr import WalCluster, pitr_settings, running_archiver
+from tests.fixtures.pitr import WalCluster, open_wal_cluster, pitr_settings, running_archiver
 from tests.integration.test_pitr_restore import _archived_up_to_now
 
 pytestmark = pytest.mark.integration
@@ -124,24 +123,10 @@ def _snapshot(cluster: WalCluster) -> dict[str, set[tuple[Any, ...]]]:
 
 @pytest.fixture(scope="module")
 def history() -> Iterator[History]:
-    cluster = PrivateCluster(
-        "ops-pitr-side-pg-",
-        "--wal-segsize=1",
-        settings={
-            "wal_level": "replica",
-            "max_wal_senders": "10",
-            "max_replication_slots": "10",
-            "shared_buffers": "32MB",
-            "log_timezone": "UTC",
-        },
-    )
-    shared = cluster.dir / "shared"  # readable by the postgres user (restore_command)
-    shared.mkdir()
-    shared.chmod(0o777)
-    try:
-        cluster.start()
-        wal = WalCluster(cluster)
-        wal.execute("CREATE DATABASE app", "postgres")
+    with open_wal_cluster() as wal:
+        shared = wal.dir / "shared"  # readable by the postgres user (restore_command)
+        shared.mkdir()
+        shared.chmod(0o777)
         settings = pitr_settings(wal, f"file://{shared / 'store'}", shared / "spool")
         storage = open_storage(settings.storage)  # type: ignore[attr-defined]
         with psycopg.connect(wal.dsn("app"), autocommit=True) as conn:
@@ -174,8 +159,6 @@ def history() -> Iterator[History]:
             time.sleep(0.3)
             _archived_up_to_now(wal, storage)
         yield History(wal, settings, target, at_target)
-    finally:
-        cluster.close()
 
 
 @pytest.fixture(autouse=True)
